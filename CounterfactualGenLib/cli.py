@@ -1,0 +1,361 @@
+"""``counterfactualgen`` — the command line, and the contract every front end uses.
+
+The Slicer module, headless batch mode, the tests and shell users all run these
+commands. With ``--progress-json`` stdout carries one JSON object per line
+(``progress``, ``log``, ``error`` and a final ``done`` event naming the summary file);
+human messages go to stderr. Exit codes: 0 ok, 2 usage/user error, 3 bad input,
+4 model problem, 130 cancelled, 1 internal error.
+
+Outputs are written into a hidden staging folder and moved into ``--out`` only when
+the whole job succeeded; on error or SIGINT/SIGTERM nothing half-made is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import Cancelled, CounterfactualGenError, InputError, ModelError
+
+LESION_SERIES = [
+    "Subject has no lesions.",
+    "Subject has minimal lesion load.",
+    "Subject has moderate lesion load.",
+    "Subject has high lesion load.",
+]
+DIAGNOSIS_SERIES = [
+    "Subject is cognitively normal (CN).",
+    "Subject has mild cognitive impairment (MCI).",
+    "Subject has mild Alzheimer's dementia (AD).",
+]
+
+
+# ---------------------------------------------------------------------------------
+# progress / events
+# ---------------------------------------------------------------------------------
+class Events:
+    """Routes pipeline events to JSON lines (stdout) or a terminal progress bar (stderr)."""
+
+    def __init__(self, json_mode: bool, quiet: bool = False) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self._bar = None
+        self._bar_stage = None
+        self.cancel_requested = False
+
+    def emit(self, event: dict) -> None:
+        if self.json_mode:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+            return
+        if self.quiet:
+            return
+        if event.get("event") == "progress":
+            self._progress(event)
+        elif event.get("event") == "log":
+            self._close_bar()
+            print(event.get("message", ""), file=sys.stderr)
+
+    def _progress(self, e: dict) -> None:
+        total, step, stage = int(e.get("total") or 1), int(e.get("step") or 0), e.get("stage")
+        if total <= 1:
+            return
+        if self._bar is None or self._bar_stage != stage:
+            self._close_bar()
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False,
+                             disable=not sys.stderr.isatty())
+            self._bar_stage = stage
+        self._bar.n = step
+        self._bar.refresh()
+        if step >= total:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._bar_stage = None
+
+    def log(self, msg: str) -> None:
+        self.emit({"event": "log", "level": "info", "message": msg})
+
+    def should_cancel(self) -> bool:
+        return self.cancel_requested
+
+
+class StagedOutput:
+    """Write into ``OUT/.partial-XXXX``; move the files into OUT only on success."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.created_out = not out.exists()
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a folder.")
+        out.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=str(out)))
+
+    def path(self, name: str) -> Path:
+        return self.stage / name
+
+    def final(self, name: str) -> Path:
+        return self.out / name
+
+    def commit(self) -> list[Path]:
+        moved = []
+        for f in sorted(self.stage.iterdir()):
+            dest = self.out / f.name
+            os.replace(f, dest)
+            moved.append(dest)
+        self.stage.rmdir()
+        return moved
+
+    def abort(self) -> None:
+        shutil.rmtree(self.stage, ignore_errors=True)
+        if self.created_out:
+            try:
+                self.out.rmdir()  # only if empty: never delete anything the user had there
+            except OSError:
+                pass
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return s[:n] or "prompt"
+
+
+# ---------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------
+def _load(model_arg: str | None, text_encoder_path: str | None, ev: Events):
+    from .models import load_model, resolve_model
+    from .text import load_text_encoder
+
+    folder = resolve_model(model_arg)
+    t0 = time.perf_counter()
+    model = load_model(folder)
+    te = model.spec.text_encoder
+    kwargs: dict[str, Any] = {"path": text_encoder_path}
+    if te.get("max_tokens"):
+        kwargs["max_tokens"] = int(te["max_tokens"])
+    if te.get("id") == "tiny-hash":
+        kwargs["dim"] = int(te["dim"])
+    encoder = load_text_encoder(te["id"], **kwargs)
+    ev.log(f"Loaded model '{model.id}' ({model.parameter_count() / 1e6:.2f} M parameters, "
+           f"grid {model.spec.grid.shape} at {model.spec.grid.spacing_mm} mm) and text encoder "
+           f"'{encoder.encoder_id}' in {time.perf_counter() - t0:.1f} s.")
+    return model, encoder
+
+
+def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "") -> list[dict]:
+    from .overlay import montage_png
+    from .volume import Provenance, write_volume
+
+    outputs = []
+    for i, (prompt, vol) in enumerate(zip(series.prompts, series.volumes)):
+        name = f"{prefix}{i:02d}_{_slug(prompt)}.{fmt}"
+        prov = Provenance(model.id, [prompt], series.seed, None, kind="generated",
+                          extra={"steps": series.steps, "guidance": series.guidance,
+                                 "series_prompts": list(series.prompts)})
+        write_volume(vol, out.path(name), provenance=prov)
+        outputs.append({"prompt": prompt, "path": str(out.final(name))})
+    montage = f"{prefix}montage.png"
+    montage_png(series.volumes, [f"{p}  [SYNTHETIC]" for p in series.prompts], out.path(montage))
+    return outputs, str(out.final(montage))
+
+
+def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
+    from .pipeline import generate_series
+
+    prompts = args.prompt or []
+    if not prompts:
+        raise InputError("Give at least one --prompt.")
+    model, encoder = _load(args.model, args.text_encoder_path, ev)
+    out = StagedOutput(Path(args.out))
+    try:
+        t0 = time.perf_counter()
+        series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                 device=args.device, precision=args.precision, on_event=ev.emit,
+                                 should_cancel=ev.should_cancel)
+        outputs, montage = _write_series(series, model, out, args.format)
+        summary = {"kind": "generate", "synthetic": True, "model": model.id, "seed": series.seed,
+                   "steps": series.steps, "guidance": series.guidance, "device": series.device,
+                   "outputs": outputs, "montage": montage, "timings_s": series.timings_s,
+                   "total_s": round(time.perf_counter() - t0, 3), "software": f"CounterfactualGen {__version__}"}
+        (out.path("summary.json")).write_text(json.dumps(summary, indent=2))
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    summary["summary"] = str(Path(args.out) / "summary.json")
+    return summary
+
+
+def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
+    from .pipeline import generate_series
+
+    model, encoder = _load(args.model, None, ev)
+    card = model.spec.description or model.spec.name
+    ev.log(f"Demo model: {model.id} — {card}")
+    out = StagedOutput(Path(args.out))
+    try:
+        t0 = time.perf_counter()
+        results = {}
+        for key, prompts in (("lesion_load", LESION_SERIES), ("diagnosis", DIAGNOSIS_SERIES)):
+            ev.log(f"Generating the {key.replace('_', ' ')} series ({len(prompts)} prompts, one shared noise)…")
+            series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps,
+                                     guidance=args.guidance, device=args.device, on_event=ev.emit,
+                                     should_cancel=ev.should_cancel)
+            outputs, montage = _write_series(series, model, out, args.format, prefix=f"{key}_")
+            results[key] = {"outputs": outputs, "montage": montage, "timings_s": series.timings_s}
+        summary = {"kind": "demo", "synthetic": True, "model": model.id, "model_description": card,
+                   "seed": args.seed, "series": results, "total_s": round(time.perf_counter() - t0, 2),
+                   "software": f"CounterfactualGen {__version__}"}
+        out.path("summary.json").write_text(json.dumps(summary, indent=2))
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    summary["summary"] = str(Path(args.out) / "summary.json")
+    if not ev.json_mode:
+        print(f"Demo done in {summary['total_s']} s. Wrote to {args.out}/ (all volumes marked SYNTHETIC):",
+              file=sys.stderr)
+        for key, r in results.items():
+            print(f"  {key}: {len(r['outputs'])} volumes, montage {r['montage']}", file=sys.stderr)
+    return summary
+
+
+def cmd_info(args: argparse.Namespace, ev: Events) -> dict:
+    if args.devices:
+        from .pipeline import list_devices
+
+        devices = list_devices()
+        if args.json:
+            print(json.dumps(devices))
+        else:
+            for d in devices:
+                print(f"{d['id']:8s} {d['name']}" + (f" ({d['memory_gb']} GB)" if "memory_gb" in d else ""))
+        return {"devices": devices}
+    from .models import load_spec, registry, resolve_model
+
+    if args.model is None and args.list:
+        entries = registry()
+        print(json.dumps(entries, indent=2) if args.json else "\n".join(f"{e['id']}: {e.get('name', '')}" for e in entries))
+        return {"models": entries}
+    folder = resolve_model(args.model)
+    spec = load_spec(folder)
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+    else:
+        card = folder / "MODEL_CARD.md"
+        if card.exists():
+            print(card.read_text())
+        else:
+            print(json.dumps(spec.to_dict(), indent=2))
+    return {"model": spec.id}
+
+
+# ---------------------------------------------------------------------------------
+# argument parsing and main
+# ---------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, *, seed: int = 0) -> None:
+    p.add_argument("--model", default=None, help="model folder or registered id (default: the bundled default)")
+    p.add_argument("--seed", type=int, default=seed, help="random seed (same seed → same result on a device)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 on GPU when a bf16/fp32 parity check passes, else fp32")
+    p.add_argument("--format", default="nii.gz", choices=["nii.gz", "nii", "nrrd"], help="output volume format")
+    p.add_argument("--progress-json", action="store_true", help="print progress as JSON lines on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="counterfactualgen",
+                                 description="Language-guided 3D counterfactual brain MRI. Every output is SYNTHETIC.")
+    ap.add_argument("--version", action="version", version=f"CounterfactualGen {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="synthesise a counterfactual series: one volume per prompt from one noise")
+    g.add_argument("--prompt", action="append", help="a sentence; repeat for a series")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP)")
+    _common(g)
+
+    d = sub.add_parser("demo", help="lesion-load and CN/MCI/AD series with the bundled model")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    _common(d)
+
+    i = sub.add_parser("info", help="print a model card, the registered models, or the compute devices")
+    i.add_argument("model", nargs="?", default=None, help="model folder or registered id")
+    i.add_argument("--devices", action="store_true", help="list compute devices")
+    i.add_argument("--list", action="store_true", help="list registered models")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict]] = {
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+    "info": cmd_info,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ev = Events(json_mode=bool(getattr(args, "progress_json", False)))
+
+    def on_signal(signum, frame):  # stop between steps; the pipeline raises Cancelled
+        if ev.cancel_requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        ev.cancel_requested = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = COMMANDS[args.command](args, ev)
+        if ev.json_mode and args.command != "info":
+            ev.emit({"event": "done", "summary": result.get("summary")})
+        return 0
+    except KeyboardInterrupt:
+        err: CounterfactualGenError = Cancelled("Cancelled; partial outputs were removed.")
+        return _report(ev, err)
+    except CounterfactualGenError as exc:
+        return _report(ev, exc)
+    except MemoryError:
+        return _report(ev, CounterfactualGenError("Out of memory. Try --device cpu, fewer prompts or a smaller model."),
+                       kind="OutOfMemory")
+    except Exception as exc:  # noqa: BLE001 — a bug: keep the traceback for the report
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            return _report(ev, CounterfactualGenError("The GPU ran out of memory. Try --device cpu or fewer prompts."),
+                           kind="OutOfMemory")
+        traceback.print_exc()
+        if ev.json_mode:
+            ev.emit({"event": "error", "kind": "InternalError", "message": f"{type(exc).__name__}: {exc}"})
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _report(ev: Events, exc: CounterfactualGenError, kind: str | None = None) -> int:
+    kind = kind or type(exc).__name__
+    if ev.json_mode:
+        ev.emit({"event": "error", "kind": kind, "message": str(exc)})
+    print(f"counterfactualgen: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

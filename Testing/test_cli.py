@@ -1,0 +1,133 @@
+"""The CLI contract end to end on a tiny model: outputs, provenance, progress, errors, cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_model import build_tiny_model
+from CounterfactualGenLib.cli import main
+from CounterfactualGenLib.volume import read_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Subject has no lesions.", "Subject has high lesion load."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _generate(tiny, out, *extra, prompts=PROMPTS):
+    args = ["generate", "--model", str(tiny), "--out", str(out), "--seed", "5", "--steps", "3"]
+    for p in prompts:
+        args += ["--prompt", p]
+    return main(args + list(extra))
+
+
+def test_generate_writes_synthetic_volumes_in_model_geometry(tiny, tmp_path):
+    assert _generate(tiny, tmp_path / "o") == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["synthetic"] is True and len(summary["outputs"]) == 2
+    assert Path(summary["montage"]).exists()
+    for o, prompt in zip(summary["outputs"], PROMPTS):
+        v = read_volume(o["path"])
+        assert v.is_synthetic and json.loads(v.metadata["CounterfactualGen.Prompts"]) == [prompt]
+        assert v.metadata["CounterfactualGen.Seed"] == "5"
+        assert v.shape == (16, 16, 16)
+        assert not np.allclose(v.affine_ras, np.eye(4))  # never an identity affine
+        np.testing.assert_allclose(v.spacing_mm, (8.0, 8.0, 8.0))
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".partial")]
+
+
+def test_same_seed_same_result_and_shared_noise(tiny, tmp_path):
+    same = ["Subject has high lesion load."] * 2
+    assert _generate(tiny, tmp_path / "a", prompts=same) == 0
+    assert _generate(tiny, tmp_path / "b", prompts=same) == 0
+    a = [read_volume(o["path"]).array for o in json.loads((tmp_path / "a/summary.json").read_text())["outputs"]]
+    b = [read_volume(o["path"]).array for o in json.loads((tmp_path / "b/summary.json").read_text())["outputs"]]
+    np.testing.assert_array_equal(a[0], a[1])  # identical prompts from one shared noise → identical members
+    np.testing.assert_array_equal(a[0], b[0])  # same seed → same result
+
+
+def test_different_prompts_differ(tiny, tmp_path):
+    assert _generate(tiny, tmp_path / "o") == 0
+    outs = json.loads((tmp_path / "o/summary.json").read_text())["outputs"]
+    assert not np.array_equal(read_volume(outs[0]["path"]).array, read_volume(outs[1]["path"]).array)
+
+
+def test_progress_json_lines(tiny, tmp_path, capsys):
+    assert _generate(tiny, tmp_path / "o", "--progress-json") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    prog = [e for e in lines if e["event"] == "progress" and e["stage"] == "sample"]
+    assert [e["step"] for e in prog][-3:] == [1, 2, 3] and all(e["total"] == 3 for e in prog)
+    assert all(set(e) >= {"stage", "step", "total", "eta_s"} for e in prog)
+    assert lines[-1]["event"] == "done" and lines[-1]["summary"].endswith("summary.json")
+
+
+@pytest.mark.parametrize(
+    "args,code,msg",
+    [
+        (["--steps", "0"], 3, "steps"),
+        (["--guidance", "-1"], 3, "guidance"),
+        (["--device", "cuda:7"], 3, "cuda|CUDA|GPU"),
+    ],
+)
+def test_bad_arguments_are_clear_and_write_nothing(tiny, tmp_path, capsys, args, code, msg):
+    assert _generate(tiny, tmp_path / "o", *args) == code
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    import re
+
+    assert re.search(msg, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_is_a_model_error(tmp_path, capsys):
+    assert _generate(tmp_path / "nope", tmp_path / "o") == 4
+    assert "No model folder" in capsys.readouterr().err
+
+
+def test_existing_files_in_out_are_kept_on_failure(tiny, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert _generate(tiny, out, "--steps", "0") == 3
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_info_prints_card_and_devices(tiny, capsys):
+    assert main(["info", str(tiny)]) == 0
+    assert "Tiny test model" in capsys.readouterr().out
+    assert main(["info", str(tiny), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "tiny-wdm-test"
+    assert main(["info", "--devices", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0] == {"id": "cpu", "name": "CPU"}
+
+
+def test_sigterm_cancels_and_removes_partial_outputs(tiny, tmp_path):
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "CounterfactualGenLib.cli", "generate", "--model", str(tiny), "--out", str(out),
+           "--steps", "1000", "--prompt", "Subject has high lesion load.", "--progress-json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        ev = json.loads(line)
+        if ev["event"] == "progress" and ev["stage"] == "sample" and ev["step"] >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130
+    events = [json.loads(x) for x in rest.splitlines() if x.strip()]
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "Cancelled"
+    assert not out.exists()

@@ -1,0 +1,446 @@
+#!/usr/bin/env python
+"""Train a text-conditioned 3D diffusion model (WDM or latent, rectified flow).
+
+Data: the synthetic subject engine (exact ground truth, on the fly) or a dataset
+manifest CSV (``image`` path column + tabular columns turned into prompts).
+
+Runs on CPU (tiny tests), one GPU, or many GPUs/nodes with torchrun (DDP):
+
+    python Training/train_diffusion.py --config Training/configs/wdm_cpu_demo.json --out runs/demo
+    torchrun --nproc_per_node=8 Training/train_diffusion.py --config Training/configs/wdm_128.json --out runs/wdm128
+
+Every run writes checkpoints (``ckpt/last.safetensors`` + ``ckpt/state.json``, resume
+with ``--resume``), a CSV log (and TensorBoard if installed), periodic sample montages,
+and finally a model folder in the library's format with a model card.
+Imagining Alternatives §2 (BiomedCLIP cross-attention, condition dropout for CFG),
+WDM (Haar sub-band diffusion), MAISI (rectified flow), Simple Diffusion (shifted schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from CounterfactualGenLib.errors import InputError  # noqa: E402
+from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
+from CounterfactualGenLib.models import DiffusionModel, ModelSpec, save_model  # noqa: E402
+
+DEFAULTS: dict[str, Any] = {
+    "id": "cfg-wdm-custom",
+    "name": "",
+    "description": "",
+    "family": "wdm",
+    "size": "tiny",
+    "grid": {"shape": [40, 48, 40], "spacing_mm": 4.0, "center_ras": [0.0, -18.0, 8.0]},
+    "contrast": "FLAIR",
+    "text_encoder": {"id": "minilm-l6-v2", "max_tokens": 24},
+    "data": {"kind": "synthetic", "manifest": None, "paraphrase_prob": 0.3},
+    "schedule": {"kind": "rflow", "default_steps": 20, "default_guidance": 2.0, "base_numel": 32768},
+    "batch_size": 4,
+    "grad_accum": 1,
+    "iterations": 1000,
+    "lr": 2e-4,
+    "weight_decay": 0.0,
+    "cond_dropout": 0.1,
+    "ema_decay": 0.995,
+    "ema_start": 100,
+    "seed": 0,
+    "num_workers": 0,
+    "checkpoint_every": 200,
+    "sample_every": 500,
+    "log_every": 10,
+    "max_minutes": None,
+    "weights_dtype": "float16",
+}
+
+
+# ---------------------------------------------------------------------------------
+# distributed helpers
+# ---------------------------------------------------------------------------------
+def ddp_setup() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{local}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_main(rank: int) -> bool:
+    return rank == 0
+
+
+# ---------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------
+def synthetic_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str]]:
+    """Endless (image in model units, prompt) pairs from the synthetic subject engine."""
+    from CounterfactualGenLib.intensity import IntensityNormalizer
+    from CounterfactualGenLib.synth import make_subject, random_spec
+    from CounterfactualGenLib.text.prompts import canonical_prompt, paraphrase
+
+    rng = random.Random(seed)
+    classes = [("lesion", c) for c in ("none", "minimal", "moderate", "high")] + \
+              [("diagnosis", d) for d in ("CN", "MCI", "AD")]
+    while True:
+        kind, value = rng.choice(classes)
+        spec = random_spec(rng.randrange(2**31), lesion_class=value if kind == "lesion" else None,
+                           diagnosis=value if kind == "diagnosis" else None)
+        subj = make_subject(spec, shape=grid.shape, spacing_mm=grid.spacing_mm, center_ras=grid.center_ras)
+        img = subj.image.array
+        norm = IntensityNormalizer.fit(img, subj.brain_mask, upper_percentile=99.5)
+        attrs = subj.attributes
+        prompt = canonical_prompt(lesion_load=attrs["lesion_load"]) if kind == "lesion" \
+            else canonical_prompt(diagnosis=attrs["diagnosis"])
+        if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
+            prompt = paraphrase(prompt, rng)
+        yield np.clip(norm.forward(img), -1.0, 1.5), prompt
+
+
+def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str]]:
+    """(image, prompt) pairs from a manifest CSV, each image mapped onto the model grid."""
+    from CounterfactualGenLib.geometry import ModelSpaceMapping, estimate_brain_mask
+    from CounterfactualGenLib.intensity import IntensityNormalizer
+    from CounterfactualGenLib.text.prompts import paraphrase, row_to_prompt
+    from CounterfactualGenLib.volume import read_volume
+
+    path = Path(cfg["data"]["manifest"])
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise InputError(f"The manifest {path} has no rows.")
+    if "image" not in rows[0]:
+        raise InputError(f"The manifest {path} needs an 'image' column; it has {list(rows[0])}.")
+    items = []
+    for r in rows:
+        img_path = (path.parent / r["image"]) if not os.path.isabs(r["image"]) else Path(r["image"])
+        items.append((img_path, row_to_prompt(r), r.get("brain_mask")))
+    rng = random.Random(seed)
+    cache: dict[Path, np.ndarray] = {}
+    while True:
+        img_path, prompt, mask_path = rng.choice(items)
+        if img_path not in cache:
+            vol = read_volume(img_path)
+            mask = read_volume(path.parent / mask_path, validate=False).array > 0 if mask_path else estimate_brain_mask(vol)
+            m = ModelSpaceMapping.fit(vol, grid, brain_mask=mask)
+            norm = IntensityNormalizer.fit(vol.array, mask)
+            cache[img_path] = np.clip(norm.forward(m.to_model(vol, default=norm.low)), -1.0, 1.5)
+        if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
+            prompt = paraphrase(prompt, rng)
+        yield cache[img_path], prompt
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, cfg: dict, grid: ModelGrid, seed: int) -> None:
+        self.cfg, self.grid, self.seed = cfg, grid, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        seed = self.seed * 1009 + (info.id if info else 0)
+        fn = synthetic_stream if self.cfg["data"]["kind"] == "synthetic" else manifest_stream
+        for img, prompt in fn(self.cfg, self.grid, seed):
+            yield torch.from_numpy(np.ascontiguousarray(img))[None], prompt
+
+
+# ---------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------
+def build_model(cfg: dict, text_dim: int) -> DiffusionModel:
+    from CounterfactualGenLib.nets.unet import build_denoiser, default_denoiser_config
+
+    grid = ModelGrid.from_dict(cfg["grid"])
+    den_cfg = cfg.get("denoiser") or default_denoiser_config(cfg["family"], text_dim, cfg["size"])
+    ae = None
+    ae_cfg = None
+    if cfg["family"] == "latent":
+        raise InputError("Train the autoencoder first (Training/train_autoencoder.py) and give its folder; "
+                         "latent training is not wired into this script yet.")
+    spec = ModelSpec(id=cfg["id"], family=cfg["family"], grid=grid,
+                     text_encoder={"id": cfg["text_encoder"]["id"], "dim": text_dim,
+                                   "max_tokens": cfg["text_encoder"].get("max_tokens")},
+                     denoiser=den_cfg, schedule=dict(cfg["schedule"]), autoencoder=ae_cfg,
+                     contrast=cfg["contrast"], name=cfg.get("name", ""), description=cfg.get("description", ""))
+    return DiffusionModel(spec, build_denoiser(den_cfg), ae)
+
+
+def load_encoder(cfg: dict):
+    from CounterfactualGenLib.text import load_text_encoder
+
+    te = cfg["text_encoder"]
+    kwargs = {k: v for k, v in te.items() if k not in ("id",) and v is not None}
+    return load_text_encoder(te["id"], **kwargs)
+
+
+class EMA:
+    """Exponential moving average of weights (kept in fp32 on the training device)."""
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def save_checkpoint(run: Path, net, ema: EMA, opt, step: int, cfg: dict) -> None:
+    from safetensors.torch import save_file
+
+    ck = run / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    tmp = ck / ".partial.safetensors"
+    state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.shadow.items()})
+    # optimiser moments as tensors too (no pickles): exp_avg / exp_avg_sq per parameter index
+    for i, p in enumerate(net.parameters()):
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                state[f"opt.{i}.{name}"] = st[name].detach().cpu().contiguous()
+    save_file(state, str(tmp))
+    os.replace(tmp, ck / "last.safetensors")
+    opt_steps = {str(i): int(opt.state[p]["step"]) if p in opt.state and "step" in opt.state[p] else 0
+                 for i, p in enumerate(net.parameters())}
+    (ck / "state.json").write_text(json.dumps({"step": step, "config": cfg, "opt_steps": opt_steps}, indent=1))
+
+
+def load_checkpoint(run: Path, net, ema: EMA, opt) -> int:
+    from safetensors.torch import load_file
+
+    ck = run / "ckpt"
+    if not (ck / "last.safetensors").exists():
+        return 0
+    state = load_file(str(ck / "last.safetensors"))
+    meta = json.loads((ck / "state.json").read_text())
+    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    for k in ema.shadow:
+        ema.shadow[k].copy_(state[f"ema.{k}"])
+    for i, p in enumerate(net.parameters()):
+        if f"opt.{i}.exp_avg" in state:
+            opt.state[p] = {"step": torch.tensor(float(meta["opt_steps"].get(str(i), 0))),
+                            "exp_avg": state[f"opt.{i}.exp_avg"].to(p.device),
+                            "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"].to(p.device)}
+    return int(meta["step"])
+
+
+def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
+    t = summary
+    return f"""# {spec.name or spec.id}
+
+**Every volume this model produces is SYNTHETIC.** Not for diagnosis.
+
+{spec.description}
+
+| | |
+|---|---|
+| id | `{spec.id}` |
+| family | {spec.family} (Haar-wavelet diffusion with rectified flow) |
+| grid | {list(spec.grid.shape)} voxels at {spec.grid.spacing_mm} mm, RAS, MNI ICBM152 2009a world |
+| contrast | {spec.contrast} |
+| text encoder | `{spec.text_encoder['id']}` (width {spec.text_encoder['dim']}, {spec.text_encoder.get('max_tokens')} tokens) |
+| denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
+| schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
+| data | {cfg['data']['kind']} ({'synthetic subject engine: MNI ICBM152 2009a anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else cfg['data'].get('manifest')}) |
+| training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
+| hardware | {t['hardware']} |
+| training time | {t['train_minutes']:.1f} min |
+| final loss (EMA of batch MSE) | {t['final_loss']:.4f} |
+
+Reproduce: `python Training/train_diffusion.py --config {t['config_path']} --out runs/{spec.id}`
+
+## Metrics
+{json.dumps(spec.metrics, indent=1) if spec.metrics else 'Not measured yet: run the evaluation script (see README).'}
+
+## Licence
+{spec.licence}. Training data credits: see NOTICE.
+"""
+
+
+def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") -> Path:
+    from CounterfactualGenLib.overlay import montage_png
+    from CounterfactualGenLib.sampling.samplers import rflow_training_target
+    from CounterfactualGenLib.sampling.schedules import resolution_shift_ratio, sample_rflow_train_t
+    from CounterfactualGenLib.volume import Volume
+
+    rank, world, device = ddp_setup()
+    torch.manual_seed(cfg["seed"] + rank)
+    encoder = load_encoder(cfg)
+    model = build_model(cfg, encoder.dim)
+    net = model.denoiser.to(device).train()
+    spec = model.spec
+    shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[1:])), int(spec.schedule.get("base_numel", 32**3)))
+    spec.schedule["shift"] = float(shift)
+    ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else net
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    ema = EMA(net, cfg["ema_decay"])
+    out.mkdir(parents=True, exist_ok=True)
+    start = load_checkpoint(out, net, ema, opt) if resume else 0
+    if world > 1:  # every rank starts from rank 0's weights
+        for p in net.state_dict().values():
+            dist.broadcast(p, 0)
+
+    grid = spec.grid
+    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start),
+                                         batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
+    data = iter(loader)
+    null_tokens = encoder.null(1).tokens.to(device)
+    use_bf16 = device.type == "cuda"
+    gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 31 + rank)
+
+    log_path = out / "log.csv"
+    writer = None
+    if is_main(rank):
+        new = not log_path.exists() or not resume
+        logf = log_path.open("w" if new else "a", newline="")
+        log = csv.writer(logf)
+        if new:
+            log.writerow(["step", "loss", "lr", "seconds", "samples_per_s"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            writer = None
+    t0 = time.perf_counter()
+    loss_ema = None
+    step = start
+    deadline = t0 + 60 * cfg["max_minutes"] if cfg.get("max_minutes") else None
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg["iterations"], initial=start, desc="train", disable=not is_main(rank), file=sys.stderr,
+               mininterval=5.0)
+    while step < cfg["iterations"]:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg["grad_accum"]):
+            img, prompts = next(data)
+            img = img.to(device)
+            with torch.no_grad():
+                z0 = model.encode(img)
+                ctx = encoder.encode(list(prompts)).tokens.to(device)
+                drop = torch.rand(len(prompts), generator=gen) < cfg["cond_dropout"]
+                ctx[drop.to(device)] = null_tokens[0]
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            t = sample_rflow_train_t(z0.shape[0], shift=shift, generator=gen).to(device)
+            x_t, v = rflow_training_target(z0, noise, t)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                pred = ddp_net(x_t, t.float(), ctx)
+            loss = torch.nn.functional.mse_loss(pred.float(), v) / cfg["grad_accum"]
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema.update(net, 0.0 if step < cfg["ema_start"] else None)
+        loss_ema = total if loss_ema is None else 0.98 * loss_ema + 0.02 * total
+        bar.update(1)
+        if is_main(rank) and step % cfg["log_every"] == 0:
+            el = time.perf_counter() - t0
+            log.writerow([step, f"{total:.5f}", cfg["lr"], f"{el:.1f}",
+                          f"{(step - start) * cfg['batch_size'] * cfg['grad_accum'] * world / el:.2f}"])
+            logf.flush()
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            if writer:
+                writer.add_scalar("loss", total, step)
+        if is_main(rank) and (step % cfg["checkpoint_every"] == 0 or step == cfg["iterations"]):
+            save_checkpoint(out, net, ema, opt, step, cfg)
+        if is_main(rank) and cfg["sample_every"] and step % cfg["sample_every"] == 0:
+            _sample_montage(model, ema, encoder, out / f"samples_{step:06d}.png", device)
+        if deadline and time.perf_counter() > deadline:
+            if is_main(rank):
+                print(f"Stopping at step {step}: max_minutes reached.", file=sys.stderr)
+                save_checkpoint(out, net, ema, opt, step, cfg)
+            break
+    bar.close()
+    minutes = (time.perf_counter() - t0) / 60
+    folder = out / "model"
+    if is_main(rank):
+        final = DiffusionModel(spec, copy.deepcopy(net).cpu(), None)
+        final.denoiser.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()})
+        summary = {"iterations": step, "batch_size": cfg["batch_size"] * cfg["grad_accum"], "world_size": world,
+                   "hardware": f"{world}× {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'} ({os.cpu_count()} cores), torch {torch.__version__}",
+                   "train_minutes": minutes, "final_loss": float(loss_ema or 0.0),
+                   "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path}
+        spec.training = {**summary, "config": cfg}
+        dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
+        save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True)
+        _sample_montage(final, None, encoder, out / "samples_final.png", torch.device("cpu"))
+        logf.close()
+        if writer:
+            writer.close()
+        print(f"Wrote model to {folder} ({minutes:.1f} min).", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return folder
+
+
+@torch.no_grad()
+def _sample_montage(model: DiffusionModel, ema: EMA | None, encoder, path: Path, device) -> None:
+    """A lesion-load series from one noise with the EMA weights (a quick look at progress)."""
+    from CounterfactualGenLib.overlay import montage_png
+    from CounterfactualGenLib.pipeline import generate_series
+
+    prompts = ["Subject has no lesions.", "Subject has high lesion load.", "Subject has mild Alzheimer's dementia (AD)."]
+    net = model.denoiser
+    backup = None
+    if ema is not None:
+        backup = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()})
+    try:
+        s = generate_series(model, encoder, prompts, seed=0, steps=10, guidance=2.0, device=str(device))
+        montage_png(s.volumes, prompts, path)
+    finally:
+        if backup is not None:
+            net.load_state_dict(backup)
+        net.train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="JSON config (see Training/configs/)")
+    ap.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/last.safetensors")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a config value, e.g. --set iterations=10 --set batch_size=2")
+    args = ap.parse_args(argv)
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(json.loads(Path(args.config).read_text()))
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        cfg[k] = json.loads(v)
+    train(cfg, Path(args.out), resume=args.resume, config_path=args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
