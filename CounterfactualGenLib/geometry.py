@@ -300,6 +300,9 @@ def register_affine(
         fixed_mask = sitk.Cast(_to_sitk(template, template_mask.astype(np.float32)) > 0.5, sitk.sitkUInt8)
 
     shrink = [4, 2, 1] if min(template.shape) >= 64 else [2, 1]
+    # At least ~20k metric samples (or all voxels): a small template with 5% sampling is too noisy.
+    n_region = int((template_mask > 0).sum()) if template_mask is not None else int(np.prod(template.shape))
+    sampling_fraction = float(min(1.0, max(sampling_fraction, 20000.0 / max(n_region, 1))))
 
     def run(initial, transform):
         reg = sitk.ImageRegistrationMethod()

@@ -188,6 +188,23 @@ class DiffusionModel:
             return haar_idwt3d(z / self._band_scale(z))
         return self.autoencoder.decode(z)  # type: ignore[union-attr]
 
+    def template(self, name: str) -> "Any":
+        """A template volume shipped with the model (``image``, ``brain_mask``, ``white_matter``).
+
+        Raises:
+            ModelError: the model has no such template.
+        """
+        from .volume import read_volume
+
+        fname = self.spec.template.get(name)
+        if not fname or self.path is None:
+            raise ModelError(
+                f"Model '{self.id}' ships no '{name}' template, which editing a scan needs. "
+                "Use a model trained with Training/train_diffusion.py (it writes the templates), "
+                "or pass the scan already on the model grid with --registration none."
+            )
+        return read_volume(self.path / fname, validate=False)
+
     def parameter_count(self) -> int:
         n = sum(p.numel() for p in self.denoiser.parameters())
         if self.autoencoder is not None:
@@ -249,7 +266,8 @@ def _write_state(state: Mapping[str, "torch.Tensor"], folder: Path, stem: str, d
 
 
 def save_model(model: DiffusionModel, folder: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
-               card: str | None = None, overwrite: bool = False) -> Path:
+               card: str | None = None, overwrite: bool = False,
+               templates: "Mapping[str, Any] | None" = None) -> Path:
     """Save a model folder atomically (written to a temp folder, then renamed).
 
     Args:
@@ -258,6 +276,10 @@ def save_model(model: DiffusionModel, folder: str | os.PathLike, *, dtype: "torc
         dtype: store floating weights in this dtype (e.g. ``torch.float16`` to halve size).
         card: Markdown model card text (written to MODEL_CARD.md).
         overwrite: replace an existing folder.
+        templates: volumes on the model grid that editing needs, by name: ``image`` (the
+            average subject in the model's contrast, the registration target),
+            ``brain_mask`` and ``white_matter`` (probability or mask). Stored as NIfTI
+            files listed (with SHA-256) in the spec.
     """
     out = Path(folder)
     if out.exists() and not overwrite:
@@ -268,6 +290,21 @@ def save_model(model: DiffusionModel, folder: str | os.PathLike, *, dtype: "torc
         files = _write_state(model.denoiser.state_dict(), tmp, "denoiser", dtype)
         if model.autoencoder is not None:
             files += _write_state(model.autoencoder.state_dict(), tmp, "autoencoder", dtype)
+        if templates:
+            from .volume import write_volume
+
+            model.spec.template = {}
+            for name, vol in templates.items():
+                fname = f"template_{name}.nii.gz"
+                write_volume(vol, tmp / fname)
+                files.append({"name": fname, "role": "template", "sha256": sha256_file(tmp / fname),
+                              "bytes": (tmp / fname).stat().st_size})
+                model.spec.template[name] = fname
+        elif model.path is not None and model.spec.template:  # re-saving a loaded model keeps its templates
+            for name, fname in model.spec.template.items():
+                shutil.copy2(model.path / fname, tmp / fname)
+                files.append({"name": fname, "role": "template", "sha256": sha256_file(tmp / fname),
+                              "bytes": (tmp / fname).stat().st_size})
         model.spec.files = files
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(card)

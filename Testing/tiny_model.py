@@ -25,7 +25,7 @@ def tiny_spec(model_id: str = "tiny-wdm-test", shape=(16, 16, 16), spacing_mm: f
     )
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0, **kw) -> Path:
+def build_tiny_model(folder: Path, *, seed: int = 0, with_templates: bool = False, **kw) -> Path:
     from CounterfactualGenLib.nets.unet import build_denoiser
 
     torch.manual_seed(seed)
@@ -37,7 +37,22 @@ def build_tiny_model(folder: Path, *, seed: int = 0, **kw) -> Path:
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model = DiffusionModel(spec, net)
-    return save_model(model, folder, card="# Tiny test model\nRandom weights.\n")
+    templates = _phantom_templates(spec.grid) if with_templates else None
+    return save_model(model, folder, card="# Tiny test model\nRandom weights.\n", templates=templates)
+
+
+def _phantom_templates(grid: ModelGrid) -> dict:
+    """Template image / brain / white matter on the model grid: the phantom of test_edit."""
+    import numpy as np
+
+    from CounterfactualGenLib.volume import Volume
+
+    from test_edit import phantom_on
+
+    img = phantom_on(grid.shape, grid.affine_ras)
+    brain = (img > 0).astype(np.float32)
+    return {"image": Volume(img, grid.affine_ras), "brain_mask": Volume(brain, grid.affine_ras),
+            "white_matter": Volume(brain, grid.affine_ras)}
 
 
 def tiny_encoder():

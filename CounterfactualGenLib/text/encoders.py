@@ -259,6 +259,15 @@ class TextEncoder:
         info.update(self._describe_extra())
         return info
 
+    def token_strings(self, prompt: str) -> list[str]:
+        """The token strings of ``prompt`` in embedding order (padding excluded, truncated to L).
+
+        Used to align two prompts' tokens for prompt-to-prompt attention control. The
+        default splits into lower-case words after a start token; encoders with a real
+        tokenizer override it.
+        """
+        return (["<s>"] + _WORD_RE.findall(" ".join(str(prompt).split()).lower()))[: self.max_tokens]
+
     def clear_cache(self) -> None:
         """Forget all cached embeddings."""
         with self._lock:
@@ -549,6 +558,11 @@ class MiniLMEncoder(TextEncoder):
         pooled = torch.nn.functional.normalize(mean, p=2, dim=-1)
         tokens, mask = self._fit_length(hidden, mask)
         return tokens, mask, pooled
+
+    def token_strings(self, prompt: str) -> list[str]:
+        ids = self._tokenizer(" ".join(str(prompt).split()), truncation=True,
+                              max_length=self.model_max_tokens)["input_ids"]
+        return list(self._tokenizer.convert_ids_to_tokens(ids))[: self.max_tokens]
 
     def _describe_extra(self) -> dict[str, Any]:
         return {

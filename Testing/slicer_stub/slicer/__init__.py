@@ -1,0 +1,541 @@
+"""Stand-in ``slicer`` package: an in-memory MRML scene with the node classes the module uses.
+
+Method names follow MRML (vtkMRMLScene, vtkMRMLScalarVolumeNode, vtkMRMLSubjectHierarchyNode,
+...). Only what CounterfactualGen calls is implemented; anything else raises AttributeError,
+which is what makes the tests able to catch a call to a method the stand-in doesn't know.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+
+import numpy as np
+
+_CLASS_PARENTS = {
+    "vtkMRMLNode": None,
+    "vtkMRMLStorableNode": "vtkMRMLNode",
+    "vtkMRMLTransformableNode": "vtkMRMLStorableNode",
+    "vtkMRMLDisplayableNode": "vtkMRMLTransformableNode",
+    "vtkMRMLVolumeNode": "vtkMRMLDisplayableNode",
+    "vtkMRMLScalarVolumeNode": "vtkMRMLVolumeNode",
+    "vtkMRMLLabelMapVolumeNode": "vtkMRMLScalarVolumeNode",
+    "vtkMRMLDisplayNode": "vtkMRMLNode",
+    "vtkMRMLScalarVolumeDisplayNode": "vtkMRMLDisplayNode",
+    "vtkMRMLLabelMapVolumeDisplayNode": "vtkMRMLDisplayNode",
+    "vtkMRMLStorageNode": "vtkMRMLNode",
+    "vtkMRMLVolumeArchetypeStorageNode": "vtkMRMLStorageNode",
+    "vtkMRMLColorNode": "vtkMRMLStorableNode",
+    "vtkMRMLColorTableNode": "vtkMRMLColorNode",
+    "vtkMRMLTableNode": "vtkMRMLStorableNode",
+    "vtkMRMLScriptedModuleNode": "vtkMRMLNode",
+    "vtkMRMLSubjectHierarchyNode": "vtkMRMLNode",
+    "vtkMRMLLinearTransformNode": "vtkMRMLStorableNode",
+}
+
+
+def _isA(className, query):
+    while className is not None:
+        if className == query:
+            return True
+        className = _CLASS_PARENTS.get(className)
+    return False
+
+
+class vtkMRMLNode:
+    className = "vtkMRMLNode"
+
+    def __init__(self):
+        self._id = None
+        self._name = ""
+        self._attributes = {}
+        self._description = ""
+        self._scene = None
+        self._observers = {}
+        self._tags = itertools.count(1)
+        self.HideFromEditors = False
+
+    # identity
+    def GetClassName(self):
+        return self.className
+
+    def IsA(self, className):
+        return _isA(self.className, className)
+
+    def GetID(self):
+        return self._id
+
+    def GetName(self):
+        return self._name
+
+    def SetName(self, name):
+        self._name = str(name)
+
+    def GetScene(self):
+        return self._scene
+
+    # attributes
+    def SetAttribute(self, name, value):
+        if value is None:
+            self._attributes.pop(name, None)
+        else:
+            self._attributes[str(name)] = str(value)
+
+    def GetAttribute(self, name):
+        return self._attributes.get(name)
+
+    def GetAttributeNames(self):
+        return list(self._attributes)
+
+    def SetDescription(self, text):
+        self._description = str(text)
+
+    def GetDescription(self):
+        return self._description
+
+    def HideFromEditorsOff(self):
+        self.HideFromEditors = False
+
+    def SetHideFromEditors(self, value):
+        self.HideFromEditors = bool(value)
+
+    # observation (VTKObservationMixin calls these)
+    def AddObserver(self, event, callback, priority=0.0):
+        tag = next(self._tags)
+        self._observers[tag] = (event, callback)
+        return tag
+
+    def RemoveObserver(self, tag):
+        self._observers.pop(tag, None)
+
+    def Modified(self):
+        for event, callback in list(self._observers.values()):
+            if event in (33, "ModifiedEvent"):
+                callback(self, "ModifiedEvent")
+
+
+class vtkMRMLStorageNode(vtkMRMLNode):
+    className = "vtkMRMLVolumeArchetypeStorageNode"
+
+    def __init__(self):
+        super().__init__()
+        self.fileName = ""
+
+    def GetFileName(self):
+        return self.fileName
+
+
+class vtkMRMLStorableNode(vtkMRMLNode):
+    className = "vtkMRMLStorableNode"
+
+    def __init__(self):
+        super().__init__()
+        self._storageNodeID = None
+        self.storableModifiedCount = 0
+
+    def GetStorageNode(self):
+        return self._scene.GetNodeByID(self._storageNodeID) if self._scene and self._storageNodeID else None
+
+    def SetAndObserveStorageNodeID(self, nodeID):
+        self._storageNodeID = nodeID
+
+    def StorableModified(self):
+        self.storableModifiedCount += 1
+
+
+class vtkMRMLTransformableNode(vtkMRMLStorableNode):
+    className = "vtkMRMLTransformableNode"
+
+    def __init__(self):
+        super().__init__()
+        self._transformNodeID = None
+
+    def SetAndObserveTransformNodeID(self, nodeID):
+        self._transformNodeID = nodeID
+        return True
+
+    def GetTransformNodeID(self):
+        return self._transformNodeID
+
+    def GetParentTransformNode(self):
+        return self._scene.GetNodeByID(self._transformNodeID) if self._scene and self._transformNodeID else None
+
+
+class vtkMRMLDisplayNode(vtkMRMLNode):
+    className = "vtkMRMLScalarVolumeDisplayNode"
+
+    def __init__(self):
+        super().__init__()
+        self.colorNodeID = None
+        self.autoWindowLevel = True
+        self.windowLevelMinMax = None
+        self.applyThreshold = 0
+        self.threshold = None
+
+    def SetAndObserveColorNodeID(self, nodeID):
+        self.colorNodeID = nodeID
+
+    def GetColorNodeID(self):
+        return self.colorNodeID
+
+    def AutoWindowLevelOff(self):
+        self.autoWindowLevel = False
+
+    def SetWindowLevelMinMax(self, minimum, maximum):
+        self.windowLevelMinMax = (float(minimum), float(maximum))
+
+    def SetApplyThreshold(self, value):
+        self.applyThreshold = int(value)
+
+    def SetThreshold(self, lower, upper):
+        self.threshold = (float(lower), float(upper))
+
+
+class vtkMRMLDisplayableNode(vtkMRMLTransformableNode):
+    className = "vtkMRMLDisplayableNode"
+
+    def __init__(self):
+        super().__init__()
+        self._displayNodeIDs = []
+
+    def GetDisplayNode(self):
+        return self.GetNthDisplayNode(0) if self._displayNodeIDs else None
+
+    def GetNumberOfDisplayNodes(self):
+        return len(self._displayNodeIDs)
+
+    def GetNthDisplayNode(self, n):
+        return self._scene.GetNodeByID(self._displayNodeIDs[n]) if self._scene else None
+
+    def SetAndObserveDisplayNodeID(self, nodeID):
+        self._displayNodeIDs = [nodeID]
+
+    def CreateDefaultDisplayNodes(self):
+        if self.GetDisplayNode() is None and self._scene is not None:
+            cls = ("vtkMRMLLabelMapVolumeDisplayNode" if self.IsA("vtkMRMLLabelMapVolumeNode")
+                   else "vtkMRMLScalarVolumeDisplayNode")
+            display = self._scene.AddNewNodeByClass(cls)
+            self.SetAndObserveDisplayNodeID(display.GetID())
+
+
+class vtkMRMLScalarVolumeNode(vtkMRMLDisplayableNode):
+    className = "vtkMRMLScalarVolumeNode"
+
+    def __init__(self):
+        super().__init__()
+        self._array = None
+        self._ijkToRAS = np.eye(4)
+
+    def GetIJKToRASMatrixArray(self):  # stand-in helper (real: GetIJKToRASMatrix(vtkMatrix4x4))
+        return self._ijkToRAS.copy()
+
+    def SetIJKToRASMatrixArray(self, matrix):
+        self._ijkToRAS = np.asarray(matrix, dtype=float).copy()
+
+    def GetImageData(self):
+        return self._array
+
+
+class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
+    className = "vtkMRMLLabelMapVolumeNode"
+
+
+class vtkMRMLColorTableNode(vtkMRMLStorableNode):
+    className = "vtkMRMLColorTableNode"
+
+    def __init__(self):
+        super().__init__()
+        self.type = None
+        self.colors = []
+
+    def SetTypeToUser(self):
+        self.type = "User"
+
+    def SetNumberOfColors(self, n):
+        self.colors = [("", (0.0, 0.0, 0.0, 0.0))] * int(n)
+
+    def GetNumberOfColors(self):
+        return len(self.colors)
+
+    def SetColor(self, entry, name, r, g, b, a=1.0):
+        if not 0 <= entry < len(self.colors):
+            return False
+        self.colors[entry] = (str(name), (r, g, b, a))
+        return True
+
+    def GetColorName(self, entry):
+        return self.colors[entry][0]
+
+
+class _Column:
+    def __init__(self):
+        self.name = ""
+
+    def SetName(self, name):
+        self.name = str(name)
+
+    def GetName(self):
+        return self.name
+
+
+class vtkMRMLTableNode(vtkMRMLStorableNode):
+    className = "vtkMRMLTableNode"
+
+    def __init__(self):
+        super().__init__()
+        self.columns = []
+        self.rows = []
+
+    def AddColumn(self, column=None):
+        col = column or _Column()
+        self.columns.append(col)
+        for row in self.rows:
+            row.append("")
+        return col
+
+    def AddEmptyRow(self):
+        self.rows.append([""] * len(self.columns))
+        return len(self.rows) - 1
+
+    def SetCellText(self, row, column, text):
+        if not (0 <= row < len(self.rows) and 0 <= column < len(self.columns)):
+            return False
+        self.rows[row][column] = str(text)
+        return True
+
+    def GetCellText(self, row, column):
+        return self.rows[row][column]
+
+    def GetNumberOfRows(self):
+        return len(self.rows)
+
+    def GetNumberOfColumns(self):
+        return len(self.columns)
+
+
+class vtkMRMLScriptedModuleNode(vtkMRMLNode):
+    className = "vtkMRMLScriptedModuleNode"
+
+    def __init__(self):
+        super().__init__()
+        self._parameters = {}
+
+    def SetParameter(self, name, value):
+        self._parameters[name] = str(value)
+
+    def GetParameter(self, name):
+        return self._parameters.get(name, "")
+
+    def GetParameterNames(self):
+        return list(self._parameters)
+
+
+class vtkMRMLLinearTransformNode(vtkMRMLStorableNode):
+    className = "vtkMRMLLinearTransformNode"
+
+
+class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
+    className = "vtkMRMLSubjectHierarchyNode"
+    _instances = {}
+
+    def __init__(self):
+        super().__init__()
+        self._ids = itertools.count(2)
+        self._sceneItem = 1
+        self._items = {1: {"parent": 0, "node": None, "name": "Scene", "attributes": {}}}
+
+    @staticmethod
+    def GetSubjectHierarchyNode(scene):
+        sh = vtkMRMLSubjectHierarchyNode._instances.get(id(scene))
+        if sh is None:
+            sh = vtkMRMLSubjectHierarchyNode()
+            sh._scene = scene
+            vtkMRMLSubjectHierarchyNode._instances[id(scene)] = sh
+        return sh
+
+    def GetSceneItemID(self):
+        return self._sceneItem
+
+    def _itemFor(self, node):
+        for item, rec in self._items.items():
+            if rec["node"] is node:
+                return item
+        return 0
+
+    def GetItemByDataNode(self, node):
+        if node is None or self._scene is None or not self._scene.IsNodePresent(node):
+            return 0
+        item = self._itemFor(node)
+        if not item:
+            item = next(self._ids)
+            self._items[item] = {"parent": self._sceneItem, "node": node, "name": node.GetName(), "attributes": {}}
+        return item
+
+    def GetItemDataNode(self, item):
+        return self._items.get(item, {}).get("node")
+
+    def GetItemParent(self, item):
+        return self._items[item]["parent"] if item in self._items else 0
+
+    def SetItemParent(self, item, parent):
+        if item not in self._items or parent not in self._items:
+            raise ValueError(f"invalid subject hierarchy item {item} or parent {parent}")
+        self._items[item]["parent"] = parent
+
+    def SetItemAttribute(self, item, name, value):
+        self._items[item]["attributes"][name] = str(value)
+
+    def GetItemAttribute(self, item, name):
+        return self._items.get(item, {}).get("attributes", {}).get(name, "")
+
+    def CreateFolderItem(self, parent, name):
+        item = next(self._ids)
+        self._items[item] = {"parent": parent, "node": None, "name": name, "attributes": {}}
+        return item
+
+    def CreateSubjectItem(self, parent, name):
+        return self.CreateFolderItem(parent, name)
+
+    def GetItemName(self, item):
+        return self._items.get(item, {}).get("name", "")
+
+    def _forget(self, node):
+        item = self._itemFor(node)
+        if item:
+            del self._items[item]
+
+
+_NODE_CLASSES = {
+    "vtkMRMLScalarVolumeNode": vtkMRMLScalarVolumeNode,
+    "vtkMRMLLabelMapVolumeNode": vtkMRMLLabelMapVolumeNode,
+    "vtkMRMLScalarVolumeDisplayNode": vtkMRMLDisplayNode,
+    "vtkMRMLLabelMapVolumeDisplayNode": vtkMRMLDisplayNode,
+    "vtkMRMLVolumeArchetypeStorageNode": vtkMRMLStorageNode,
+    "vtkMRMLColorTableNode": vtkMRMLColorTableNode,
+    "vtkMRMLTableNode": vtkMRMLTableNode,
+    "vtkMRMLScriptedModuleNode": vtkMRMLScriptedModuleNode,
+    "vtkMRMLLinearTransformNode": vtkMRMLLinearTransformNode,
+}
+
+
+class vtkMRMLScene:
+    StartCloseEvent = 66001
+    EndCloseEvent = 66002
+
+    def __init__(self):
+        self._nodes = {}
+        self._counter = itertools.count(1)
+        self._observers = {}
+        self._tags = itertools.count(1)
+
+    def CreateNodeByClass(self, className):
+        cls = _NODE_CLASSES[className]
+        node = cls()
+        if node.className != className:
+            node.className = className
+        return node
+
+    def AddNode(self, node):
+        node._id = f"{node.className}{next(self._counter)}"
+        node._scene = self
+        self._nodes[node._id] = node
+        return node
+
+    def AddNewNodeByClass(self, className, nodeName=""):
+        node = self.CreateNodeByClass(className)
+        node.SetName(nodeName)
+        return self.AddNode(node)
+
+    def RemoveNode(self, node):
+        if node is not None and node.GetID() in self._nodes:
+            del self._nodes[node.GetID()]
+            sh = vtkMRMLSubjectHierarchyNode._instances.get(id(self))
+            if sh is not None:
+                sh._forget(node)
+
+    def IsNodePresent(self, node):
+        return node is not None and self._nodes.get(node.GetID()) is node
+
+    def GetNodeByID(self, nodeID):
+        return self._nodes.get(nodeID)
+
+    def GetFirstNodeByClass(self, className):
+        for node in self._nodes.values():
+            if node.IsA(className):
+                return node
+        return None
+
+    def GetNodesByClassList(self, className):  # stand-in helper
+        return [n for n in self._nodes.values() if n.IsA(className)]
+
+    def GetNumberOfNodes(self):
+        return len(self._nodes)
+
+    def GetNodes(self):  # stand-in helper: all nodes
+        return list(self._nodes.values())
+
+    def Clear(self, removeSingletons=False):
+        self._nodes.clear()
+        vtkMRMLSubjectHierarchyNode._instances.pop(id(self), None)
+
+    def AddObserver(self, event, callback, priority=0.0):
+        tag = next(self._tags)
+        self._observers[tag] = (event, callback)
+        return tag
+
+    def RemoveObserver(self, tag):
+        self._observers.pop(tag, None)
+
+
+class _CommandOptions:
+    noMainWindow = True
+    testingEnabled = True
+
+
+class _Environment:
+    def __init__(self, env):
+        self._env = dict(env)
+
+    def keys(self):
+        return list(self._env)
+
+    def value(self, key):
+        return self._env.get(key, "")
+
+
+class qSlicerApplication:
+    """The parts of slicer.app the module uses; headless: no layout manager."""
+
+    def __init__(self):
+        self.temporaryPath = tempfile.mkdtemp(prefix="slicer_stub_tmp_")
+        self.cachePath = tempfile.mkdtemp(prefix="slicer_stub_cache_")
+        self._connections = []
+
+    def layoutManager(self):
+        return None
+
+    def startupEnvironment(self):
+        return _Environment(os.environ)
+
+    def connect(self, signal, slot):
+        self._connections.append((signal, slot))
+
+    def testingEnabled(self):
+        return True
+
+    def commandOptions(self):
+        return _CommandOptions()
+
+
+mrmlScene = vtkMRMLScene()
+app = qSlicerApplication()
+
+
+class _Modules:
+    pass
+
+
+modules = _Modules()
+
+from . import util  # noqa: E402,F401  (slicer.util is always available in Slicer)

@@ -1,0 +1,145 @@
+"""Editing a scan: composition (null edit), keep region, native geometry, CLI contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import file_sha256, oblique_affine
+from tiny_model import build_tiny_model, tiny_encoder
+from CounterfactualGenLib.cli import main
+from CounterfactualGenLib.errors import InputError
+from CounterfactualGenLib.models import load_model
+from CounterfactualGenLib.pipeline import edit_scan
+from CounterfactualGenLib.volume import Volume, read_volume, write_volume
+
+HIGH = "Subject has high lesion load."
+NONE = "Subject has no lesions."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("edit") / "tiny", with_templates=True)
+
+
+def phantom_on(shape, affine, seed=0) -> np.ndarray:
+    """A smooth head-like phantom defined in world mm (so any grid samples the same object)."""
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
+    p = idx @ affine[:3, :3].T + affine[:3, 3] - np.array([0.0, -18.0, 8.0])
+    r = np.linalg.norm(p / [55, 65, 50], axis=-1)
+    img = 400 * (r < 1) * (1 + 0.3 * np.sin(p[..., 0] / 9) * np.cos(p[..., 1] / 11))
+    img += 200 * (np.linalg.norm((p - [20, 10, 5]) / [12, 14, 10], axis=-1) < 1)
+    return img.astype(np.float32)
+
+
+def test_null_edit_changes_nothing(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, source_prompt=HIGH, registration="none", steps=4)
+    assert r.report["reconstruction_psnr_db"] > 10
+    np.testing.assert_array_equal(r.counterfactual.array, scan.array)
+    assert r.report["changed_ml"] == 0.0 and not r.change_labels.array.any()
+
+
+def test_edit_changes_only_the_brain_and_keeps_the_rest_bit_identical(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    brain = scan.array > 0
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, source_prompt=NONE, brain_mask=brain,
+                  registration="none", steps=4)
+    changed = r.counterfactual.array != scan.array
+    assert changed.any(), "a random tiny model with different prompts must change something"
+    assert not changed[~brain].any()  # keep region (outside brain): bit-identical
+    np.testing.assert_array_equal(r.difference.array != 0, changed)
+    assert set(np.unique(r.change_labels.array)) <= {0, 1, 2, 3}
+    assert r.report["unchanged_fraction_in_brain"] < 1.0
+
+
+def test_oblique_anisotropic_lps_input_comes_back_in_its_own_geometry(tiny, tmp_path):
+    rng = np.random.default_rng(7)
+    shape = (120, 110, 24)
+    aff = oblique_affine(rng, (1.2, 1.2, 5.0))
+    aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape) - 1) / 2) + [0.0, -18.0, 8.0]
+    scan = Volume(np.rint(phantom_on(shape, aff)), aff)
+    path = write_volume(scan, tmp_path / "scan.nrrd", dtype=np.uint16)  # NRRD stores LPS
+    before = file_sha256(path)
+    code = main(["edit", "--model", str(tiny), "--input", str(path), "--to", HIGH, "--from", NONE, "--steps", "3",
+                 "--registration", "none", "--out", str(tmp_path / "o"), "--format", "nrrd"])
+    assert code == 0
+    assert file_sha256(path) == before  # the input is never modified
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    cf = read_volume(s["counterfactual"])
+    assert cf.shape == shape and cf.source_dtype == "uint16" and cf.is_synthetic
+    np.testing.assert_allclose(cf.affine_ras, scan.affine_ras, atol=1e-5)
+    for key in ("difference", "change_labels"):
+        v = read_volume(s[key], validate=False)
+        assert v.shape == shape and v.is_synthetic
+        np.testing.assert_allclose(v.affine_ras, scan.affine_ras, atol=1e-5)
+    assert read_volume(s["change_labels"], validate=False).source_dtype == "uint8"
+    assert cf.metadata["CounterfactualGen.SourceSHA256"] == before
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert set(rep) >= {"changed_ml", "lesion_ml_added", "lesion_ml_removed", "reconstruction_psnr_db", "timings_s"}
+
+
+def test_registration_to_template_path(tiny, tmp_path):
+    """A shifted, rotated copy of the template registers and edits without error."""
+    m = load_model(tiny)
+    t = m.template("image")
+    c, s = np.cos(0.1), np.sin(0.1)
+    move = np.array([[c, -s, 0, 5.0], [s, c, 0, -3.0], [0, 0, 1, 4.0], [0, 0, 0, 1]])
+    shape = (48, 48, 40)
+    aff = move @ np.diag([3.0, 3.0, 3.5, 1.0])
+    aff[:3, 3] += move[:3, :3] @ (-np.diag([3.0, 3.0, 3.5]) @ ((np.asarray(shape) - 1) / 2)) + [0.0, -18.0, 8.0]
+    scan = Volume(phantom_on(shape, np.linalg.inv(move) @ aff), aff)  # the object moved by `move`
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, source_prompt=NONE, steps=3)
+    assert r.report["registration_score"] > 0.5  # an 8 mm template: partial-volume edges cap the correlation
+    assert r.counterfactual.shape == shape
+
+    from CounterfactualGenLib.geometry import register_affine
+
+    reg = register_affine(scan, t, template_mask=m.template("brain_mask").array > 0.5)
+    probe = np.array([[0, -18, 8, 1], [40, -18, 8, 1], [0, 22, 8, 1], [0, -18, 48, 1.0]]).T
+    err = np.linalg.norm((reg.model_to_source_world @ probe - move @ probe)[:3], axis=0).max()
+    assert err < 4.0, err  # mm, against 8 mm template voxels
+
+
+def test_failed_registration_is_refused(tiny):
+    m = load_model(tiny)
+    rng = np.random.default_rng(0)
+    scan = Volume(rng.random((30, 30, 30)).astype(np.float32), np.diag([4.0, 4.0, 4.0, 1.0]))
+    with pytest.raises(InputError, match="Registration"):
+        edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, steps=2)
+
+
+def test_mask_on_another_grid_is_refused(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    with pytest.raises(InputError, match="same grid"):
+        edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, brain_mask=np.ones((3, 3, 3)), registration="none")
+
+
+def test_cli_edit_bad_input_writes_nothing(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not a nifti")
+    assert main(["edit", "--model", str(tiny), "--input", str(bad), "--to", HIGH, "--out", str(tmp_path / "o")]) == 3
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_over_a_folder(tiny, tmp_path):
+    g = load_model(tiny).spec.grid
+    d = tmp_path / "in"
+    for i in range(2):
+        write_volume(Volume(phantom_on(g.shape, g.affine_ras) + i, g.affine_ras), d / f"s{i}.nii.gz")
+    (d / "notes.txt").write_text("ignored")
+    code = main(["batch", "--model", str(tiny), "--input", str(d), "--to", HIGH, "--from", NONE, "--steps", "2",
+                 "--registration", "none", "--out", str(tmp_path / "o")])
+    assert code == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["done"] == 2 and not s["failed"]
+    assert (tmp_path / "o" / "s0" / "counterfactual.nii.gz").exists()

