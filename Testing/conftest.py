@@ -17,9 +17,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DATA = Path(__file__).resolve().parent / "data"
-#: A real clinical FLAIR (Ljubljana longitudinal MS set, patient 4, study 1; CC-BY, see NOTICE).
-CLINICAL_FLAIR = DATA / "longitudinal_patient04_study1_FLAIR.nii.gz"
+#: A real clinical FLAIR exactly as acquired (Ljubljana longitudinal MS set, patient 4, study 1;
+#: CC-BY, see NOTICE): 320×320×48, 0.72×0.72×3 mm, oblique, uint16, with skull. It is also the
+#: Slicer module's sample data, so the project ships it once.
+CLINICAL_FLAIR = ROOT / "Resources" / "SampleData" / "longitudinal_patient04_study1_FLAIR.nii.gz"
 
 
 def file_sha256(path) -> str:

@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "max_minutes": None,
     "weights_dtype": "float16",
+    "denoiser_overrides": None,
 }
 
 
@@ -97,28 +98,69 @@ def is_main(rank: int) -> bool:
 # ---------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------
-def synthetic_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str]]:
-    """Endless (image in model units, prompt) pairs from the synthetic subject engine."""
+def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple]) -> tuple[np.ndarray, str, str]:
+    """One synthetic subject in model units + its lesion-load class and diagnosis (pool worker)."""
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.synth import make_subject, random_spec
+
+    seed, lesion_class, diagnosis, shape, spacing, center = args
+    spec = random_spec(seed, lesion_class=lesion_class, diagnosis=diagnosis)
+    subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
+    norm = IntensityNormalizer.fit(subj.image.array, subj.brain_mask, upper_percentile=99.5)
+    img = np.clip(norm.forward(subj.image.array), -1.0, 1.5).astype(np.float16)
+    return img, subj.attributes["lesion_load"], subj.attributes["diagnosis"]
+
+
+def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path | None) -> dict[str, np.ndarray]:
+    """A pool of synthetic subjects, balanced over lesion-load classes and diagnoses.
+
+    Generating a subject costs ~0.5 s on a CPU core, more than a training step of a
+    small model, so subjects are made once (in parallel) and re-used; prompts are
+    built per draw (clause choice and paraphrases differ every time).
+    """
+    if cache is not None and cache.exists():
+        data = np.load(cache)
+        if len(data["lesion"]) >= size and tuple(data["images"].shape[1:]) == tuple(grid.shape):
+            return {k: data[k][:size] for k in data.files}
+    from concurrent.futures import ProcessPoolExecutor
+
+    lesion_classes = ("none", "minimal", "moderate", "high")
+    diagnoses = ("CN", "MCI", "AD")
+    rng = random.Random(seed)
+    jobs = [(rng.randrange(2**31), lesion_classes[i % 4], diagnoses[(i // 4) % 3], tuple(grid.shape),
+             grid.spacing_mm, tuple(grid.center_ras)) for i in range(size)]
+    workers = max(1, int(cfg["data"].get("pool_workers") or os.cpu_count() or 1))
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(workers) as ex:
+        items = list(tqdm(ex.map(_synthetic_item, jobs, chunksize=4), total=size, desc="synthesise", file=sys.stderr,
+                          mininterval=5.0))
+    pool = {"images": np.stack([i[0] for i in items]), "lesion": np.array([i[1] for i in items]),
+            "diagnosis": np.array([i[2] for i in items])}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(".partial-" + cache.name)
+        with open(tmp, "wb") as f:
+            np.savez(f, **pool)
+        os.replace(tmp, cache)
+    return pool
+
+
+def pool_prompt(lesion: str, diagnosis: str, rng: random.Random, cfg: dict) -> str:
+    """The prompt for a pool subject: its lesion load, its diagnosis, or both; sometimes paraphrased."""
     from CounterfactualGenLib.text.prompts import canonical_prompt, paraphrase
 
-    rng = random.Random(seed)
-    classes = [("lesion", c) for c in ("none", "minimal", "moderate", "high")] + \
-              [("diagnosis", d) for d in ("CN", "MCI", "AD")]
-    while True:
-        kind, value = rng.choice(classes)
-        spec = random_spec(rng.randrange(2**31), lesion_class=value if kind == "lesion" else None,
-                           diagnosis=value if kind == "diagnosis" else None)
-        subj = make_subject(spec, shape=grid.shape, spacing_mm=grid.spacing_mm, center_ras=grid.center_ras)
-        img = subj.image.array
-        norm = IntensityNormalizer.fit(img, subj.brain_mask, upper_percentile=99.5)
-        attrs = subj.attributes
-        prompt = canonical_prompt(lesion_load=attrs["lesion_load"]) if kind == "lesion" \
-            else canonical_prompt(diagnosis=attrs["diagnosis"])
-        if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
-            prompt = paraphrase(prompt, rng)
-        yield np.clip(norm.forward(img), -1.0, 1.5), prompt
+    r = rng.random()
+    both = cfg["data"].get("both_clauses_prob", 0.2)
+    if r < both:
+        prompt = canonical_prompt(lesion_load=lesion) + " " + canonical_prompt(diagnosis=diagnosis)
+    elif r < both + (1 - both) / 2:
+        prompt = canonical_prompt(lesion_load=lesion)
+    else:
+        prompt = canonical_prompt(diagnosis=diagnosis)
+    if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
+        prompt = paraphrase(prompt, rng)
+    return prompt
 
 
 def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str]]:
@@ -154,15 +196,25 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.
 
 
 class Stream(torch.utils.data.IterableDataset):
-    def __init__(self, cfg: dict, grid: ModelGrid, seed: int) -> None:
-        self.cfg, self.grid, self.seed = cfg, grid, seed
+    """Endless (image (1, *grid) float32, prompt) pairs: from the synthetic pool or a manifest."""
+
+    def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None) -> None:
+        self.cfg, self.grid, self.seed, self.pool = cfg, grid, seed, pool
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         seed = self.seed * 1009 + (info.id if info else 0)
-        fn = synthetic_stream if self.cfg["data"]["kind"] == "synthetic" else manifest_stream
-        for img, prompt in fn(self.cfg, self.grid, seed):
-            yield torch.from_numpy(np.ascontiguousarray(img))[None], prompt
+        if self.pool is not None:
+            rng = random.Random(seed)
+            n = len(self.pool["lesion"])
+            while True:
+                i = rng.randrange(n)
+                img = self.pool["images"][i].astype(np.float32)
+                yield torch.from_numpy(img)[None], pool_prompt(str(self.pool["lesion"][i]),
+                                                              str(self.pool["diagnosis"][i]), rng, self.cfg)
+        else:
+            for img, prompt in manifest_stream(self.cfg, self.grid, seed):
+                yield torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt
 
 
 # ---------------------------------------------------------------------------------
@@ -173,6 +225,8 @@ def build_model(cfg: dict, text_dim: int) -> DiffusionModel:
 
     grid = ModelGrid.from_dict(cfg["grid"])
     den_cfg = cfg.get("denoiser") or default_denoiser_config(cfg["family"], text_dim, cfg["size"])
+    if cfg.get("denoiser_overrides"):  # e.g. a wider "tiny" preset for a CPU-trained model
+        den_cfg = {**den_cfg, **cfg["denoiser_overrides"]}
     ae = None
     ae_cfg = None
     if cfg["family"] == "latent":
@@ -309,7 +363,17 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             dist.broadcast(p, 0)
 
     grid = spec.grid
-    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start),
+    pool = None
+    if cfg["data"]["kind"] == "synthetic":
+        cache = out / f"pool_{cfg['seed']}_{'x'.join(map(str, grid.shape))}.npz"
+        size = int(cfg["data"].get("pool_size", 512))
+        if is_main(rank):
+            pool = synthetic_pool(cfg, grid, cfg["seed"], size, cache)
+        if world > 1:  # rank 0 synthesises once; the others read its cache
+            dist.barrier()
+            if not is_main(rank):
+                pool = synthetic_pool(cfg, grid, cfg["seed"], size, cache)
+    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool),
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     data = iter(loader)
     null_tokens = encoder.null(1).tokens.to(device)
@@ -356,7 +420,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 pred = ddp_net(x_t, t.float(), ctx)
             loss = torch.nn.functional.mse_loss(pred.float(), v) / cfg["grad_accum"]
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         step += 1
@@ -392,7 +456,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                    "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path}
         spec.training = {**summary, "config": cfg}
         dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
-        save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True)
+        save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True,
+                   templates=edit_templates(cfg, grid))
         _sample_montage(final, None, encoder, out / "samples_final.png", torch.device("cpu"))
         logf.close()
         if writer:
@@ -402,6 +467,25 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         dist.barrier()
         dist.destroy_process_group()
     return folder
+
+
+def edit_templates(cfg: dict, grid: ModelGrid) -> dict | None:
+    """Registration target + masks on the model grid, shipped inside the model for editing.
+
+    For synthetic training data: an undeformed, lesion-free, noise-free CN subject of the
+    engine in the model's contrast (its anatomy is the MNI ICBM152 2009a template's).
+    """
+    if cfg["data"]["kind"] != "synthetic":
+        return None
+    from CounterfactualGenLib.synth import SubjectSpec, make_subject
+    from CounterfactualGenLib.volume import Volume
+
+    spec = SubjectSpec(seed=0, atrophy=0.0, contrast=cfg["contrast"], noise_sigma=0.0, bias_strength=0.0, deform_mm=0.0)
+    subj = make_subject(spec, shape=grid.shape, spacing_mm=grid.spacing_mm, center_mm=grid.center_ras)
+    aff = subj.image.affine_ras
+    return {"image": Volume(subj.image.array, aff),
+            "brain_mask": Volume(subj.brain_mask.astype(np.float32), aff),
+            "white_matter": Volume(subj.tissue["wm"].astype(np.float32), aff)}
 
 
 @torch.no_grad()

@@ -77,7 +77,8 @@ def _resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults, check consistency, and return a JSON-friendly copy (lists, not tuples)."""
     unknown = set(config) - set(_DEFAULTS) - set(_REQUIRED)
     if unknown:
-        raise ModelError(f"unknown denoiser config key(s) {sorted(unknown)}; known: {sorted([*_REQUIRED, *_DEFAULTS])}.")
+        known = sorted([*_REQUIRED, *_DEFAULTS])
+        raise ModelError(f"unknown denoiser config key(s) {sorted(unknown)}; known: {known}.")
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise ModelError(f"denoiser config is missing {missing}; see default_denoiser_config().")
@@ -173,6 +174,22 @@ class Denoiser(nn.Module):
             for m in block.modules():
                 if isinstance(m, DiffusionUNetResnetBlock):
                     m.conv2.register_forward_pre_hook(hook)
+
+    def train(self, mode: bool = True) -> Denoiser:
+        """Switch train/eval mode; also switches MONAI's SDPA attention dropout.
+
+        With ``use_flash_attention`` MONAI passes ``dropout_p=dropout_rate`` to
+        ``scaled_dot_product_attention`` whatever the mode, which would make inference
+        random; the rate is therefore zeroed in eval mode and restored for training.
+        """
+        super().train(mode)
+        from monai.networks.blocks import CrossAttentionBlock, SABlock
+
+        rate = self.config["dropout_cattn"] if mode else 0.0
+        for m in self.unet.modules():
+            if isinstance(m, (CrossAttentionBlock, SABlock)):
+                m.dropout_rate = rate
+        return self
 
     @property
     def spatial_multiple(self) -> int:
@@ -278,7 +295,9 @@ def default_denoiser_config(
         A complete, JSON-serialisable config for :func:`build_denoiser`.
     """
     if (family, size) not in _PRESETS:
-        raise ModelError(f"no preset for family={family!r}, size={size!r}; families: wdm, latent; sizes: tiny, small, base.")
+        raise ModelError(
+            f"no preset for family={family!r}, size={size!r}; families: wdm, latent; sizes: tiny, small, base."
+        )
     channels = 8 * image_channels if family == "wdm" else 4
     preset = copy.deepcopy(_PRESETS[(family, size)])
     cfg = {

@@ -225,7 +225,11 @@ class DDPMSchedule:
         return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
     def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Training target for ``prediction="v"``: ``v = sqrt(abar)·noise − sqrt(1 − abar)·x0`` (Salimans & Ho 2022)."""
+        """Training target for ``prediction="v"`` (Salimans & Ho 2022).
+
+        Returns:
+            ``v = sqrt(abar)·noise − sqrt(1 − abar)·x0`` at integer ``timesteps`` (B,).
+        """
         a = self._abar(timesteps, x0)
         return a.sqrt() * noise - (1.0 - a).sqrt() * x0
 
