@@ -1,0 +1,242 @@
+"""Tests of the synthetic subject engine (CPU, seconds): determinism, exact twins, ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CounterfactualGenLib.errors import InputError
+from CounterfactualGenLib.synth import (
+    DEFAULT_CENTER_MM,
+    LESION_CLASSES,
+    LibraryLesion,
+    ProceduralLesion,
+    SubjectSpec,
+    atrophy_series,
+    diagnosis_class,
+    lesion_class,
+    lesion_load_series,
+    library_ids,
+    make_subject,
+    make_twin,
+    output_grid,
+    random_spec,
+)
+
+SMALL = {"shape": (32, 32, 32), "spacing_mm": 6.0}
+MEDIUM = {"shape": (64, 64, 64), "spacing_mm": 3.0}
+
+
+@pytest.fixture(scope="module")
+def series():
+    """Lesion-load twins of one subject on the 64³ / 3 mm grid."""
+    return lesion_load_series(SubjectSpec(seed=11), LESION_CLASSES, **MEDIUM)
+
+
+@pytest.fixture(scope="module")
+def atrophy_twins():
+    return atrophy_series(SubjectSpec(seed=12, target_lesion_ml=4.0), ("CN", "MCI", "AD"), **MEDIUM)
+
+
+def test_same_spec_gives_identical_subject():
+    spec = SubjectSpec(seed=3, target_lesion_ml=8.0, atrophy=0.3)
+    a, b = make_subject(spec, **SMALL), make_subject(spec, **SMALL)
+    assert np.array_equal(a.image.array, b.image.array)
+    assert np.array_equal(a.lesion_mask, b.lesion_mask)
+    assert np.array_equal(a.brain_mask, b.brain_mask)
+    for k in a.tissue:
+        assert np.array_equal(a.tissue[k], b.tissue[k])
+    assert a.attributes == b.attributes
+
+
+def test_different_seeds_give_different_anatomy():
+    a, b = make_subject(SubjectSpec(seed=1), **SMALL), make_subject(SubjectSpec(seed=2), **SMALL)
+    assert np.mean(np.abs(a.tissue["gm"] - b.tissue["gm"])) > 0.02
+    assert a.attributes["ventricle_ml"] != b.attributes["ventricle_ml"]
+
+
+def test_lesion_twins_are_bit_identical_outside_the_lesion_change(series):
+    healthy = series[0]
+    for twin in series[1:]:
+        changed = twin.image.array != healthy.image.array
+        assert changed.any()
+        # Every changed voxel is a lesion voxel of the twin (the healthy twin has none).
+        assert not np.any(changed & (twin.lesion_mask == 0))
+        assert np.array_equal(twin.brain_mask, healthy.brain_mask)
+        for k in healthy.tissue:
+            assert np.array_equal(twin.tissue[k], healthy.tissue[k])
+
+
+def test_lesion_ml_is_exact(series):
+    for s in series:
+        voxel_ml = float(np.prod(s.image.spacing_mm)) / 1000.0
+        assert s.attributes["lesion_voxels"] == int(s.lesion_mask.sum())
+        assert s.attributes["lesion_ml"] == pytest.approx(int(s.lesion_mask.sum()) * voxel_ml, rel=1e-12)
+        assert s.lesion_mask.dtype == np.uint8 and set(np.unique(s.lesion_mask)) <= {0, 1}
+
+
+def test_lesion_load_series_is_monotone_nested_and_in_class(series):
+    mls = [s.attributes["lesion_ml"] for s in series]
+    assert mls[0] == 0.0
+    assert all(x < y for x, y in zip(mls, mls[1:]))
+    assert [s.attributes["lesion_load"] for s in series] == list(LESION_CLASSES)
+    assert [lesion_class(m) for m in mls] == list(LESION_CLASSES)
+    for small, big in zip(series, series[1:]):
+        assert not np.any((small.lesion_mask == 1) & (big.lesion_mask == 0))  # nested
+
+
+def test_lesions_lie_in_white_matter(series):
+    for s in series[1:]:
+        assert np.all(s.tissue["wm"][s.lesion_mask > 0] >= 0.5)
+        assert np.all(s.brain_mask[s.lesion_mask > 0] == 1)
+
+
+def test_flair_lesion_to_nawm_ratio():
+    s = make_subject(SubjectSpec(seed=11, target_lesion_ml=20.0, bias_strength=0.0), **MEDIUM)
+    les = s.lesion_mask > 0
+    nawm = (s.tissue["wm"] > 0.9) & ~les
+    ratio = s.image.array[les].mean() / s.image.array[nawm].mean()
+    assert 1.15 < ratio < 1.5
+    # FLAIR: CSF dark, WM below GM.
+    img = s.image.array
+    assert img[s.tissue["csf"] > 0.9].mean() < img[nawm].mean() < img[s.tissue["gm"] > 0.8].mean()
+
+
+def test_t1_contrast_and_dark_lesions():
+    s = make_subject(SubjectSpec(seed=11, target_lesion_ml=20.0, bias_strength=0.0, contrast="T1"), **MEDIUM)
+    img, les = s.image.array, s.lesion_mask > 0
+    nawm = (s.tissue["wm"] > 0.9) & ~les
+    assert img[s.tissue["csf"] > 0.9].mean() < img[s.tissue["gm"] > 0.8].mean() < img[nawm].mean()
+    assert img[les].mean() < img[nawm].mean()
+
+
+def test_atrophy_raises_ventricles_and_keeps_the_person(atrophy_twins):
+    vent = [s.attributes["ventricle_ml"] for s in atrophy_twins]
+    assert vent[0] < vent[1] < vent[2]
+    gm = [s.attributes["gm_ml"] for s in atrophy_twins]
+    assert gm[0] > gm[1] > gm[2]
+    assert [s.attributes["diagnosis"] for s in atrophy_twins] == ["CN", "MCI", "AD"]
+    cn, ad = atrophy_twins[0], atrophy_twins[2]
+    # Bias and noise are shared: voxels whose tissue and lesion status did not change
+    # (e.g. all of the background and deep white matter far from the ventricles) match.
+    same = np.ones(cn.lesion_mask.shape, bool)
+    for k in ("gm", "wm", "csf"):
+        same &= cn.tissue[k] == ad.tissue[k]
+    same &= cn.lesion_mask == ad.lesion_mask
+    assert same.mean() > 0.5
+    assert np.array_equal(cn.image.array[same], ad.image.array[same])
+
+
+def test_geometry_is_a_real_ras_grid_with_the_requested_spacing():
+    s = make_subject(SubjectSpec(seed=0), shape=(40, 36, 24), spacing_mm=(4.0, 5.0, 7.5))
+    a = s.image.affine_ras
+    assert s.image.array.shape == (40, 36, 24) and s.image.array.dtype == np.float32
+    assert s.image.spacing_mm == pytest.approx((4.0, 5.0, 7.5))
+    assert not np.allclose(a, np.eye(4))
+    assert np.allclose(a[:3, :3], np.diag([4.0, 5.0, 7.5]))  # RAS: +i → R, +j → A, +k → S
+    centre = a @ np.r_[(np.array(s.image.array.shape) - 1) / 2.0, 1.0]
+    assert np.allclose(centre[:3], DEFAULT_CENTER_MM)
+    assert np.allclose(output_grid((40, 36, 24), (4.0, 5.0, 7.5)), a)
+    assert s.image.is_synthetic
+
+
+def test_same_subject_at_two_resolutions_has_similar_volumes():
+    spec = SubjectSpec(seed=21)
+    lo, hi = make_subject(spec, **SMALL), make_subject(spec, **MEDIUM)
+    for k in ("gm_ml", "wm_ml", "ventricle_ml"):
+        assert lo.attributes[k] == pytest.approx(hi.attributes[k], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"shape": (64, 64)},
+        {"shape": (64, 64, 64, 1)},
+        {"shape": (4, 64, 64)},
+        {"spacing_mm": -1.0},
+        {"spacing_mm": 0.0},
+        {"spacing_mm": (1.0, 1.0)},
+        {"center_mm": (0.0, float("nan"), 0.0)},
+    ],
+)
+def test_bad_grid_arguments_raise_input_error(kwargs):
+    with pytest.raises(InputError):
+        make_subject(SubjectSpec(seed=0), **{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: make_twin(SubjectSpec(seed=0), **SMALL, lesion_class="huge"),
+        lambda: make_twin(SubjectSpec(seed=0), **SMALL, diagnosis="FTD"),
+        lambda: make_twin(SubjectSpec(seed=0), **SMALL, colour="blue"),
+        lambda: lesion_load_series(SubjectSpec(seed=0), ("none", "extreme"), **SMALL),
+        lambda: atrophy_series(SubjectSpec(seed=0), ("CN", "old"), **SMALL),
+        lambda: random_spec(0, lesion_class="lots"),
+        lambda: SubjectSpec(seed=0, contrast="PD"),
+        lambda: SubjectSpec(seed=0, atrophy=2.0),
+        lambda: SubjectSpec(seed=-1),
+        lambda: SubjectSpec(seed=0, target_lesion_ml=-3.0),
+        lambda: LibraryLesion("patient05", subset_fraction=0.0),
+        lambda: ProceduralLesion("cortical"),
+        lambda: make_subject(SubjectSpec(seed=0, library_lesions=(LibraryLesion("patient99"),)), **SMALL),
+        lambda: make_subject("not a spec", **SMALL),
+        lambda: SubjectSpec.from_json('{"seed": 1, "colour": 2}'),
+    ],
+)
+def test_bad_specs_raise_input_error(bad):
+    with pytest.raises(InputError):
+        bad()
+
+
+def test_lesion_class_thresholds():
+    assert [lesion_class(v) for v in (0.0, 0.01, 5.0, 5.01, 15.0, 15.01, 80.0)] == [
+        "none", "minimal", "minimal", "moderate", "moderate", "high", "high"
+    ]
+    assert [diagnosis_class(a) for a in (0.0, 0.5, 1.0)] == ["CN", "MCI", "AD"]
+
+
+def test_spec_json_round_trip():
+    spec = SubjectSpec(
+        seed=9,
+        library_lesions=(LibraryLesion("patient05", 0.5, 3),),
+        procedural_lesions=(ProceduralLesion("periventricular", 4.0, seed=2),),
+        atrophy=0.5,
+        contrast="T1",
+    )
+    text = spec.to_json()
+    assert json.loads(text)["library_lesions"][0]["library_id"] == "patient05"
+    assert SubjectSpec.from_json(text) == spec
+    assert hash(SubjectSpec.from_json(text)) == hash(spec)
+
+
+def test_explicit_library_and_procedural_lesions():
+    assert len(library_ids()) == 27
+    whole = make_subject(SubjectSpec(seed=4, library_lesions=(LibraryLesion("patient05"),)), **MEDIUM)
+    # patient05 has 29.9 ml of lesions at 1 mm; most of it lands in the subject's WM.
+    assert 12.0 < whole.attributes["lesion_ml"] < 40.0
+    half = make_subject(SubjectSpec(seed=4, library_lesions=(LibraryLesion("patient05", 0.5, 1),)), **MEDIUM)
+    assert 0 < half.attributes["lesion_ml"] < whole.attributes["lesion_ml"] + 5.0
+    blob = make_subject(SubjectSpec(seed=4, procedural_lesions=(ProceduralLesion("periventricular", 5.0),)), **MEDIUM)
+    assert blob.attributes["lesion_ml"] > 0.1
+    assert all(src.startswith("procedural") for src in blob.lesion_sources)
+
+
+def test_random_spec_hits_the_requested_classes():
+    for cls in LESION_CLASSES:
+        spec = random_spec(np.random.default_rng(5), lesion_class=cls, diagnosis="MCI")
+        assert lesion_class(spec.target_lesion_ml) == cls
+        assert diagnosis_class(spec.atrophy) == "MCI"
+    s = make_subject(random_spec(8, lesion_class="moderate"), **MEDIUM)
+    assert s.attributes["lesion_load"] == "moderate"
+
+
+def test_resources_are_small_and_attributed():
+    root = Path(__file__).resolve().parents[1] / "Resources"
+    size = sum(f.stat().st_size for d in ("Templates", "LesionLibrary") for f in (root / d).iterdir())
+    assert size < 8e6
+    assert "McConnell" in (root / "Templates" / "NOTICE-templates.md").read_text(encoding="utf-8")
+    assert "Lesjak" in (root / "LesionLibrary" / "ATTRIBUTION.md").read_text(encoding="utf-8")
