@@ -743,7 +743,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             return None, []
         if isinstance(data, list):  # a bare list of entries
             return (data[0].get("id") if data else None), [e for e in data if isinstance(e, dict)]
-        entries = [e for e in data.get("models", []) if isinstance(e, dict)]
+        # generation models only: the evaluation oracle is registered too but is not a choice here
+        entries = [e for e in data.get("models", []) if isinstance(e, dict) and e.get("kind") != "oracle"]
         default = data.get("default") or (entries[0].get("id") if entries else None)
         return default, entries
 

@@ -237,8 +237,33 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
     return summary
 
 
+def _load_oracle(arg: str | None, model, ev: Events):
+    """The oracle for an edit's before/after lesion volumes: a folder, ``none``, or ``auto``.
+
+    ``auto`` (default) uses the bundled oracle when it is installed and reads the model's
+    contrast; otherwise the edit runs without one and says so.
+    """
+    from .evaluation.oracle import default_oracle_path, load_oracle, resolve_oracle
+
+    if arg is not None and arg.lower() == "none":
+        return None
+    if arg is None or arg.lower() == "auto":
+        if not (default_oracle_path() / "oracle.json").exists():
+            ev.log("No bundled oracle installed: lesion ml before/after will not be reported.")
+            return None
+        oracle = load_oracle(default_oracle_path())
+        if oracle.spec.contrast.upper() != model.spec.contrast.upper():
+            ev.log(f"The bundled oracle reads {oracle.spec.contrast}, the model makes {model.spec.contrast}: "
+                   "lesion ml before/after will not be reported (pass --oracle FOLDER).")
+            return None
+    else:
+        oracle = load_oracle(resolve_oracle(arg))
+    ev.log(f"Oracle '{oracle.id}' ({oracle.grid.spacing_mm} mm) reads lesion volumes before and after the edit.")
+    return oracle
+
+
 def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: Path, out: StagedOutput,
-              prefix: str = "") -> dict:
+              prefix: str = "", oracle=None) -> dict:
     from .pipeline import edit_scan
     from .volume import Provenance, read_volume, sha256_file, write_volume
 
@@ -251,8 +276,8 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
     res = edit_scan(model, encoder, scan, target_prompt=args.to, source_prompt=args.source, brain_mask=brain,
                     lesion_mask=lesions, strength=args.strength, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, registration=args.registration, attention_keep=args.attention_keep,
-                    edit_word_weight=args.edit_word_weight, device=args.device, precision=args.precision,
-                    on_event=ev.emit, should_cancel=ev.should_cancel)
+                    edit_word_weight=args.edit_word_weight, oracle=oracle, device=args.device,
+                    precision=args.precision, on_event=ev.emit, should_cancel=ev.should_cancel)
     prompts = [res.report["prompts"]["from"], res.report["prompts"]["to"]]
     extra = {"strength": args.strength, "steps": res.report["steps"], "guidance": res.report["guidance"],
              "source_file": input_path.name}
@@ -280,9 +305,10 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
 def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
     inp = Path(args.input)
     model, encoder = _load(args.model, args.text_encoder_path, ev)
+    oracle = _load_oracle(args.oracle, model, ev)
     out = StagedOutput(Path(args.out))
     try:
-        summary = _edit_one(args, ev, model, encoder, inp, out)
+        summary = _edit_one(args, ev, model, encoder, inp, out, oracle=oracle)
         summary["software"] = f"CounterfactualGen {__version__}"
         out.path("summary.json").write_text(json.dumps(summary, indent=2))
         out.commit()
@@ -292,8 +318,10 @@ def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
     summary["summary"] = str(Path(args.out) / "summary.json")
     if not ev.json_mode:
         r = summary["report"]
+        oracle_txt = (f"; oracle lesion ml {r['lesion_ml_before']} → {r['lesion_ml_after']}"
+                      if r.get("lesion_ml_before") is not None else "")
         print(f"Edited '{inp.name}' → {args.out}/ (SYNTHETIC): changed {r['changed_ml']} ml; lesion +"
-              f"{r['lesion_ml_added']} / −{r['lesion_ml_removed']} ml; reconstruction PSNR "
+              f"{r['lesion_ml_added']} / −{r['lesion_ml_removed']} ml{oracle_txt}; reconstruction PSNR "
               f"{r['reconstruction_psnr_db']} dB.", file=sys.stderr)
     return summary
 
@@ -321,13 +349,14 @@ def _batch_inputs(src: Path) -> list[Path]:
 def cmd_batch(args: argparse.Namespace, ev: Events) -> dict:
     files = _batch_inputs(Path(args.input))
     model, encoder = _load(args.model, args.text_encoder_path, ev)
+    oracle = _load_oracle(args.oracle, model, ev)
     results, failures = [], []
     for k, f in enumerate(files):
         ev.emit({"event": "progress", "stage": "batch", "step": k, "total": len(files), "eta_s": None})
         sub = Path(args.out) / re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr)$", "", f.name, flags=re.I)
         out = StagedOutput(sub)
         try:
-            r = _edit_one(args, ev, model, encoder, f, out)
+            r = _edit_one(args, ev, model, encoder, f, out, oracle=oracle)
             out.path("summary.json").write_text(json.dumps(r, indent=2))
             out.commit()
             results.append(r)
@@ -423,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--attention-keep", type=float, default=0.8,
                        help="fraction of steps the target follows the source's cross-attention (prompt-to-prompt)")
         e.add_argument("--edit-word-weight", type=float, default=1.0, help="attention weight of the edited words")
+        e.add_argument("--oracle", default="auto",
+                       help="oracle folder for lesion ml before/after; auto = the bundled one if installed, none = skip")
         e.add_argument("--max-voxels", type=int, default=512**3, help="refuse larger inputs (default 512³)")
         e.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP)")
         e.add_argument("--out", required=True, help="output folder")
@@ -442,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--devices", action="store_true", help="list compute devices")
     i.add_argument("--list", action="store_true", help="list registered models")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    add_evaluate_parser(sub, _common)  # evaluate: see the block after COMMANDS
     return ap
 
 
@@ -452,6 +484,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict]] = {
     "edit": cmd_edit,
     "batch": cmd_batch,
 }
+
+# --- evaluate: implemented in evaluation/report.py, registered here -----------------------
+from .evaluation.report import add_evaluate_parser, cmd_evaluate  # noqa: E402
+
+COMMANDS["evaluate"] = cmd_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

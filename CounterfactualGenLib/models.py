@@ -452,10 +452,10 @@ def resolve_model(name_or_path: str | None, *, resources: Path | None = None) ->
     if p.exists():
         return p
     for entry in registry(res):
-        if entry.get("id") == name_or_path:
+        if entry.get("id") == name_or_path and entry.get("kind") != "oracle":
             folder = res / "Models" / entry["path"]
             if not folder.exists():
                 raise ModelError(f"Registered model '{name_or_path}' is not installed (expected at {folder}).")
             return folder
-    ids = [e.get("id") for e in registry(res)]
+    ids = [e.get("id") for e in registry(res) if e.get("kind") != "oracle"]
     raise ModelError(f"No model folder or registered model called '{name_or_path}'. Registered: {ids or 'none'}.")

@@ -294,6 +294,7 @@ def edit_scan(
     attention_keep: float = 0.8,
     edit_word_weight: float = 1.0,
     min_registration_correlation: float = 0.5,
+    oracle: Any | None = None,
     device: str = "auto",
     precision: str = "auto",
     on_event: EventCallback | None = None,
@@ -315,6 +316,11 @@ def edit_scan(
        removal) and zeroed below :data:`CHANGE_EPS`.
     5. Map only the change back to the scan's grid and add it to the original
        intensities: voxels the edit did not touch keep their values bit for bit.
+
+    With an ``oracle`` (:class:`~CounterfactualGenLib.evaluation.oracle.Oracle`), the
+    report carries its lesion volume and diagnosis of the scan before and after the edit
+    (read in model space, brain only), and a missing source prompt is the oracle's reading
+    of the scan ("Subject has moderate lesion load." for 9 ml) instead of a guess.
 
     Returns:
         :class:`EditResult`: counterfactual, signed difference (scan units), change
@@ -388,10 +394,21 @@ def edit_scan(
     brain_model = mapping.to_model(brain_mask.astype(np.float32), interpolation="nearest") > 0.5
     rep.end("register")
 
+    # -- oracle reading of the scan (brain only, model space) ------------------------------
+    target_class = classify_prompt(target_prompt)
+    before = None
+    if oracle is not None:
+        rep.start("oracle")
+        before = _oracle_reading(oracle, np.where(brain_model, x_model, -1.0), grid)
+        rep.end("oracle")
+        rep.log(f"Oracle '{oracle.id}' reads the scan as {before['lesion_ml']:.2f} ml of lesions "
+                f"({before['lesion_load']}), {before['diagnosis']}.")
+
     # -- 2. inversion ------------------------------------------------------------------
+    source_origin = "given"
     if source_prompt is None:
-        source_prompt = _default_source_prompt(target_prompt)
-        rep.log(f"Source prompt (not given): '{source_prompt}'.")
+        source_prompt, source_origin = _default_source_prompt(target_prompt, before)
+        rep.log(f"Source prompt (not given; {source_origin}): '{source_prompt}'.")
     prompts = [source_prompt, target_prompt]
     rep.start("encode")
     emb = text_encoder.encode(prompts)
@@ -442,7 +459,6 @@ def edit_scan(
 
     # -- 4. change in model space, restricted to the edit region --------------------------
     edit_region = brain_model.copy()
-    target_class = classify_prompt(target_prompt)
     if lesion_mask is not None and target_class.get("lesion_load") == "none":
         lm = mapping.to_model((np.asarray(lesion_mask) > 0).astype(np.float32), interpolation="linear") > 0.01
         from scipy.ndimage import binary_dilation
@@ -482,9 +498,8 @@ def edit_scan(
         "lesion_ml_added": round(float((labels == 1).sum()) * vox_ml, 3),
         "lesion_ml_removed": round(float((labels == 2).sum()) * vox_ml, 3),
         "unchanged_fraction_in_brain": round(float(1 - touched[brain_mask].mean()), 6),
-        "lesion_ml_before": None, "lesion_ml_after": None,
-        "lesion_ml_note": "oracle lesion volumes need an oracle model (not shipped yet); added/removed ml "
-                          "come from the change labelmap",
+        "source_prompt_origin": source_origin,
+        **_oracle_report(oracle, before, np.where(brain_model, x_model + change, -1.0), grid, rep),
         "model": model.id, "device": str(dev), "timings_s": dict(rep.timings_s),
     }
     diff_vol = Volume(delta, scan.affine_ras.copy())
@@ -498,13 +513,48 @@ def edit_scan(
     )
 
 
-def _default_source_prompt(target: str) -> str:
-    """The prompt the scan is assumed to match when none is given: the opposite end of the edit."""
+def _oracle_reading(oracle: Any, image_model: np.ndarray, grid: Any) -> dict[str, Any]:
+    """The oracle's lesion volume (ml, on its grid), lesion class and diagnosis of one model-space image."""
+    from .evaluation.metrics import lesion_class_of_ml
+
+    pred = oracle.read(np.clip(image_model, -1.0, 1.5)[None], grid)
+    ml = float(pred["lesion_ml"][0])
+    return {"lesion_ml": ml, "lesion_load": lesion_class_of_ml(ml), "diagnosis": pred["diagnosis"][0],
+            "diagnosis_probs": [round(float(p), 4) for p in pred["diagnosis_probs"][0]]}
+
+
+def _oracle_report(oracle: Any, before: dict | None, after_image: np.ndarray, grid: Any, rep: Reporter) -> dict:
+    if oracle is None or before is None:
+        return {"lesion_ml_before": None, "lesion_ml_after": None, "oracle": None,
+                "lesion_ml_note": "no oracle given (--oracle): lesion added/removed ml come from the change labelmap"}
+    rep.start("oracle")
+    after = _oracle_reading(oracle, after_image, grid)
+    rep.end("oracle")
+    return {"lesion_ml_before": round(before["lesion_ml"], 3), "lesion_ml_after": round(after["lesion_ml"], 3),
+            "lesion_load_before": before["lesion_load"], "lesion_load_after": after["lesion_load"],
+            "diagnosis_before": before["diagnosis"], "diagnosis_after": after["diagnosis"],
+            "diagnosis_probs_before": before["diagnosis_probs"], "diagnosis_probs_after": after["diagnosis_probs"],
+            "oracle": oracle.id,
+            "lesion_ml_note": f"before/after: oracle '{oracle.id}' on the brain in model space "
+                              f"({oracle.grid.spacing_mm} mm grid); added/removed: the change labelmap on the scan's grid"}
+
+
+def _default_source_prompt(target: str, reading: dict | None = None) -> tuple[str, str]:
+    """The prompt the scan is assumed to match when none is given, and where it came from.
+
+    With an oracle reading: the reading's class on the target's scale. Without: the
+    opposite end of the target's scale (no lesions for a lesion prompt, CN for a
+    diagnosis prompt; moderate / AD when the target is that end).
+    """
     from .text.prompts import canonical_prompt, classify_prompt
 
     c = classify_prompt(target)
     if c.get("lesion_load") is not None:
-        return canonical_prompt(lesion_load="none" if c["lesion_load"] != "none" else "moderate")
+        if reading is not None:
+            return canonical_prompt(lesion_load=reading["lesion_load"]), "oracle reading of the scan"
+        return canonical_prompt(lesion_load="none" if c["lesion_load"] != "none" else "moderate"), "opposite of target"
     if c.get("diagnosis") is not None:
-        return canonical_prompt(diagnosis="CN" if c["diagnosis"] != "CN" else "AD")
-    return ""  # unknown: invert under the null prompt
+        if reading is not None:
+            return canonical_prompt(diagnosis=reading["diagnosis"]), "oracle reading of the scan"
+        return canonical_prompt(diagnosis="CN" if c["diagnosis"] != "CN" else "AD"), "opposite of target"
+    return "", "null prompt (target not on a known scale)"  # unknown: invert under the null prompt

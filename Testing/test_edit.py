@@ -143,3 +143,77 @@ def test_batch_over_a_folder(tiny, tmp_path):
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["done"] == 2 and not s["failed"]
     assert (tmp_path / "o" / "s0" / "counterfactual.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------------
+# the oracle in an edit: lesion ml before/after, source prompt from its reading
+# ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_oracle(tmp_path_factory):
+    """A random-weight oracle on a grid other than the tiny model's (so the edit must resample)."""
+    import torch
+
+    from CounterfactualGenLib.evaluation.oracle import Oracle, OracleSpec, save_oracle
+    from CounterfactualGenLib.geometry import ModelGrid
+
+    torch.manual_seed(3)
+    spec = OracleSpec(id="tiny-oracle", grid=ModelGrid((12, 14, 12), 10.0, (0.0, -18.0, 8.0)),
+                      architecture={"channels": [4, 8], "head_hidden": 8, "norm_groups": 4})
+    oracle = Oracle(spec)
+    with torch.no_grad():
+        oracle.net.seg.bias.fill_(0.0)  # a random map of p ≈ 0.5, so volumes are far from 0
+    return save_oracle(oracle, tmp_path_factory.mktemp("oracle") / "oracle")
+
+
+def test_edit_reports_the_oracle_lesion_volume_before_and_after(tiny, tiny_oracle):
+    from CounterfactualGenLib.evaluation.oracle import load_oracle
+
+    m, oracle = load_model(tiny), load_oracle(tiny_oracle)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, source_prompt=NONE, registration="none", steps=3,
+                  oracle=oracle, brain_mask=scan.array > 0)
+    rep = r.report
+    ms = r.model_space
+    want = oracle.read(np.stack([np.where(ms["brain"], ms["input"], -1.0),
+                                 np.where(ms["brain"], ms["input"] + ms["change"], -1.0)]).clip(-1, 1.5), g)
+    assert rep["oracle"] == "tiny-oracle"
+    assert rep["lesion_ml_before"] == pytest.approx(want["lesion_ml"][0], abs=1e-3)
+    assert rep["lesion_ml_after"] == pytest.approx(want["lesion_ml"][1], abs=1e-3)
+    assert rep["lesion_ml_before"] > 0 and rep["diagnosis_before"] in ("CN", "MCI", "AD")
+    assert rep["lesion_ml_before"] != rep["lesion_ml_after"]  # the change reached the oracle's input
+    assert rep["source_prompt_origin"] == "given" and "oracle" in rep["timings_s"]
+
+
+def test_missing_source_prompt_comes_from_the_oracle_reading(tiny, tiny_oracle):
+    from CounterfactualGenLib.evaluation.metrics import lesion_class_of_ml
+    from CounterfactualGenLib.evaluation.oracle import load_oracle
+    from CounterfactualGenLib.text.prompts import canonical_prompt
+
+    m, oracle = load_model(tiny), load_oracle(tiny_oracle)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, registration="none", steps=2, oracle=oracle,
+                  brain_mask=scan.array > 0)
+    want = canonical_prompt(lesion_load=lesion_class_of_ml(r.report["lesion_ml_before"]))
+    assert r.report["prompts"]["from"] == want
+    assert r.report["source_prompt_origin"] == "oracle reading of the scan"
+    # without an oracle: the opposite end of the target's scale, and no volumes
+    r2 = edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, registration="none", steps=2,
+                   brain_mask=scan.array > 0)
+    assert r2.report["prompts"]["from"] == canonical_prompt(lesion_load="moderate")
+    assert r2.report["lesion_ml_before"] is None and r2.report["oracle"] is None
+
+
+def test_cli_edit_with_oracle_folder_and_none(tiny, tiny_oracle, tmp_path):
+    g = load_model(tiny).spec.grid
+    path = write_volume(Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras), tmp_path / "s.nii.gz")
+    base = ["edit", "--model", str(tiny), "--input", str(path), "--to", HIGH, "--from", NONE, "--steps", "2",
+            "--registration", "none"]
+    assert main(base + ["--oracle", str(tiny_oracle), "--out", str(tmp_path / "a")]) == 0
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["oracle"] == "tiny-oracle" and rep["lesion_ml_before"] is not None
+    assert main(base + ["--oracle", "none", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["lesion_ml_before"] is None
+    assert main(base + ["--oracle", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 4
+    assert not (tmp_path / "c").exists()

@@ -78,3 +78,21 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path, config):
     m = load_model(out / "model")
     assert m.spec.training["world_size"] == 2
     assert "Wrote model" in p.stderr
+
+
+def test_latent_family_autoencoder_then_diffusion(tmp_path, config):
+    ae_cfg = tmp_path / "ae.json"
+    ae_cfg.write_text(json.dumps({"size": "tiny", "grid": TINY["grid"], "data": TINY["data"], "iterations": 2,
+                                  "batch_size": 2, "log_every": 1}))
+    _run([sys.executable, str(ROOT / "Training" / "train_autoencoder.py"), "--config", str(ae_cfg),
+          "--out", str(tmp_path / "ae")], tmp_path)
+    assert (tmp_path / "ae" / "autoencoder" / "autoencoder.safetensors").exists()
+    _run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
+          "--out", str(tmp_path / "ldm"), "--set", 'family="latent"',
+          "--set", f'autoencoder_path="{tmp_path / "ae" / "autoencoder"}"'], tmp_path)
+    from CounterfactualGenLib.models import load_model
+
+    m = load_model(tmp_path / "ldm" / "model")
+    assert m.spec.family == "latent" and m.autoencoder is not None
+    assert m.diffusion_shape(1) == (1, 4, 4, 4, 4)
+    assert any(f["role"] == "autoencoder" for f in m.spec.files)

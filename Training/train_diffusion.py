@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "max_minutes": None,
     "weights_dtype": "float16",
     "denoiser_overrides": None,
+    "autoencoder_path": None,
 }
 
 
@@ -230,8 +231,16 @@ def build_model(cfg: dict, text_dim: int) -> DiffusionModel:
     ae = None
     ae_cfg = None
     if cfg["family"] == "latent":
-        raise InputError("Train the autoencoder first (Training/train_autoencoder.py) and give its folder; "
-                         "latent training is not wired into this script yet.")
+        if not cfg.get("autoencoder_path"):
+            raise InputError('A latent model needs a trained autoencoder: run Training/train_autoencoder.py and '
+                             'set "autoencoder_path" to its output folder.')
+        from train_autoencoder import load_autoencoder
+
+        ae = load_autoencoder(Path(cfg["autoencoder_path"])).eval().requires_grad_(False)
+        ae_cfg = dict(ae.config)
+        f = ae.downsample_factor
+        if any(s % f for s in grid.shape):
+            raise InputError(f"The grid {grid.shape} must be a multiple of the autoencoder's factor {f}.")
     spec = ModelSpec(id=cfg["id"], family=cfg["family"], grid=grid,
                      text_encoder={"id": cfg["text_encoder"]["id"], "dim": text_dim,
                                    "max_tokens": cfg["text_encoder"].get("max_tokens")},
@@ -349,6 +358,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     encoder = load_encoder(cfg)
     model = build_model(cfg, encoder.dim)
     net = model.denoiser.to(device).train()
+    if model.autoencoder is not None:
+        model.autoencoder.to(device)
     spec = model.spec
     shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[1:])), int(spec.schedule.get("base_numel", 32**3)))
     spec.schedule["shift"] = float(shift)
@@ -448,7 +459,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     minutes = (time.perf_counter() - t0) / 60
     folder = out / "model"
     if is_main(rank):
-        final = DiffusionModel(spec, copy.deepcopy(net).cpu(), None)
+        final = DiffusionModel(spec, copy.deepcopy(net).cpu(),
+                               copy.deepcopy(model.autoencoder).cpu() if model.autoencoder is not None else None)
         final.denoiser.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()})
         summary = {"iterations": step, "batch_size": cfg["batch_size"] * cfg["grad_accum"], "world_size": world,
                    "hardware": f"{world}× {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'} ({os.cpu_count()} cores), torch {torch.__version__}",

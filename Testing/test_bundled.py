@@ -1,0 +1,134 @@
+"""The bundled default model and oracle: registered, verified, and the README's demo works on them.
+
+These are the files a user gets; if one is missing, corrupt or unregistered, the README's
+first command fails, so these tests fail too (they do not skip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CounterfactualGenLib.cli import main
+from CounterfactualGenLib.models import RESOURCES, default_model_id, load_model, registry, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_registry_lists_every_bundled_file_with_its_hash_and_size():
+    entries = registry()
+    assert entries, "Resources/Models.json must register the bundled models"
+    ids = [e["id"] for e in entries]
+    assert len(ids) == len(set(ids))
+    total = 0
+    for e in entries:
+        folder = RESOURCES / "Models" / e["path"]
+        assert folder.is_dir(), folder
+        assert e.get("licence"), e["id"]
+        for f in e["files"]:
+            p = folder / f["name"]
+            assert p.stat().st_size == f["bytes"] and _sha(p) == f["sha256"], p
+            assert f["bytes"] <= 16 * 2**20, p  # each file ≤ 16 MiB
+            total += f["bytes"]
+    assert total <= 60 * 2**20
+
+
+def test_default_model_loads_and_is_the_one_registered():
+    default = default_model_id()
+    assert default and any(e["id"] == default and e.get("kind") != "oracle" for e in registry())
+    m = load_model(resolve_model(None))
+    assert m.id == default and m.spec.contrast == "FLAIR"
+    assert m.spec.metrics.get("command", "").startswith("counterfactualgen evaluate"), \
+        "the model card's numbers must come from `counterfactualgen evaluate` (Training/install_model.py)"
+    card = (m.path / "MODEL_CARD.md").read_text()
+    assert "SYNTHETIC" in card and "## Measured" in card and m.spec.metrics["command"] in card
+
+
+def test_oracle_ids_are_not_generation_models():
+    oracles = [e for e in registry() if e.get("kind") == "oracle"]
+    assert oracles, "the evaluation oracle must be registered"
+    from CounterfactualGenLib.errors import ModelError
+
+    with pytest.raises(ModelError, match="No model folder or registered model"):
+        resolve_model(oracles[0]["id"])
+
+
+def test_demo_on_the_bundled_model(tmp_path):
+    """The README's first command, with fewer steps (CI time): two series, montages, SYNTHETIC volumes."""
+    from CounterfactualGenLib.volume import read_volume
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["series"]) == {"lesion_load", "diagnosis"}
+    assert len(s["series"]["lesion_load"]["outputs"]) == 4 and len(s["series"]["diagnosis"]["outputs"]) == 3
+    v = read_volume(s["series"]["lesion_load"]["outputs"][0]["path"])
+    m = load_model(resolve_model(None))
+    assert v.is_synthetic and v.shape == tuple(m.spec.grid.shape)
+    np.testing.assert_allclose(v.affine_ras, m.spec.grid.affine_ras, atol=1e-5)
+    assert Path(s["series"]["lesion_load"]["montage"]).stat().st_size > 1000
+
+
+def test_edit_sample_scan_with_bundled_model_and_oracle(tmp_path):
+    """The Slicer tutorial's edit on the bundled sample scan, end to end: oracle numbers in the report."""
+    from conftest import CLINICAL_FLAIR, file_sha256
+
+    before = file_sha256(CLINICAL_FLAIR)
+    out = tmp_path / "edit"
+    assert main(["edit", "--input", str(CLINICAL_FLAIR), "--to", "Subject has high lesion load.", "--steps", "4",
+                 "--out", str(out)]) == 0
+    assert file_sha256(CLINICAL_FLAIR) == before
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["registration_score"] > 0.5
+    assert rep["oracle"] is not None and rep["lesion_ml_before"] is not None and rep["lesion_ml_after"] is not None
+    assert rep["source_prompt_origin"] == "oracle reading of the scan"
+
+
+def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("install_model", ROOT / "Training" / "install_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["install_model"] = mod
+    spec.loader.exec_module(mod)
+    from tiny_model import build_tiny_model
+
+    res = tmp_path / "Resources"
+    monkeypatch.setattr(mod, "RESOURCES", res)
+    src = build_tiny_model(tmp_path / "tiny")
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    real = RESOURCES / "Models.json"
+    real_before = _sha(real) if real.exists() else None
+    report = {"command": "counterfactualgen evaluate --model x --out y", "model": {"id": "tiny-wdm-test"},
+              "oracle": {"id": "o"}, "settings": {"steps": 4, "guidance": 2.0},
+              "results": {"n_seeds": 2, "lesion_monotone_fraction": 0.5, "lesion_monotone_with_none_fraction": 0.0,
+                          "alignment": {"lesion_accuracy": 0.25, "diagnosis_accuracy": 0.5, "overall_accuracy": 0.4},
+                          "subject_ms_ssim": {"lesion_series": 0.9, "diagnosis_series": 0.95},
+                          "subject_psnr_db": {"lesion_series": 25.0},
+                          "diversity_pairwise_ms_ssim": {"value": 0.5}}}
+    (ev / "report.json").write_text(json.dumps(report))
+    (ev / "report.md").write_text("# Counterfactual evaluation\n\n| metric | value |\n|---|---|\n| x | 0.25 |\n")
+    dest = mod.install(src, evaluation=ev, default=True, expected={"demo, 2-core CPU": "1 s"})
+    m = load_model(dest)
+    assert m.spec.metrics["alignment_lesion"] == 0.25 and m.spec.metrics["command"] == report["command"]
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "## Measured" in card and report["command"] in card
+    reg = json.loads((res / "Models.json").read_text())
+    assert reg["default"] == "tiny-wdm-test" and reg["models"][0]["expected_time"] == {"demo, 2-core CPU": "1 s"}
+    assert all(_sha(dest / f["name"]) == f["sha256"] for f in reg["models"][0]["files"])
+    # an evaluation of another model is refused, and nothing is changed
+    report["model"]["id"] = "another"
+    (ev / "report.json").write_text(json.dumps(report))
+    with pytest.raises(Exception, match="another"):
+        mod.install(src, evaluation=ev, default=True, expected={})
+    assert json.loads((dest / "model.json").read_text())["metrics"]["alignment_lesion"] == 0.25
+    assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched

@@ -1,0 +1,143 @@
+"""The evaluation oracle: format round trip, tamper detection, input checks, a tiny training run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CounterfactualGenLib.errors import InputError, ModelError
+from CounterfactualGenLib.evaluation.oracle import Oracle, OracleSpec, load_oracle, save_oracle
+from CounterfactualGenLib.geometry import ModelGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ModelGrid((16, 16, 16), 8.0, (0.0, -18.0, 8.0))
+SMALL = {"channels": [4, 8, 16], "head_hidden": 8, "norm_groups": 4}
+
+
+def _images(n: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, *GRID.shape)).astype(np.float32)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return save_oracle(Oracle(OracleSpec(id="t", grid=GRID, architecture=SMALL)), tmp_path / "oracle")
+
+
+def test_predict_shapes_and_lesion_ml_is_sum_of_probabilities():
+    oracle = Oracle(OracleSpec(id="t", grid=GRID, architecture=SMALL))
+    out = oracle.predict(_images(3))
+    assert out["lesion_prob"].shape == (3, *GRID.shape)
+    assert out["diagnosis_probs"].shape == (3, 3) and np.allclose(out["diagnosis_probs"].sum(1), 1, atol=1e-5)
+    assert len(out["diagnosis"]) == 3 and set(out["diagnosis"]) <= {"CN", "MCI", "AD"}
+    assert out["features"].shape == (3, oracle.n_features)
+    voxel_ml = 8.0**3 / 1000
+    assert np.allclose(out["lesion_ml"], out["lesion_prob"].reshape(3, -1).sum(1) * voxel_ml, rtol=1e-5)
+    assert oracle.predict(_images(1)[0])["lesion_prob"].shape == (1, *GRID.shape)  # a single volume is accepted
+
+
+def test_predict_refuses_wrong_grid_and_nan():
+    oracle = Oracle(OracleSpec(id="t", grid=GRID, architecture=SMALL))
+    with pytest.raises(InputError, match="Resample"):
+        oracle.predict(np.zeros((1, 16, 16, 8), np.float32))
+    bad = _images(1)
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        oracle.predict(bad)
+
+
+def test_save_load_round_trip_is_exact(saved):
+    spec = json.loads((saved / "oracle.json").read_text())
+    assert spec["format"] == "counterfactualgen-oracle" and spec["files"][0]["sha256"]
+    loaded = load_oracle(saved)
+    again = load_oracle(saved)
+    x = _images(2, seed=1)
+    a, b = loaded.predict(x), again.predict(x)
+    assert np.array_equal(a["lesion_prob"], b["lesion_prob"]) and np.array_equal(a["features"], b["features"])
+    assert loaded.grid == GRID and loaded.spec.architecture["channels"] == SMALL["channels"]
+
+
+def test_round_trip_matches_the_saved_network(tmp_path):
+    import torch
+
+    torch.manual_seed(3)
+    o = Oracle(OracleSpec(id="t", grid=GRID, architecture=SMALL))
+    x = _images(2, seed=2)
+    before = o.predict(x)
+    after = load_oracle(save_oracle(o, tmp_path / "o")).predict(x)
+    assert np.allclose(before["lesion_prob"], after["lesion_prob"], atol=1e-6)
+
+
+def test_tampered_weights_are_refused(saved):
+    f = saved / "oracle.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_oracle(saved)
+
+
+def test_missing_or_mismatched_files_are_refused(saved, tmp_path):
+    spec = json.loads((saved / "oracle.json").read_text())
+    spec["architecture"]["channels"] = [4, 8, 32]  # weights no longer fit the architecture
+    (saved / "oracle.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelError, match="do not match"):
+        load_oracle(saved)
+    (saved / "oracle.safetensors").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        load_oracle(saved)
+    with pytest.raises(ModelError, match="oracle.json"):
+        load_oracle(tmp_path / "nowhere")
+    spec["format"] = "counterfactualgen-model"
+    (saved / "oracle.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelError, match="Not a CounterfactualGen oracle"):
+        load_oracle(saved)
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_oracle", ROOT / "Training" / "train_oracle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
+    mod = _train_module()
+    cfg = json.loads(json.dumps(mod.DEFAULTS))
+    cfg.update({"grid": {"shape": [16, 16, 16], "spacing_mm": 8.0, "center_ras": [0.0, -18.0, 8.0]},
+                "architecture": SMALL, "data": {"train_subjects": 6, "val_subjects": 4, "pool_workers": 1},
+                "iterations": 3, "batch_size": 2, "log_every": 1})
+    folder = mod.train(cfg, tmp_path / "run")
+    oracle = load_oracle(folder)
+    assert (folder / "ORACLE_CARD.md").exists()
+    m = oracle.spec.metrics
+    for key in ("lesion_ml_mae", "dice_mean", "diagnosis_accuracy", "lesion_class_accuracy"):
+        assert key in m
+    assert 0.0 <= m["diagnosis_accuracy"] <= 1.0 and m["lesion_ml_mae"] >= 0
+    assert oracle.spec.training["iterations"] == 3
+    pool = np.load(next((tmp_path / "run").glob("pool_val_*.npz")))
+    out = oracle.predict(pool["images"].astype(np.float32))
+    assert out["lesion_prob"].shape == (4, 16, 16, 16) and len(out["diagnosis"]) == 4
+    # the pool holds the engine's exact truth, in model units
+    assert pool["images"].min() >= -1.0 and set(np.unique(pool["lesion"])) <= {0, 1}
+
+
+@pytest.mark.skipif(not (ROOT / "Resources" / "Models" / "oracle-5mm" / "oracle.json").exists(),
+                    reason="bundled oracle not present")
+def test_bundled_oracle_loads_and_reads_engine_subjects():
+    from CounterfactualGenLib.evaluation.oracle import resolve_oracle, to_model_units
+    from CounterfactualGenLib.synth import SubjectSpec, lesion_load_series
+
+    oracle = load_oracle(resolve_oracle(None))
+    g = oracle.grid
+    series = lesion_load_series(SubjectSpec(seed=11), ("none", "high"), shape=g.shape, spacing_mm=g.spacing_mm,
+                                center_mm=g.center_ras)
+    x = np.stack([to_model_units(s.image.array, s.brain_mask) for s in series])
+    ml = oracle.predict(x)["lesion_ml"]
+    assert ml[1] > ml[0] + 5.0  # a high lesion load reads far above its lesion-free twin

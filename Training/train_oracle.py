@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Train the evaluation oracle (lesion segmentation + CN/MCI/AD classification) on synthetic subjects.
+
+The oracle is the "pseudo-oracle" of Monteiro et al. (ICLR 2023): a network that reads
+the attributes a counterfactual was asked to change. It learns from the synthetic
+engine's exact ground truth (lesion masks, atrophy levels), on the grid of the model it
+will judge, in the same intensity units (``IntensityNormalizer``: background −1, brain
+p99.5 +1, as ``Training/train_diffusion.py`` feeds the diffusion model).
+
+    nice -n 10 env OMP_NUM_THREADS=1 python Training/train_oracle.py \\
+        --config Training/configs/oracle_5mm.json --out runs/oracle_5mm
+
+Writes ``OUT/pool_*.npz`` (the generated subjects, re-used by later runs), ``OUT/log.csv``
+and ``OUT/oracle/`` (``oracle.json`` with the measured validation metrics,
+``oracle.safetensors``, ``ORACLE_CARD.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from CounterfactualGenLib.evaluation.oracle import (  # noqa: E402
+    DEFAULT_ARCHITECTURE,
+    DIAGNOSIS_CLASSES,
+    Oracle,
+    OracleSpec,
+    save_oracle,
+)
+from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
+
+DEFAULTS: dict[str, Any] = {
+    "id": "oracle-flair-5mm",
+    "description": "",
+    "grid": {"shape": [32, 40, 32], "spacing_mm": 5.0, "center_ras": [0.0, -18.0, 8.0]},
+    "contrast": "FLAIR",
+    "architecture": dict(DEFAULT_ARCHITECTURE),
+    "data": {"train_subjects": 384, "val_subjects": 96, "pool_workers": 1},
+    "augment": {"flip_lr": True, "shift_voxels": 1, "gain": 0.08, "noise_max": 0.04},
+    "batch_size": 4,
+    "iterations": 800,
+    "lr": 2e-3,
+    "weight_decay": 1e-4,
+    "loss_weights": {"dice": 1.0, "bce": 1.0, "ce": 1.0, "atrophy": 2.0},
+    "seed": 0,
+    "threads": 1,
+    "log_every": 25,
+    "max_minutes": None,
+    "weights_dtype": "float16",
+}
+
+
+# ---------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------
+def _oracle_item(args: tuple[int, str, str, tuple, float, tuple, str]) -> dict[str, Any]:
+    """One synthetic subject in model units with its exact lesion mask and atrophy (pool worker)."""
+    from CounterfactualGenLib.evaluation.oracle import to_model_units
+    from CounterfactualGenLib.synth import make_subject, random_spec
+
+    seed, lesion_class, diagnosis, shape, spacing, center, contrast = args
+    spec = random_spec(seed, lesion_class=lesion_class, diagnosis=diagnosis, contrast=contrast)
+    subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
+    return {"image": to_model_units(subj.image.array, subj.brain_mask).astype(np.float16),
+            "lesion": subj.lesion_mask.astype(np.uint8), "lesion_ml": float(subj.attributes["lesion_ml"]),
+            "diagnosis": DIAGNOSIS_CLASSES.index(subj.attributes["diagnosis"]),
+            "atrophy": float(subj.attributes["atrophy"])}
+
+
+def synthetic_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers: int,
+                   cache: Path | None) -> dict[str, np.ndarray]:
+    """Subjects balanced over the 4 lesion-load classes × 3 diagnoses, made once in parallel and cached."""
+    if cache is not None and cache.exists():
+        data = np.load(cache)
+        if len(data["diagnosis"]) >= size and tuple(data["images"].shape[1:]) == tuple(grid.shape):
+            return {k: data[k][:size] for k in data.files}
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    lesion_classes = ("none", "minimal", "moderate", "high")
+    rng = random.Random(seed)
+    jobs = [(rng.randrange(2**31), lesion_classes[i % 4], DIAGNOSIS_CLASSES[(i // 4) % 3], tuple(grid.shape),
+             grid.spacing_mm, tuple(grid.center_ras), contrast) for i in range(size)]
+    if workers <= 1:  # in-process: one core, and works when this file is imported by path (tests)
+        items = [_oracle_item(j) for j in tqdm(jobs, desc="synthesise", file=sys.stderr, mininterval=10.0)]
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            items = list(tqdm(ex.map(_oracle_item, jobs, chunksize=4), total=size, desc="synthesise",
+                              file=sys.stderr, mininterval=10.0))
+    pool = {"images": np.stack([i["image"] for i in items]), "lesion": np.stack([i["lesion"] for i in items]),
+            "lesion_ml": np.array([i["lesion_ml"] for i in items]),
+            "diagnosis": np.array([i["diagnosis"] for i in items], np.int64),
+            "atrophy": np.array([i["atrophy"] for i in items], np.float32)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(".partial-" + cache.name)
+        with open(tmp, "wb") as f:
+            np.savez(f, **pool)
+        os.replace(tmp, cache)
+    return pool
+
+
+def augment(img: torch.Tensor, seg: torch.Tensor, cfg: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right flips, ±1-voxel shifts, a gain on (x+1) and Gaussian noise (generated images are not engine-clean)."""
+    a = cfg["augment"]
+    b = img.shape[0]
+    if a.get("flip_lr"):
+        flip = torch.rand(b, generator=gen) < 0.5
+        img[flip] = img[flip].flip(2)
+        seg[flip] = seg[flip].flip(2)
+    k = int(a.get("shift_voxels", 0))
+    if k:
+        for i in range(b):
+            s = [int(v) for v in torch.randint(-k, k + 1, (3,), generator=gen)]
+            img[i] = torch.roll(img[i], s, dims=(1, 2, 3))
+            seg[i] = torch.roll(seg[i], s, dims=(1, 2, 3))
+    g = 1.0 + a.get("gain", 0.0) * (2 * torch.rand(b, 1, 1, 1, 1, generator=gen) - 1)
+    img = (img + 1.0) * g - 1.0
+    sigma = a.get("noise_max", 0.0) * torch.rand(b, 1, 1, 1, 1, generator=gen)
+    img = img + sigma * torch.randn(img.shape, generator=gen)
+    return img, seg
+
+
+def soft_dice_loss(logit: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Batch soft Dice loss (Milletari et al. 2016, V-Net), pooled over the batch so lesion-free subjects count."""
+    p = torch.sigmoid(logit)
+    inter = (p * target).sum()
+    return 1.0 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
+
+
+# ---------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------
+def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Lesion-ml MAE, Dice (subjects with lesions), lesion-class and diagnosis accuracy on held-out subjects."""
+    from CounterfactualGenLib.evaluation.metrics import dice, lesion_class_of_ml
+
+    oracle.net.eval()
+    pred = oracle.predict(pool["images"].astype(np.float32), batch_size=8)
+    true_ml = pool["lesion_ml"]
+    err = np.abs(pred["lesion_ml"] - true_ml)
+    dices = [dice(pred["lesion_prob"][i] > 0.5, pool["lesion"][i] > 0) for i in range(len(true_ml)) if true_ml[i] > 0]
+    true_dx = [DIAGNOSIS_CLASSES[int(k)] for k in pool["diagnosis"]]
+    dx_acc = float(np.mean([a == b for a, b in zip(pred["diagnosis"], true_dx)]))
+    cls_true = [lesion_class_of_ml(v) for v in true_ml]
+    cls_pred = [lesion_class_of_ml(v) for v in pred["lesion_ml"]]
+    confusion = np.zeros((3, 3), int)
+    for t, p in zip(true_dx, pred["diagnosis"]):
+        confusion[DIAGNOSIS_CLASSES.index(t), DIAGNOSIS_CLASSES.index(p)] += 1
+    per_class_mae = {c: round(float(err[[k == c for k in cls_true]].mean()), 3)
+                     for c in ("none", "minimal", "moderate", "high") if c in cls_true}
+    corr = float(np.corrcoef(pred["lesion_ml"], true_ml)[0, 1]) if true_ml.std() > 0 else float("nan")
+    return {"n_subjects": int(len(true_ml)), "lesion_ml_mae": round(float(err.mean()), 3),
+            "lesion_ml_mae_by_class": per_class_mae, "lesion_ml_pearson_r": round(corr, 4),
+            "dice_mean": round(float(np.mean(dices)), 4) if dices else None, "dice_n": len(dices),
+            "lesion_class_accuracy": round(float(np.mean([a == b for a, b in zip(cls_true, cls_pred)])), 4),
+            "diagnosis_accuracy": round(dx_acc, 4), "diagnosis_confusion_rows_true_cols_pred": confusion.tolist(),
+            "atrophy_mae": round(float(np.abs(pred["atrophy"] - pool["atrophy"]).mean()), 4)}
+
+
+# ---------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------
+def oracle_card(spec: OracleSpec, summary: dict, cfg: dict) -> str:
+    m = spec.metrics
+    return f"""# Evaluation oracle `{spec.id}`
+
+A small 3D CNN that reads **lesion volume** (segmentation head) and **atrophy class
+CN / MCI / AD** (classification head) from a {spec.contrast} image on the
+{list(spec.grid.shape)} × {spec.grid.spacing_mm} mm model grid, in model intensity units
+(background −1, brain p99.5 +1). It judges generated counterfactuals (`counterfactualgen
+evaluate`); it is a measuring instrument for *synthetic* images, not a clinical tool.
+
+| | |
+|---|---|
+| architecture | U-Net, channels {spec.architecture['channels']}, {summary['parameters']:,} parameters |
+| training data | {cfg['data']['train_subjects']} synthetic subjects (engine `counterfactualgen-synth-1`: MNI ICBM152 2009a anatomy, real MS lesion masks (Lesjak et al. 2018), atrophy), balanced over 4 lesion classes × 3 diagnoses |
+| validation data | {m.get('n_subjects')} held-out synthetic subjects (other seeds) |
+| training | {summary['iterations']} iterations × batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (cosine), loss Dice + BCE (lesions) + CE (diagnosis) + MSE (atrophy level) |
+| hardware / time | {summary['hardware']}, {summary['train_minutes']:.1f} min (+ {summary['pool_minutes']:.1f} min making subjects) |
+
+## Validation (held-out synthetic subjects)
+| metric | value |
+|---|---|
+| lesion volume MAE (ml) | {m.get('lesion_ml_mae')} (by true class: {m.get('lesion_ml_mae_by_class')}) |
+| lesion volume Pearson r | {m.get('lesion_ml_pearson_r')} |
+| Dice at p > 0.5 (subjects with lesions, n={m.get('dice_n')}) | {m.get('dice_mean')} |
+| lesion-class accuracy (none 0 / minimal ≤ 5 / moderate ≤ 15 / high > 15 ml) | {m.get('lesion_class_accuracy')} |
+| diagnosis accuracy (CN/MCI/AD; chance 0.33) | {m.get('diagnosis_accuracy')} |
+| confusion (rows true CN/MCI/AD, cols predicted) | {m.get('diagnosis_confusion_rows_true_cols_pred')} |
+| atrophy-level MAE | {m.get('atrophy_mae')} |
+
+Caveats: trained on engine images only. Generated images differ (smoother, other
+artefacts); flips, shifts, gain and noise augmentation narrow but do not close that gap.
+MCI vs its neighbours is the hardest call (atrophy levels 0.35–0.65 vs CN ≤ 0.15 and AD ≥ 0.85,
+a ventricle change of about one 5 mm voxel).
+
+Reproduce: `nice -n 10 env OMP_NUM_THREADS=1 python Training/train_oracle.py --config {summary['config_path']} --out runs/{spec.id}`
+"""
+
+
+def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    torch.manual_seed(cfg["seed"])
+    grid = ModelGrid.from_dict(cfg["grid"])
+    out.mkdir(parents=True, exist_ok=True)
+    shape_tag = "x".join(map(str, grid.shape))
+    t_pool = time.perf_counter()
+    workers = int(cfg["data"].get("pool_workers") or 1)
+    train_pool = synthetic_pool(grid, cfg["contrast"], cfg["seed"], int(cfg["data"]["train_subjects"]), workers,
+                                out / f"pool_train_{cfg['seed']}_{shape_tag}.npz")
+    val_pool = synthetic_pool(grid, cfg["contrast"], cfg["seed"] + 10_000, int(cfg["data"]["val_subjects"]), workers,
+                              out / f"pool_val_{cfg['seed']}_{shape_tag}.npz")
+    pool_minutes = (time.perf_counter() - t_pool) / 60
+    print(f"Pools: {len(train_pool['diagnosis'])} train, {len(val_pool['diagnosis'])} validation subjects "
+          f"({pool_minutes:.1f} min).", file=sys.stderr)
+
+    spec = OracleSpec(id=cfg["id"], grid=grid, architecture={**DEFAULT_ARCHITECTURE, **cfg["architecture"]},
+                      contrast=cfg["contrast"], description=cfg.get("description", ""))
+    oracle = Oracle(spec)
+    net = oracle.net.train()
+    n_params = oracle.parameter_count()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    iters = int(cfg["iterations"])
+    t_start = time.perf_counter()
+    budget_s = 60 * cfg["max_minutes"] if cfg.get("max_minutes") else None
+
+    def progress(s: int) -> float:  # cosine over whichever budget ends first: iterations or max_minutes
+        p = min(s, iters) / iters
+        if budget_s:
+            p = max(p, min(1.0, (time.perf_counter() - t_start) / budget_s))
+        return p
+
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.5 * (1 + math.cos(math.pi * progress(s))), 0.01))
+    w = cfg["loss_weights"]
+    gen = torch.Generator().manual_seed(cfg["seed"] * 31 + 7)
+    images = torch.from_numpy(train_pool["images"].astype(np.float32))
+    lesions = torch.from_numpy(train_pool["lesion"].astype(np.float32))
+    dx = torch.from_numpy(train_pool["diagnosis"])
+    atro = torch.from_numpy(train_pool["atrophy"])
+    n = len(dx)
+    logf = (out / "log.csv").open("w", newline="")
+    log = csv.writer(logf)
+    log.writerow(["step", "loss", "dice", "bce", "ce", "atrophy", "lr", "seconds"])
+    t0 = time.perf_counter()
+    deadline = t0 + 60 * cfg["max_minutes"] if cfg.get("max_minutes") else None
+    run = None
+    step = 0
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+    while step < iters:
+        if cursor + cfg["batch_size"] > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor:cursor + cfg["batch_size"]]
+        cursor += cfg["batch_size"]
+        x, y = augment(images[idx].clone()[:, None], lesions[idx].clone()[:, None], cfg, gen)
+        o = net(x)
+        l_dice = soft_dice_loss(o["lesion_logit"], y)
+        l_bce = F.binary_cross_entropy_with_logits(o["lesion_logit"], y)
+        l_ce = F.cross_entropy(o["diagnosis_logits"], dx[idx])
+        l_at = F.mse_loss(o["atrophy"], atro[idx])
+        loss = w["dice"] * l_dice + w["bce"] * l_bce + w["ce"] * l_ce + w["atrophy"] * l_at
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        parts = [float(v.detach()) for v in (loss, l_dice, l_bce, l_ce, l_at)]
+        run = parts if run is None else [0.95 * a + 0.05 * b for a, b in zip(run, parts)]
+        if step % cfg["log_every"] == 0 or step == iters:
+            el = time.perf_counter() - t0
+            log.writerow([step] + [f"{v:.4f}" for v in run] + [f"{sched.get_last_lr()[0]:.2e}", f"{el:.1f}"])
+            logf.flush()
+            print(f"step {step}/{iters} loss {run[0]:.4f} (dice {run[1]:.3f} bce {run[2]:.4f} ce {run[3]:.3f} "
+                  f"atrophy {run[4]:.4f}) {el / step:.2f} s/step", file=sys.stderr, flush=True)
+        if deadline and time.perf_counter() > deadline:
+            print(f"Stopping at step {step}: max_minutes reached.", file=sys.stderr)
+            break
+    logf.close()
+    minutes = (time.perf_counter() - t0) / 60
+    oracle.net.eval()
+    metrics = validate(oracle, val_pool)
+    summary = {"iterations": step, "batch_size": cfg["batch_size"], "parameters": n_params,
+               "train_minutes": round(minutes, 2), "pool_minutes": round(pool_minutes, 2),
+               "final_loss": round(run[0], 4) if run else None, "config_path": config_path,
+               "train_subjects": int(n), "val_subjects": int(len(val_pool["diagnosis"])),
+               "hardware": f"{platform.processor() or platform.machine() or 'CPU'}, "
+                           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
+               "data": "synthetic engine counterfactualgen-synth-1, random_spec, balanced classes"}
+    spec.training = {**summary, "config": cfg}
+    spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
+    dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
+    folder = save_oracle(oracle, out / "oracle", dtype=dtype, card=oracle_card(spec, summary, cfg), overwrite=True)
+    print(json.dumps(metrics, indent=1), file=sys.stderr)
+    print(f"Wrote oracle to {folder} ({minutes:.1f} min training).", file=sys.stderr)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="JSON config (see Training/configs/oracle_5mm.json)")
+    ap.add_argument("--out", required=True, help="run folder (subject pools, log, final oracle)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a config value, e.g. --set iterations=10")
+    args = ap.parse_args(argv)
+    cfg = copy.deepcopy(DEFAULTS)
+    for k, v in json.loads(Path(args.config).read_text()).items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        cfg[k] = json.loads(v)
+    train(cfg, Path(args.out), config_path=args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
