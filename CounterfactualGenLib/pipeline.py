@@ -156,7 +156,7 @@ def _timesteps(model: DiffusionModel, steps: int):
     sched = model.spec.schedule
     shift = sched.get("shift")
     if shift is None:
-        shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[1:])), int(sched.get("base_numel", 32**3)))
+        shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[2:])), int(sched.get("base_numel", 32**3)))
     return rflow_timesteps(steps, shift=float(shift))
 
 

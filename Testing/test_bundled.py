@@ -117,7 +117,12 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
                           "diversity_pairwise_ms_ssim": {"value": 0.5}}}
     (ev / "report.json").write_text(json.dumps(report))
     (ev / "report.md").write_text("# Counterfactual evaluation\n\n| metric | value |\n|---|---|\n| x | 0.25 |\n")
-    dest = mod.install(src, evaluation=ev, default=True, expected={"demo, 2-core CPU": "1 s"})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{mod.README_BEGIN}\nold\n{mod.README_END}\n\nrest\n")
+    dest = mod.install(src, evaluation=ev, default=True, expected={"demo, 2-core CPU": "1 s"}, readme=readme)
+    text = readme.read_text()
+    assert "old" not in text and "| text alignment: lesion load / CN-MCI-AD / all | 25 % / 50 % / 40 % |" in text
+    assert text.endswith("\n\nrest\n") and report["command"] in text
     m = load_model(dest)
     assert m.spec.metrics["alignment_lesion"] == 0.25 and m.spec.metrics["command"] == report["command"]
     card = (dest / "MODEL_CARD.md").read_text()
@@ -129,6 +134,6 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
     report["model"]["id"] = "another"
     (ev / "report.json").write_text(json.dumps(report))
     with pytest.raises(Exception, match="another"):
-        mod.install(src, evaluation=ev, default=True, expected={})
+        mod.install(src, evaluation=ev, default=True, expected={}, readme=readme)
     assert json.loads((dest / "model.json").read_text())["metrics"]["alignment_lesion"] == 0.25
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched

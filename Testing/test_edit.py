@@ -158,7 +158,8 @@ def tiny_oracle(tmp_path_factory):
 
     torch.manual_seed(3)
     spec = OracleSpec(id="tiny-oracle", grid=ModelGrid((12, 14, 12), 10.0, (0.0, -18.0, 8.0)),
-                      architecture={"channels": [4, 8], "head_hidden": 8, "norm_groups": 4})
+                      architecture={"channels": [4, 8], "head_hidden": 8, "norm_groups": 4,
+                                    "volume_head": False})
     oracle = Oracle(spec)
     with torch.no_grad():
         oracle.net.seg.bias.fill_(0.0)  # a random map of p ≈ 0.5, so volumes are far from 0

@@ -38,7 +38,10 @@ def test_predict_shapes_and_lesion_ml_is_sum_of_probabilities():
     assert len(out["diagnosis"]) == 3 and set(out["diagnosis"]) <= {"CN", "MCI", "AD"}
     assert out["features"].shape == (3, oracle.n_features)
     voxel_ml = 8.0**3 / 1000
-    assert np.allclose(out["lesion_ml"], out["lesion_prob"].reshape(3, -1).sum(1) * voxel_ml, rtol=1e-5)
+    assert np.allclose(out["lesion_ml_seg"], out["lesion_prob"].reshape(3, -1).sum(1) * voxel_ml, rtol=1e-5)
+    assert (out["lesion_ml"] >= 0).all() and not np.allclose(out["lesion_ml"], out["lesion_ml_seg"])  # volume head
+    no_head = Oracle(OracleSpec(id="t", grid=GRID, architecture={**SMALL, "volume_head": False})).predict(_images(2))
+    assert np.array_equal(no_head["lesion_ml"], no_head["lesion_ml_seg"])  # without the head: the segmentation sum
     assert oracle.predict(_images(1)[0])["lesion_prob"].shape == (1, *GRID.shape)  # a single volume is accepted
 
 

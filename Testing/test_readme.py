@@ -31,3 +31,29 @@ def test_licence_and_notice_exist():
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     notice = (ROOT / "NOTICE").read_text()
     assert "Lesjak" in notice and "CC-BY" in notice
+
+
+def test_readme_has_no_unfilled_placeholders():
+    text = (ROOT / "README.md").read_text()
+    leftovers = re.findall(r"\b[A-Z]+(?:_[A-Z]+)+\b", text)
+    assert not [w for w in leftovers if w not in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS")], leftovers
+
+
+def test_readme_numbers_are_the_bundled_models_recorded_metrics():
+    """The numbers table is exactly what the bundled model's spec records (from `counterfactualgen evaluate`)."""
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("install_model", ROOT / "Training" / "install_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["install_model"] = mod
+    spec.loader.exec_module(mod)
+    from CounterfactualGenLib.models import registry, resolve_model
+
+    folder = resolve_model(None)
+    metrics = json.loads((folder / "model.json").read_text())["metrics"]
+    entry = next(e for e in registry() if e["path"] == folder.name)
+    table = mod.numbers_table(entry["id"], metrics, entry.get("expected_time") or {})
+    text = (ROOT / "README.md").read_text()
+    assert f"{mod.README_BEGIN}\n{table}\n{mod.README_END}" in text

@@ -61,6 +61,52 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{100 * float(v):.0f} %"
+
+
+def _num(v: Any, nd: int = 3) -> str:
+    return "—" if v is None else f"{float(v):.{nd}f}"
+
+
+def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[str, str]) -> str:
+    """The README's numbers table, made from the bundled model's recorded metrics (a test keeps them equal)."""
+    m = metrics
+    rows = [
+        ("lesion-load series monotone, oracle ml minimal < moderate < high", _pct(m["lesion_monotone_fraction"]),
+         f"of {m['n_seeds']} seeds (with *none* in front: {_pct(m['lesion_monotone_with_none_fraction'])})"),
+        ("text alignment: lesion load / CN-MCI-AD / all", f"{_pct(m['alignment_lesion'])} / "
+         f"{_pct(m['alignment_diagnosis'])} / {_pct(m['alignment_overall'])}", "oracle class = prompt class; chance 25 % / 33 %"),
+        ("subject MS-SSIM within a series (lesion / diagnosis)", f"{_num(m['subject_ms_ssim_lesion'])} / "
+         f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise; Imagining Alternatives WDM (MS): 0.968"),
+        ("diversity across seeds (pairwise MS-SSIM, lower = more diverse)", _num(m["diversity_pairwise_ms_ssim"]), ""),
+    ]
+    e = m.get("edits")
+    if e:
+        f, fm, a = e["fill"], e["fill_with_mask"], e["add"]
+        rows += [
+            ("lesion filling vs exact twin: PSNR in brain (unedited input)",
+             f"{_num(f['psnr_db'], 2)} dB ({_num(f['baseline_psnr_db'], 2)} dB)", f"{e['n_subjects']} held-out subjects"),
+            ("lesion filling with the lesion mask: PSNR (unedited) / Dice of removed voxels",
+             f"{_num(fm['psnr_db'], 2)} dB ({_num(fm['baseline_psnr_db'], 2)} dB) / {_num(fm['dice_removed_vs_true'])}", ""),
+            ("lesion volume error vs exact twin (oracle): filling / addition",
+             f"{_num(f['oracle_ml_error_vs_twin'], 2)} ml / {_num(a['oracle_ml_error_vs_twin'], 2)} ml", ""),
+            ("effectiveness (oracle class after edit = target): filling / addition",
+             f"{_pct(f['effectiveness'])} / {_pct(a['effectiveness'])}", "Monteiro et al. axiom"),
+            ("composition L1, m = " + ", ".join(e["composition_l1"]) + " null edits; reversibility L1",
+             ", ".join(_num(v, 4) for v in e["composition_l1"].values()) + f"; {_num(e['reversibility_l1'], 4)}",
+             "brain, model units (range 2); 0 = perfect"),
+            ("voxels outside the brain bit-identical to the input", _pct(f["outside_brain_bit_identical"]), "every edit"),
+            ("edit time (model grid, registration skipped)", f"{_num(e['seconds_per_edit'], 2)} s", "2-core CPU"),
+        ]
+    for k, v in expected_time.items():
+        rows.append((f"wall time: {k}", v, ""))
+    lines = [f"Model `{model_id}`, {m['n_seeds']} seeds, {m['steps']} steps, guidance {m['guidance']}, oracle "
+             f"`{m['oracle']}`. Recompute: `{m['command']}`.", "",
+             "| measure | value | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
 def card_section(report: dict[str, Any], markdown: str) -> str:
     """The measured section appended to the model card: the report's Markdown, minus its title."""
     body = markdown.split("\n", 1)[1] if markdown.startswith("# ") else markdown
@@ -101,6 +147,22 @@ def _copy_atomic(src: Path, dest: Path) -> None:
         raise
 
 
+README_BEGIN = "<!-- numbers:begin (written by Training/install_model.py --default; Testing/test_readme.py checks it) -->"
+README_END = "<!-- numbers:end -->"
+
+
+def write_readme_numbers(readme: Path, table: str) -> None:
+    """Replace the README's numbers block (between the two markers) with ``table``."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise InputError(f"{readme} has no numbers block ({README_BEGIN} … {README_END}).")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    tmp = readme.with_name(".partial-" + readme.name)
+    tmp.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+    os.replace(tmp, readme)
+
+
 def _write_registry(entry: dict[str, Any], default: bool) -> Path:
     path = RESOURCES / "Models.json"
     data = json.loads(path.read_text()) if path.exists() else {"format": "counterfactualgen-registry", "models": []}
@@ -114,7 +176,7 @@ def _write_registry(entry: dict[str, Any], default: bool) -> Path:
 
 
 def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict[str, str],
-            oracle_name: str = "oracle-5mm") -> Path:
+            oracle_name: str = "oracle-5mm", readme: Path | None = ROOT / "README.md") -> Path:
     if (src / "oracle.json").exists():
         from CounterfactualGenLib.evaluation.oracle import load_oracle
 
@@ -159,6 +221,8 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
              "grid": model.spec.grid.to_dict(), "text_encoder": model.spec.text_encoder["id"],
              "licence": model.spec.licence, "files": files, "expected_time": expected}
     _write_registry(entry, default=default)
+    if default and spec.get("metrics", {}).get("command") and readme is not None:
+        write_readme_numbers(readme, numbers_table(model.id, spec["metrics"], expected))
     return dest
 
 

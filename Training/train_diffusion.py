@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "weights_dtype": "float16",
     "denoiser_overrides": None,
     "autoencoder_path": None,
+    "threads": None,
 }
 
 
@@ -354,6 +355,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     from CounterfactualGenLib.volume import Volume
 
     rank, world, device = ddp_setup()
+    if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
+        torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"] + rank)
     encoder = load_encoder(cfg)
     model = build_model(cfg, encoder.dim)
@@ -361,7 +364,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     if model.autoencoder is not None:
         model.autoencoder.to(device)
     spec = model.spec
-    shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[1:])), int(spec.schedule.get("base_numel", 32**3)))
+    shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[2:])), int(spec.schedule.get("base_numel", 32**3)))
     spec.schedule["shift"] = float(shift)
     ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else net

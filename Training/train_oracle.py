@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "iterations": 800,
     "lr": 2e-3,
     "weight_decay": 1e-4,
-    "loss_weights": {"dice": 1.0, "bce": 1.0, "ce": 1.0, "atrophy": 2.0},
+    "loss_weights": {"dice": 1.0, "bce": 1.0, "ce": 1.0, "atrophy": 2.0, "volume": 1.0},
     "seed": 0,
     "threads": 1,
     "log_every": 25,
@@ -159,6 +159,7 @@ def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
     true_ml = pool["lesion_ml"]
     err = np.abs(pred["lesion_ml"] - true_ml)
     dices = [dice(pred["lesion_prob"][i] > 0.5, pool["lesion"][i] > 0) for i in range(len(true_ml)) if true_ml[i] > 0]
+    seg_err = np.abs(pred["lesion_ml_seg"] - true_ml)
     true_dx = [DIAGNOSIS_CLASSES[int(k)] for k in pool["diagnosis"]]
     dx_acc = float(np.mean([a == b for a, b in zip(pred["diagnosis"], true_dx)]))
     cls_true = [lesion_class_of_ml(v) for v in true_ml]
@@ -171,6 +172,8 @@ def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
     corr = float(np.corrcoef(pred["lesion_ml"], true_ml)[0, 1]) if true_ml.std() > 0 else float("nan")
     return {"n_subjects": int(len(true_ml)), "lesion_ml_mae": round(float(err.mean()), 3),
             "lesion_ml_mae_by_class": per_class_mae, "lesion_ml_pearson_r": round(corr, 4),
+            "lesion_ml_source": "volume head" if oracle.net.volume_head else "segmentation sum",
+            "lesion_ml_seg_mae": round(float(seg_err.mean()), 3),
             "dice_mean": round(float(np.mean(dices)), 4) if dices else None, "dice_n": len(dices),
             "lesion_class_accuracy": round(float(np.mean([a == b for a, b in zip(cls_true, cls_pred)])), 4),
             "diagnosis_accuracy": round(dx_acc, 4), "diagnosis_confusion_rows_true_cols_pred": confusion.tolist(),
@@ -195,13 +198,14 @@ evaluate`); it is a measuring instrument for *synthetic* images, not a clinical 
 | architecture | U-Net, channels {spec.architecture['channels']}, {summary['parameters']:,} parameters |
 | training data | {cfg['data']['train_subjects']} synthetic subjects (engine `counterfactualgen-synth-1`: MNI ICBM152 2009a anatomy, real MS lesion masks (Lesjak et al. 2018), atrophy), balanced over 4 lesion classes × 3 diagnoses |
 | validation data | {m.get('n_subjects')} held-out synthetic subjects (other seeds) |
-| training | {summary['iterations']} iterations × batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (cosine), loss Dice + BCE (lesions) + CE (diagnosis) + MSE (atrophy level) |
+| training | {summary['iterations']} iterations × batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (cosine), loss Dice + BCE (lesions) + CE (diagnosis) + MSE (atrophy level) + MSE (log(1 + lesion ml)) |
 | hardware / time | {summary['hardware']}, {summary['train_minutes']:.1f} min (+ {summary['pool_minutes']:.1f} min making subjects) |
 
 ## Validation (held-out synthetic subjects)
 | metric | value |
 |---|---|
-| lesion volume MAE (ml) | {m.get('lesion_ml_mae')} (by true class: {m.get('lesion_ml_mae_by_class')}) |
+| lesion volume MAE (ml), {m.get('lesion_ml_source')} | {m.get('lesion_ml_mae')} (by true class: {m.get('lesion_ml_mae_by_class')}) |
+| lesion volume MAE (ml), sum of segmentation probabilities | {m.get('lesion_ml_seg_mae')} |
 | lesion volume Pearson r | {m.get('lesion_ml_pearson_r')} |
 | Dice at p > 0.5 (subjects with lesions, n={m.get('dice_n')}) | {m.get('dice_mean')} |
 | lesion-class accuracy (none 0 / minimal ≤ 5 / moderate ≤ 15 / high > 15 ml) | {m.get('lesion_class_accuracy')} |
@@ -256,6 +260,7 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     gen = torch.Generator().manual_seed(cfg["seed"] * 31 + 7)
     images = torch.from_numpy(train_pool["images"].astype(np.float32))
     lesions = torch.from_numpy(train_pool["lesion"].astype(np.float32))
+    log_ml = torch.from_numpy(np.log1p(train_pool["lesion_ml"]).astype(np.float32))
     dx = torch.from_numpy(train_pool["diagnosis"])
     atro = torch.from_numpy(train_pool["atrophy"])
     n = len(dx)
@@ -280,6 +285,8 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
         l_ce = F.cross_entropy(o["diagnosis_logits"], dx[idx])
         l_at = F.mse_loss(o["atrophy"], atro[idx])
         loss = w["dice"] * l_dice + w["bce"] * l_bce + w["ce"] * l_ce + w["atrophy"] * l_at
+        if "lesion_log_ml" in o:  # flips/shifts keep the volume, gain/noise do not change the truth
+            loss = loss + w.get("volume", 1.0) * F.mse_loss(o["lesion_log_ml"], log_ml[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

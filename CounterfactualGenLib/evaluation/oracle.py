@@ -62,8 +62,12 @@ ORACLE_FORMAT = "counterfactualgen-oracle"
 ORACLE_FORMAT_VERSION = 1
 DIAGNOSIS_CLASSES = ("CN", "MCI", "AD")
 #: A 4-level U-Net, 8→64 channels: ~0.3 M parameters, trains on one CPU core in minutes at 5 mm.
+#: ``volume_head``: the lesion volume is also regressed (log(1 + ml)) from the pooled features.
+#: On a 5 mm grid most lesions are sub-voxel, and a sum of segmentation probabilities drifts by
+#: several ml on lesion-free brains (measured: 5.4 ml MAE on "none" subjects, 800 iterations);
+#: the regressed volume is the oracle's ``lesion_ml`` when the head exists.
 DEFAULT_ARCHITECTURE: dict[str, Any] = {"kind": "unet3d-dual-head", "channels": [8, 16, 32, 64], "head_hidden": 32,
-                                        "dropout": 0.1, "norm_groups": 4}
+                                        "dropout": 0.1, "norm_groups": 4, "volume_head": True}
 
 
 @dataclass
@@ -97,7 +101,8 @@ class OracleSpec:
         return {"format": ORACLE_FORMAT, "format_version": ORACLE_FORMAT_VERSION, "id": self.id,
                 "description": self.description, "contrast": self.contrast, "grid": self.grid.to_dict(),
                 "intensity": self.intensity, "architecture": self.architecture, "classes": list(self.classes),
-                "outputs": {"lesion_prob": "sigmoid per voxel", "lesion_ml": "sum(lesion_prob) * voxel_ml",
+                "outputs": {"lesion_prob": "sigmoid per voxel", "lesion_ml_seg": "sum(lesion_prob) * voxel_ml",
+                            "lesion_ml": "expm1 of the regressed log(1 + ml) with a volume head, else lesion_ml_seg",
                             "diagnosis_probs": "softmax over classes", "atrophy": "regressed level in [0, 1]",
                             "features": "global average pool of the two deepest encoder levels"},
                 "training": self.training, "metrics": self.metrics, "licence": self.licence, "files": self.files}
@@ -110,7 +115,9 @@ class OracleSpec:
             raise ModelError(f"This oracle uses format version {d.get('format_version')}, newer than this software "
                              f"supports ({ORACLE_FORMAT_VERSION}). Update CounterfactualGen.")
         try:
-            return cls(id=str(d["id"]), grid=ModelGrid.from_dict(d["grid"]), architecture=dict(d["architecture"]),
+            # Oracles saved before the volume head existed have no "volume_head" key: they had none.
+            return cls(id=str(d["id"]), grid=ModelGrid.from_dict(d["grid"]),
+                       architecture={"volume_head": False, **dict(d["architecture"])},
                        classes=list(d.get("classes") or DIAGNOSIS_CLASSES), contrast=str(d.get("contrast", "FLAIR")),
                        intensity=dict(d.get("intensity") or {}), description=str(d.get("description", "")),
                        licence=str(d.get("licence", "")), training=dict(d.get("training") or {}),
@@ -156,8 +163,10 @@ def build_oracle_net(architecture: Mapping[str, Any] | None = None):
             self.seg = nn.Conv3d(ch[0], 1, 1)
             self.n_features = ch[-1] + ch[-2]
             hidden = int(cfg["head_hidden"])
+            self.volume_head = bool(cfg.get("volume_head", False))
             self.head = nn.Sequential(nn.Dropout(float(cfg["dropout"])), nn.Linear(self.n_features, hidden),
-                                      nn.LeakyReLU(0.1), nn.Linear(hidden, len(DIAGNOSIS_CLASSES) + 1))
+                                      nn.LeakyReLU(0.1),
+                                      nn.Linear(hidden, len(DIAGNOSIS_CLASSES) + 1 + int(self.volume_head)))
             # Start near the empty map: lesions are < 1 % of voxels.
             nn.init.constant_(self.seg.bias, -4.0)
 
@@ -180,8 +189,11 @@ def build_oracle_net(architecture: Mapping[str, Any] | None = None):
                 h = self.up[i](torch.cat([h, skips[i]], dim=1))
             logit = self.seg(h)[:, :, : size[0], : size[1], : size[2]]
             out = self.head(feats)
-            return {"lesion_logit": logit, "diagnosis_logits": out[:, : len(DIAGNOSIS_CLASSES)],
-                    "atrophy": out[:, -1], "features": feats}
+            k = len(DIAGNOSIS_CLASSES)
+            res = {"lesion_logit": logit, "diagnosis_logits": out[:, :k], "atrophy": out[:, k], "features": feats}
+            if self.volume_head:
+                res["lesion_log_ml"] = out[:, k + 1]
+            return res
 
     return OracleNet()
 
@@ -267,7 +279,8 @@ class Oracle:
             device: torch device string.
 
         Returns:
-            ``lesion_ml`` (N,), ``lesion_prob`` (N, *grid) float32, ``diagnosis_probs``
+            ``lesion_ml`` (N,) (regressed with a volume head, else ``lesion_ml_seg``),
+            ``lesion_ml_seg`` (N,) = Σ probability × voxel ml, ``lesion_prob`` (N, *grid) float32, ``diagnosis_probs``
             (N, 3), ``diagnosis`` list of N class names, ``atrophy`` (N,), ``features`` (N, F).
 
         Raises:
@@ -284,7 +297,7 @@ class Oracle:
         if not np.isfinite(x).all():
             raise InputError("The images given to the oracle contain NaN or infinite values.")
         self.net.to(device)
-        probs, dx, atro, feats = [], [], [], []
+        probs, dx, atro, feats, vol = [], [], [], [], []
         with torch.inference_mode():
             for i in range(0, len(x), max(1, int(batch_size))):
                 out = self.net(torch.from_numpy(x[i:i + batch_size])[:, None].to(device))
@@ -292,10 +305,14 @@ class Oracle:
                 dx.append(torch.softmax(out["diagnosis_logits"].float(), dim=1).cpu().numpy())
                 atro.append(out["atrophy"].float().cpu().numpy())
                 feats.append(out["features"].float().cpu().numpy())
+                if "lesion_log_ml" in out:
+                    vol.append(torch.expm1(out["lesion_log_ml"].float().clamp(min=0.0)).cpu().numpy())
         prob = np.concatenate(probs).astype(np.float32)
         dprobs = np.concatenate(dx)
+        seg_ml = prob.reshape(len(prob), -1).sum(axis=1, dtype=np.float64) * self.voxel_ml
         return {
-            "lesion_ml": prob.reshape(len(prob), -1).sum(axis=1, dtype=np.float64) * self.voxel_ml,
+            "lesion_ml": np.concatenate(vol).astype(np.float64) if vol else seg_ml,
+            "lesion_ml_seg": seg_ml,
             "lesion_prob": prob,
             "diagnosis_probs": dprobs,
             "diagnosis": [self.spec.classes[int(k)] for k in dprobs.argmax(axis=1)],
