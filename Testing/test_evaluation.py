@@ -289,6 +289,15 @@ def test_evaluate_quick_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "Imagining Alternatives" in md and "94.58" in md and rep["command"] in md
     assert not list(out.glob(".partial-*"))
+    # the sweeps and the exact-twin edits ran, and their sections are in the report
+    sw = r["sweep"]
+    assert [row["guidance"] for row in sw["guidance"]] == [1.0, 3.0] and [row["steps"] for row in sw["steps"]] == [2, 4]
+    e = r["edits"]
+    assert e["n_subjects"] == 1 and set(e["summary"]) >= {"fill", "fill_with_mask", "add", "composition_l1"}
+    assert set(e["summary"]["composition_l1"]) == {"1", "2"} and e["seconds_per_edit"] > 0
+    assert e["summary"]["fill"]["outside_brain_bit_identical"] == 1.0  # never touched outside the brain
+    assert "exact twins" in md and "Guidance and steps sweeps" in md and (out / "edits_best_worst.png").exists()
+    assert rep["peak_memory_mb"]["cpu_rss"] > 100
 
 
 # ---------------------------------------------------------------------------------

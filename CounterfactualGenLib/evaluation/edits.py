@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["EDIT_SIZES", "evaluate_edits", "held_out_pairs", "model_editor", "summarise_edits"]
+__all__ = ["EDIT_SIZES", "best_worst_montage", "evaluate_edits", "held_out_pairs", "model_editor", "summarise_edits"]
 
 #: Repeated null edits for the composition axiom (Monteiro et al. use m = 1, 2, 10).
 EDIT_SIZES = (1, 2, 10)
@@ -129,6 +129,7 @@ def evaluate_edits(
         raise InputError("Evaluate edits on at least one subject.")
     emit = on_event or (lambda e: None)
     rows: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n_max = max([0, *composition_sizes])
@@ -158,6 +159,8 @@ def evaluate_edits(
         for name, lmask in (("fill", None), ("fill_with_mask", subj.lesion_mask)):
             res = run(name, scan, target=NONE_PROMPT, source=src, lesion_mask=lmask)
             cf = res.counterfactual.array
+            if name == "fill":
+                examples.append({"input": scan, "filled": res.counterfactual, "twin": clean})
             removed = res.change_labels.array == 2
             after = res.report.get("lesion_ml_after")
             row[name] = {**_comparison(cf, clean.array, scan.array, brain, u),
@@ -206,7 +209,35 @@ def evaluate_edits(
     return {"n_subjects": len(rows), "per_subject": rows, "summary": summarise_edits(rows),
             "seconds_per_edit_by_stage": stage, "seconds_per_edit": round(
                 sum(v for k, v in timings.items() if not k.startswith("stage:")) / n_edits, 4),
-            "n_edits": n_edits, "total_s": round(time.perf_counter() - t0, 3)}
+            "n_edits": n_edits, "total_s": round(time.perf_counter() - t0, 3), "_examples": examples}
+
+
+def best_worst_montage(result: dict[str, Any], path: Any) -> Any:
+    """PNG of the lesion-filling edits with the largest and smallest PSNR gain over doing nothing.
+
+    Rows: input, filled counterfactual, exact twin — for the best, then the worst subject.
+    Pops ``result["_examples"]`` (volumes are not JSON).
+    """
+    from ..overlay import montage_png
+
+    ex = result.pop("_examples", [])
+    if not ex:
+        return None
+    gain = []
+    for r in result["per_subject"]:
+        f = r["fill"]
+        g = f["psnr_db"] - f["baseline_psnr_db"]
+        gain.append(g if np.isfinite(g) else np.inf)
+    order = [int(np.argmax(gain)), int(np.argmin(gain))]
+    vols, labels = [], []
+    for tag, k in zip(("best", "worst"), order if len(ex) > 1 else order[:1]):
+        r = result["per_subject"][k]
+        for key, what in (("input", f"input ({r['lesion_class']}, {r['true_lesion_ml']} ml)"),
+                          ("filled", f"filled, PSNR {r['fill']['psnr_db']} dB vs twin"),
+                          ("twin", f"exact lesion-free twin (input: {r['fill']['baseline_psnr_db']} dB)")):
+            vols.append(ex[k][key])
+            labels.append(f"{tag}: {what} [SYNTHETIC]")
+    return montage_png(vols, labels, path)
 
 
 def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -66,6 +66,8 @@ DIAGNOSIS_CLASSES = ("CN", "MCI", "AD")
 #: On a 5 mm grid most lesions are sub-voxel, and a sum of segmentation probabilities drifts by
 #: several ml on lesion-free brains (measured: 5.4 ml MAE on "none" subjects, 800 iterations);
 #: the regressed volume is the oracle's ``lesion_ml`` when the head exists.
+#: The volume head predicts log(1 + ml) as LOG_ML_CENTER + LOG_ML_SCALE × output (targets 0 … 45 ml ↦ ≈ ±1.3).
+LOG_ML_CENTER, LOG_ML_SCALE = 1.75, 1.5
 DEFAULT_ARCHITECTURE: dict[str, Any] = {"kind": "unet3d-dual-head", "channels": [8, 16, 32, 64], "head_hidden": 32,
                                         "dropout": 0.1, "norm_groups": 4, "volume_head": True}
 
@@ -87,6 +89,7 @@ class OracleSpec:
     files: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.architecture = {**DEFAULT_ARCHITECTURE, **dict(self.architecture)}  # stored complete
         if self.architecture.get("kind", "unet3d-dual-head") != "unet3d-dual-head":
             raise ModelError(f"Unknown oracle architecture {self.architecture.get('kind')!r}; "
                              "expected 'unet3d-dual-head'. Update CounterfactualGen.")
@@ -163,10 +166,12 @@ def build_oracle_net(architecture: Mapping[str, Any] | None = None):
             self.seg = nn.Conv3d(ch[0], 1, 1)
             self.n_features = ch[-1] + ch[-2]
             hidden = int(cfg["head_hidden"])
-            self.volume_head = bool(cfg.get("volume_head", False))
             self.head = nn.Sequential(nn.Dropout(float(cfg["dropout"])), nn.Linear(self.n_features, hidden),
-                                      nn.LeakyReLU(0.1),
-                                      nn.Linear(hidden, len(DIAGNOSIS_CLASSES) + 1 + int(self.volume_head)))
+                                      nn.LeakyReLU(0.1), nn.Linear(hidden, len(DIAGNOSIS_CLASSES) + 1))
+            # Its own small MLP: sharing the diagnosis head's hidden layer stalled both (measured).
+            self.volume_head = bool(cfg.get("volume_head", False))
+            self.vol = nn.Sequential(nn.Linear(self.n_features, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, 1)) \
+                if self.volume_head else None
             # Start near the empty map: lesions are < 1 % of voxels.
             nn.init.constant_(self.seg.bias, -4.0)
 
@@ -191,8 +196,8 @@ def build_oracle_net(architecture: Mapping[str, Any] | None = None):
             out = self.head(feats)
             k = len(DIAGNOSIS_CLASSES)
             res = {"lesion_logit": logit, "diagnosis_logits": out[:, :k], "atrophy": out[:, k], "features": feats}
-            if self.volume_head:
-                res["lesion_log_ml"] = out[:, k + 1]
+            if self.vol is not None:  # standardised log(1 + ml): (y − LOG_ML_CENTER) / LOG_ML_SCALE
+                res["lesion_log_ml"] = self.vol(feats)[:, 0] * LOG_ML_SCALE + LOG_ML_CENTER
             return res
 
     return OracleNet()

@@ -337,7 +337,9 @@ def plot_report(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     sw = results.get("sweep")
-    fig, axes = plt.subplots(1, 3 if sw else 2, figsize=(15 if sw else 10, 4))
+    ed = results.get("edits")
+    n_panels = 2 + bool(sw) + bool(ed)
+    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4))
     ax = axes[0]
     xs = np.arange(len(LESION_SERIES))
     for r in results["per_seed"]:
@@ -379,6 +381,18 @@ def plot_report(results: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("text alignment (all prompts)")
         ax.set_title("trade-off: guidance s and steps n")
         ax.legend(fontsize=7)
+    if ed:
+        ax = axes[-1]
+        for x, task in enumerate(("fill", "fill_with_mask", "add")):
+            for r in ed["per_subject"]:
+                a, b = r[task]["baseline_psnr_db"], r[task]["psnr_db"]
+                b = b if np.isfinite(b) else a + 10
+                ax.plot([x - 0.15, x + 0.15], [a, b], color="grey", alpha=0.5)
+                ax.scatter([x - 0.15], [a], color="tab:red", s=12)
+                ax.scatter([x + 0.15], [b], color="tab:blue", s=12)
+        ax.set_xticks(range(3), ["fill", "fill + mask", "add"])
+        ax.set_ylabel("PSNR vs exact twin, brain (dB)")
+        ax.set_title("per subject: unedited (red) → edited (blue)")
     fig.suptitle("SYNTHETIC volumes: oracle readings of counterfactual series")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -452,7 +466,8 @@ def report_markdown(report: dict[str, Any]) -> str:
               "alignment we can measure) and 4 lesion classes (they used 3: minimal/moderate/high). "
               "PSNR/MS-SSIM are resolution-dependent and our FD is an oracle-feature FD, not FID: "
               "read the published rows as a target of the same kind, not as a like-for-like comparison.",
-              "", f"Timings (s): {json.dumps(r['timings_s'])}", ""]
+              "", f"Timings (s): {json.dumps(r['timings_s'])}; peak memory (MB): "
+              f"{json.dumps(report.get('peak_memory_mb') or {})}.", ""]
     if r.get("sweep"):
         sw = r["sweep"]
         lines += ["## Guidance and steps sweeps (Imagining Alternatives Table 2)", "",
@@ -499,6 +514,8 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
               "| " + " | ".join(_fmt(v) for v in comp.values()) + f" | {_fmt(sm.get('reversibility_l1'))} |", "",
               "Dice for lesion addition only measures chance overlap with the twin's lesions: a prompt does not say "
               "where lesions go.", ""]
+    if e.get("montage"):
+        lines += [f"![best and worst lesion filling]({e['montage']})", ""]
     return lines
 
 
@@ -509,8 +526,8 @@ def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     def clean(o: Any) -> Any:  # JSON has no inf/nan: write them as strings
         if isinstance(o, float) and not math.isfinite(o):
             return str(o)
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, dict):  # keys starting with "_" hold arrays/volumes for plots, not JSON
+            return {k: clean(v) for k, v in o.items() if not str(k).startswith("_")}
         if isinstance(o, (list, tuple)):
             return [clean(v) for v in o]
         return o
@@ -556,6 +573,17 @@ def _command_line(args: argparse.Namespace) -> str:
     if args.quick:
         parts.append("--quick")
     return " ".join(parts)
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (CPU) and, when CUDA was used, peak allocated GPU memory."""
+    import resource
+
+    out = {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
@@ -637,7 +665,13 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
                          "reference_subjects": n_ref if reference is not None else 0},
             "results": results,
             "total_s": round(time.perf_counter() - t0, 2),
+            "peak_memory_mb": _peak_memory_mb(),
         }
+        if results.get("edits"):
+            from .edits import best_worst_montage
+
+            if best_worst_montage(results["edits"], out.stage / "edits_best_worst.png"):
+                results["edits"]["montage"] = "edits_best_worst.png"
         write_report(report, out.stage)
         out.commit()
     except BaseException:
