@@ -265,6 +265,13 @@ class EditResult:
     model_space: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+#: Registration QC (default of ``min_registration_correlation``): correlation inside the template brain
+#: after registration. Measured on the bundled clinical FLAIR (0.72×0.72×3 mm, with skull) against the
+#: 5 mm synthetic FLAIR template: 0.41 when aligned (the same transform, within 0.3 mm, as against a
+#: 2.5 mm template), 0.12 with a 10 mm shift, 0.19 with a 20° rotation, ≈ 0 for noise. Real-vs-synthetic
+#: FLAIR is not a linear intensity relation, so an aligned real scan stays well below 1.
+MIN_REGISTRATION_CORRELATION = 0.3
+
 #: Minimum |change| (model units, i.e. fraction of the brain's intensity range × 2) that counts as an edit;
 #: anything smaller is numerical noise and the voxel keeps its original value bit for bit.
 CHANGE_EPS = 0.02
@@ -293,7 +300,7 @@ def edit_scan(
     registration: str = "affine",
     attention_keep: float = 0.8,
     edit_word_weight: float = 1.0,
-    min_registration_correlation: float = 0.5,
+    min_registration_correlation: float = MIN_REGISTRATION_CORRELATION,
     oracle: Any | None = None,
     device: str = "auto",
     precision: str = "auto",

@@ -89,7 +89,7 @@ def test_edit_sample_scan_with_bundled_model_and_oracle(tmp_path):
                  "--out", str(out)]) == 0
     assert file_sha256(CLINICAL_FLAIR) == before
     rep = json.loads((out / "report.json").read_text())
-    assert rep["registration_score"] > 0.5
+    assert rep["registration_score"] > 0.35  # 0.41 measured when aligned; a 10 mm shift gives 0.12
     assert rep["oracle"] is not None and rep["lesion_ml_before"] is not None and rep["lesion_ml_after"] is not None
     assert rep["source_prompt_origin"] == "oracle reading of the scan"
 

@@ -39,7 +39,10 @@ def test_predict_shapes_and_lesion_ml_is_sum_of_probabilities():
     assert out["features"].shape == (3, oracle.n_features)
     voxel_ml = 8.0**3 / 1000
     assert np.allclose(out["lesion_ml_seg"], out["lesion_prob"].reshape(3, -1).sum(1) * voxel_ml, rtol=1e-5)
-    assert (out["lesion_ml"] >= 0).all() and not np.allclose(out["lesion_ml"], out["lesion_ml_seg"])  # volume head
+    assert np.array_equal(out["lesion_ml"], out["lesion_ml_seg"])  # lesion_ml_from="segmentation" (default)
+    assert out["lesion_ml_volume_head"].shape == (3,) and (out["lesion_ml_volume_head"] >= 0).all()
+    head = Oracle(OracleSpec(id="t", grid=GRID, architecture=SMALL, lesion_ml_from="volume_head"), net=oracle.net)
+    assert np.array_equal(head.predict(_images(3))["lesion_ml"], out["lesion_ml_volume_head"])
     no_head = Oracle(OracleSpec(id="t", grid=GRID, architecture={**SMALL, "volume_head": False})).predict(_images(2))
     assert np.array_equal(no_head["lesion_ml"], no_head["lesion_ml_seg"])  # without the head: the segmentation sum
     assert oracle.predict(_images(1)[0])["lesion_prob"].shape == (1, *GRID.shape)  # a single volume is accepted

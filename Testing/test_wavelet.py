@@ -62,7 +62,8 @@ def test_white_noise_stays_white():
 def test_constant_volume_has_only_low_band():
     y = haar_dwt3d(torch.ones(1, 1, 4, 4, 4))
     assert torch.allclose(y[:, 0], torch.full((1, 2, 2, 2), 8**0.5))
-    assert torch.count_nonzero(y[:, 1:]) == 0
+    # zero to float32 rounding (how exactly 0 depends on the conv kernel torch picks)
+    assert y[:, 1:].abs().max() < 1e-6
 
 
 def test_clear_errors():

@@ -160,6 +160,7 @@ def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
     err = np.abs(pred["lesion_ml"] - true_ml)
     dices = [dice(pred["lesion_prob"][i] > 0.5, pool["lesion"][i] > 0) for i in range(len(true_ml)) if true_ml[i] > 0]
     seg_err = np.abs(pred["lesion_ml_seg"] - true_ml)
+    head_err = np.abs(pred["lesion_ml_volume_head"] - true_ml) if "lesion_ml_volume_head" in pred else None
     true_dx = [DIAGNOSIS_CLASSES[int(k)] for k in pool["diagnosis"]]
     dx_acc = float(np.mean([a == b for a, b in zip(pred["diagnosis"], true_dx)]))
     cls_true = [lesion_class_of_ml(v) for v in true_ml]
@@ -172,12 +173,47 @@ def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
     corr = float(np.corrcoef(pred["lesion_ml"], true_ml)[0, 1]) if true_ml.std() > 0 else float("nan")
     return {"n_subjects": int(len(true_ml)), "lesion_ml_mae": round(float(err.mean()), 3),
             "lesion_ml_mae_by_class": per_class_mae, "lesion_ml_pearson_r": round(corr, 4),
-            "lesion_ml_source": "volume head" if oracle.net.volume_head else "segmentation sum",
+            "lesion_ml_source": oracle.spec.lesion_ml_from,
             "lesion_ml_seg_mae": round(float(seg_err.mean()), 3),
+            "lesion_ml_volume_head_mae": None if head_err is None else round(float(head_err.mean()), 3),
             "dice_mean": round(float(np.mean(dices)), 4) if dices else None, "dice_n": len(dices),
             "lesion_class_accuracy": round(float(np.mean([a == b for a, b in zip(cls_true, cls_pred)])), 4),
             "diagnosis_accuracy": round(dx_acc, 4), "diagnosis_confusion_rows_true_cols_pred": confusion.tolist(),
             "atrophy_mae": round(float(np.abs(pred["atrophy"] - pool["atrophy"]).mean()), 4)}
+
+
+def choose_lesion_estimate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Validate, keep the lesion-volume estimate (segmentation sum or volume head) with the lower MAE.
+
+    Measured on the held-out pool, so the choice is the oracle's own validation result.
+    """
+    oracle.spec.lesion_ml_from = "segmentation"
+    metrics = validate(oracle, pool)
+    head = metrics.get("lesion_ml_volume_head_mae")
+    if head is not None and head < metrics["lesion_ml_seg_mae"]:
+        oracle.spec.lesion_ml_from = "volume_head"
+        metrics = validate(oracle, pool)
+    return metrics
+
+
+def revalidate(folder: Path, run: Path) -> Path:
+    """Re-validate a trained oracle on its run's held-out pool and re-save it with the chosen estimate."""
+    from CounterfactualGenLib.evaluation.oracle import load_oracle
+
+    oracle = load_oracle(folder)
+    tag = "x".join(map(str, oracle.grid.shape))
+    seed = int(oracle.spec.training.get("config", {}).get("seed", 0))
+    val = np.load(run / f"pool_val_{seed}_{tag}.npz")
+    pool = {k: val[k] for k in val.files}
+    metrics = choose_lesion_estimate(oracle, pool)
+    oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
+    cfg = {**DEFAULTS, **oracle.spec.training.get("config", {})}
+    summary = {k: v for k, v in oracle.spec.training.items() if k != "config"}
+    import torch
+
+    out = save_oracle(oracle, folder, dtype=torch.float16, card=oracle_card(oracle.spec, summary, cfg), overwrite=True)
+    print(json.dumps(metrics, indent=1), file=sys.stderr)
+    return out
 
 
 # ---------------------------------------------------------------------------------
@@ -204,8 +240,8 @@ evaluate`); it is a measuring instrument for *synthetic* images, not a clinical 
 ## Validation (held-out synthetic subjects)
 | metric | value |
 |---|---|
-| lesion volume MAE (ml), {m.get('lesion_ml_source')} | {m.get('lesion_ml_mae')} (by true class: {m.get('lesion_ml_mae_by_class')}) |
-| lesion volume MAE (ml), sum of segmentation probabilities | {m.get('lesion_ml_seg_mae')} |
+| lesion volume MAE (ml), the estimate used (`{m.get('lesion_ml_source')}`) | {m.get('lesion_ml_mae')} (by true class: {m.get('lesion_ml_mae_by_class')}) |
+| lesion volume MAE (ml): sum of segmentation probabilities / volume head | {m.get('lesion_ml_seg_mae')} / {m.get('lesion_ml_volume_head_mae')} |
 | lesion volume Pearson r | {m.get('lesion_ml_pearson_r')} |
 | Dice at p > 0.5 (subjects with lesions, n={m.get('dice_n')}) | {m.get('dice_mean')} |
 | lesion-class accuracy (none 0 / minimal ≤ 5 / moderate ≤ 15 / high > 15 ml) | {m.get('lesion_class_accuracy')} |
@@ -307,7 +343,7 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     logf.close()
     minutes = (time.perf_counter() - t0) / 60
     oracle.net.eval()
-    metrics = validate(oracle, val_pool)
+    metrics = choose_lesion_estimate(oracle, val_pool)
     summary = {"iterations": step, "batch_size": cfg["batch_size"], "parameters": n_params,
                "train_minutes": round(minutes, 2), "pool_minutes": round(pool_minutes, 2),
                "final_loss": round(run[0], 4) if run else None, "config_path": config_path,
@@ -326,11 +362,18 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="JSON config (see Training/configs/oracle_5mm.json)")
+    ap.add_argument("--config", help="JSON config (see Training/configs/oracle_5mm.json)")
     ap.add_argument("--out", required=True, help="run folder (subject pools, log, final oracle)")
+    ap.add_argument("--revalidate", action="store_true",
+                    help="no training: re-validate OUT/oracle on OUT's held-out pool, choose the lesion estimate, re-save")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config value, e.g. --set iterations=10")
     args = ap.parse_args(argv)
+    if args.revalidate:
+        revalidate(Path(args.out) / "oracle", Path(args.out))
+        return 0
+    if not args.config:
+        ap.error("--config is required (except with --revalidate)")
     cfg = copy.deepcopy(DEFAULTS)
     for k, v in json.loads(Path(args.config).read_text()).items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v

@@ -87,8 +87,13 @@ class OracleSpec:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     files: list[dict[str, Any]] = field(default_factory=list)
+    #: Which estimate is ``lesion_ml``: "segmentation" (Σ p × voxel ml) or "volume_head" (regressed).
+    #: Training measures both on held-out subjects and keeps the better (``Training/train_oracle.py``).
+    lesion_ml_from: str = "segmentation"
 
     def __post_init__(self) -> None:
+        if self.lesion_ml_from not in ("segmentation", "volume_head"):
+            raise ModelError(f"lesion_ml_from must be 'segmentation' or 'volume_head'; got {self.lesion_ml_from!r}.")
         self.architecture = {**DEFAULT_ARCHITECTURE, **dict(self.architecture)}  # stored complete
         if self.architecture.get("kind", "unet3d-dual-head") != "unet3d-dual-head":
             raise ModelError(f"Unknown oracle architecture {self.architecture.get('kind')!r}; "
@@ -104,8 +109,10 @@ class OracleSpec:
         return {"format": ORACLE_FORMAT, "format_version": ORACLE_FORMAT_VERSION, "id": self.id,
                 "description": self.description, "contrast": self.contrast, "grid": self.grid.to_dict(),
                 "intensity": self.intensity, "architecture": self.architecture, "classes": list(self.classes),
+                "lesion_ml_from": self.lesion_ml_from,
                 "outputs": {"lesion_prob": "sigmoid per voxel", "lesion_ml_seg": "sum(lesion_prob) * voxel_ml",
-                            "lesion_ml": "expm1 of the regressed log(1 + ml) with a volume head, else lesion_ml_seg",
+                            "lesion_ml_volume_head": "expm1 of the regressed log(1 + ml) (volume head only)",
+                            "lesion_ml": f"the {self.lesion_ml_from} estimate (lesion_ml_from)",
                             "diagnosis_probs": "softmax over classes", "atrophy": "regressed level in [0, 1]",
                             "features": "global average pool of the two deepest encoder levels"},
                 "training": self.training, "metrics": self.metrics, "licence": self.licence, "files": self.files}
@@ -124,7 +131,8 @@ class OracleSpec:
                        classes=list(d.get("classes") or DIAGNOSIS_CLASSES), contrast=str(d.get("contrast", "FLAIR")),
                        intensity=dict(d.get("intensity") or {}), description=str(d.get("description", "")),
                        licence=str(d.get("licence", "")), training=dict(d.get("training") or {}),
-                       metrics=dict(d.get("metrics") or {}), files=list(d.get("files") or []))
+                       metrics=dict(d.get("metrics") or {}), files=list(d.get("files") or []),
+                       lesion_ml_from=str(d.get("lesion_ml_from", "segmentation")))
         except (KeyError, TypeError, ValueError, InputError) as exc:
             raise ModelError(f"The oracle spec is incomplete or malformed ({type(exc).__name__}: {exc}).") from None
 
@@ -284,7 +292,8 @@ class Oracle:
             device: torch device string.
 
         Returns:
-            ``lesion_ml`` (N,) (regressed with a volume head, else ``lesion_ml_seg``),
+            ``lesion_ml`` (N,) (``lesion_ml_seg`` or ``lesion_ml_volume_head``, as the spec's
+            ``lesion_ml_from`` says), ``lesion_ml_volume_head`` (N,) when the head exists,
             ``lesion_ml_seg`` (N,) = Σ probability × voxel ml, ``lesion_prob`` (N, *grid) float32, ``diagnosis_probs``
             (N, 3), ``diagnosis`` list of N class names, ``atrophy`` (N,), ``features`` (N, F).
 
@@ -316,8 +325,10 @@ class Oracle:
         dprobs = np.concatenate(dx)
         seg_ml = prob.reshape(len(prob), -1).sum(axis=1, dtype=np.float64) * self.voxel_ml
         return {
-            "lesion_ml": np.concatenate(vol).astype(np.float64) if vol else seg_ml,
+            "lesion_ml": np.concatenate(vol).astype(np.float64) if vol and self.spec.lesion_ml_from == "volume_head"
+            else seg_ml,
             "lesion_ml_seg": seg_ml,
+            **({"lesion_ml_volume_head": np.concatenate(vol).astype(np.float64)} if vol else {}),
             "lesion_prob": prob,
             "diagnosis_probs": dprobs,
             "diagnosis": [self.spec.classes[int(k)] for k in dprobs.argmax(axis=1)],
