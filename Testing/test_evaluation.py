@@ -361,3 +361,47 @@ def test_edits_of_an_identity_editor_score_the_baseline():
     assert row["fill"]["dice_removed_vs_true"] == 0.0 and row["composition_l1"] == {"1": 0.0}
     assert row["fill"]["oracle_class_after"] is None and r["summary"]["fill"]["effectiveness"] is None
     assert row["true_lesion_ml"] > 5.0  # moderate lesion load: there was something to remove
+
+
+# ---------------------------------------------------------------------------------
+# 3D FID on MedicalNet features (weights the user supplies, as safetensors)
+# ---------------------------------------------------------------------------------
+def test_medicalnet_fid_loads_safetensors_and_responds(tmp_path):
+    import torch
+    from monai.networks.nets import resnet10
+    from safetensors.torch import save_file
+
+    from CounterfactualGenLib.errors import ModelError
+    from CounterfactualGenLib.evaluation.medicalnet import MedicalNetFeatures, medicalnet_fid, parse_fid_weights
+
+    torch.manual_seed(0)
+    net = resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B")
+    state = {f"module.{k}": v.contiguous() for k, v in net.state_dict().items()}  # a DataParallel checkpoint
+    state["module.conv_seg.0.weight"] = torch.zeros(2, 2)  # MedicalNet's decoder: dropped
+    path = tmp_path / "resnet_10.safetensors"
+    save_file(state, str(path))
+    depth, p = parse_fid_weights(f"resnet10:{path}")
+    ext = MedicalNetFeatures(depth, p)
+    rng = np.random.default_rng(0)
+    a = np.stack([_vol(i, (16, 20, 16)) for i in range(6)])
+    b = np.stack([_vol(i + 50, (16, 20, 16)) for i in range(6)])
+    noisy = a + rng.normal(0, 1.0, a.shape).astype(np.float32)
+    same = medicalnet_fid(ext, a, a)["value"]
+    assert same == pytest.approx(0.0, abs=1e-6)
+    assert medicalnet_fid(ext, noisy, a)["value"] > medicalnet_fid(ext, b, a)["value"] >= 0
+    assert ext.features(a).shape == (6, 512)
+    # wrong files are clear errors; pickles are never read
+    with pytest.raises(InputError, match="safetensors"):
+        parse_fid_weights(f"resnet10:{tmp_path / 'w.pth'}")
+    with pytest.raises(InputError, match="resnetN"):
+        parse_fid_weights(f"vgg:{path}")
+    with pytest.raises(ModelError, match="not a MedicalNet ResNet-18"):
+        MedicalNetFeatures(18, path)
+
+    # and inside the evaluation: generated series vs reference subjects on the oracle's grid
+    oracle = TruthOracle(TEST_GRID)
+    gen = _twin_generator(oracle)
+    ref = gen(list(LESION_SERIES), 99)
+    r = evaluate_generator(gen, oracle, seeds=[1, 2], reference=(ref, list(LESION_SERIES)),
+                           fid=lambda g, f: medicalnet_fid(ext, g, f))
+    assert r["fid_medicalnet"]["n_generated"] == 14 and r["fid_medicalnet"]["value"] >= 0

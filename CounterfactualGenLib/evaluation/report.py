@@ -130,6 +130,7 @@ def evaluate_generator(
     text_pooled: Callable[[Sequence[str]], np.ndarray] | None = None,
     diversity_prompt: str = LESION_SERIES[2],
     monotone_margin_ml: float = 0.5,
+    fid: Callable[[np.ndarray, np.ndarray], dict] | None = None,
     on_event: EventCallback | None = None,
 ) -> dict[str, Any]:
     """Generate the lesion-load and diagnosis series for every seed and measure them.
@@ -145,6 +146,8 @@ def evaluate_generator(
         diversity_prompt: the prompt whose members are compared across seeds.
         monotone_margin_ml: each step of a monotone series must raise the oracle volume by more
             than this (so numerical noise in a prompt-blind model never counts as monotone).
+        fid: ``(generated, reference) → dict`` (e.g. :func:`.medicalnet.medicalnet_fid`): a 3D FID on
+            the oracle's grid, when ``reference`` is given.
         on_event: progress/log callback.
 
     Returns:
@@ -222,6 +225,7 @@ def evaluate_generator(
             diversity_all[p] = round(pairwise_ms_ssim(vols), 5)
         diversity = diversity_all.get(diversity_prompt)
     fd = None
+    fid_result = None
     directional: dict[str, Any] | None = None
     if reference is not None:
         ref_imgs, ref_prompts = reference
@@ -231,6 +235,9 @@ def evaluate_generator(
         if len(ref_feats) >= 2 and len(gen_feats) >= 2:
             fd = {"value": round(frechet_distance(gen_feats, ref_feats), 5), "n_generated": int(len(gen_feats)),
                   "n_reference": int(len(ref_feats)), "features": f"oracle pooled features (F={ref_feats.shape[1]})"}
+        if fid is not None:
+            gen_imgs = to_grid(np.stack([im for vols in by_prompt.values() for im in vols]), grid, oracle.grid)
+            fid_result = fid(gen_imgs, np.asarray(ref_imgs, np.float32))
         if text_pooled is not None and len(ref_prompts) >= 2:
             from ..text.prompts import canonical_prompt
 
@@ -276,6 +283,7 @@ def evaluate_generator(
                             "diagnosis_series": mean_of("subject_psnr_db", "diagnosis"), "data_range": DATA_RANGE},
         "diversity_pairwise_ms_ssim": {"prompt": diversity_prompt, "value": diversity, "by_prompt": diversity_all},
         "oracle_feature_fd": fd,
+        "fid_medicalnet": fid_result,
         "directional_score": directional,
         "per_seed": per_seed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 3)},
@@ -431,6 +439,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     fd = r.get("oracle_feature_fd")
     if fd:
         lines.append(f"| oracle-feature FD (not FID) | {_fmt(fd['value'])} | vs {fd['n_reference']} engine subjects; {fd['n_generated']} generated; small-N biased |")
+    if r.get("fid_medicalnet"):
+        f = r["fid_medicalnet"]
+        lines.append(f"| 3D FID ({f['features']}) | {_fmt(f['value'])} | vs {f['n_reference']} engine subjects; "
+                     f"{f['n_generated']} generated; small-N biased |")
     ds = r.get("directional_score")
     if ds:
         lines.append(f"| PRISM directional score, none→high / CN→AD | {_fmt(ds['lesion_none_to_high']['mean'])} / "
@@ -550,6 +562,8 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, --seed … --seed+N−1 (default 10; --quick 2)")
     p.add_argument("--reference", type=int, default=None,
                    help="engine subjects for the oracle-feature FD and directional score (default 24; --quick 4; 0 = skip)")
+    p.add_argument("--fid-weights", default=None, metavar="resnetN:PATH.safetensors",
+                   help="MedicalNet ResNet weights (converted to safetensors) for a 3D FID; default: oracle-feature FD only")
     p.add_argument("--edits", type=int, default=None,
                    help="held-out engine subjects to edit and compare with their exact twins (default 6; --quick 1; 0 = skip)")
     p.add_argument("--sweep", default=None,
@@ -566,7 +580,7 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = ["counterfactualgen", "evaluate"]
     for flag, v in (("--model", args.model), ("--oracle", args.oracle), ("--out", args.out), ("--seed", args.seed),
                     ("--seeds", args.seeds), ("--steps", args.steps), ("--guidance", args.guidance),
-                    ("--reference", args.reference), ("--edits", args.edits), ("--sweep", args.sweep),
+                    ("--reference", args.reference), ("--fid-weights", args.fid_weights), ("--edits", args.edits), ("--sweep", args.sweep),
                     ("--device", args.device)):
         if v is not None:
             parts += [flag, str(v)]
@@ -600,6 +614,17 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         raise InputError(f"--sweep must be 'auto' or 'none'; got {args.sweep!r}.")
     if n_seeds < 1:
         raise InputError("--seeds must be at least 1.")
+    fid = None
+    if args.fid_weights:
+        from .medicalnet import MedicalNetFeatures, medicalnet_fid, parse_fid_weights
+
+        depth, weights = parse_fid_weights(args.fid_weights)
+        extractor = MedicalNetFeatures(depth, weights)
+        if n_ref < 2:
+            raise InputError("A 3D FID needs reference subjects: give --reference N with N ≥ 2.")
+
+        def fid(gen: np.ndarray, ref: np.ndarray) -> dict:
+            return medicalnet_fid(extractor, gen, ref)
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = load_oracle(resolve_oracle(args.oracle))
     steps = args.steps
@@ -624,7 +649,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
 
         seeds = [int(args.seed) + i for i in range(n_seeds)]
         results = evaluate_generator(generate, oracle, seeds=seeds, grid=model.spec.grid, reference=reference,
-                                     text_pooled=text_pooled, on_event=ev.emit)
+                                     text_pooled=text_pooled, fid=fid, on_event=ev.emit)
         used_steps = int(steps if steps is not None else model.spec.schedule.get("default_steps", 30))
         used_guidance = float(args.guidance if args.guidance is not None else model.spec.schedule.get("default_guidance", 1.0))
         if sweep_mode == "auto":
