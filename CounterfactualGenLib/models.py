@@ -237,6 +237,21 @@ def _build_networks(spec: ModelSpec):
     return den, ae
 
 
+def publish_folder(tmp: Path, out: Path) -> Path:
+    """Move a fully written temp folder into place as ``out`` (replacing it); remove ``tmp`` on failure.
+
+    Readers see the old folder or the new one, never a half-written one.
+    """
+    try:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _write_state(state: Mapping[str, "torch.Tensor"], folder: Path, stem: str, dtype: "torch.dtype | None") -> list[dict]:
     """Write a state dict as one or more safetensors parts of ≤ MAX_FILE_BYTES."""
     from safetensors.torch import save_file
@@ -309,13 +324,10 @@ def save_model(model: DiffusionModel, folder: str | os.PathLike, *, dtype: "torc
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(card)
         (tmp / "model.json").write_text(json.dumps(model.spec.to_dict(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return publish_folder(tmp, out)
 
 
 def load_spec(folder: str | os.PathLike) -> ModelSpec:

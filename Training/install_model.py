@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from CounterfactualGenLib.errors import InputError  # noqa: E402
+from CounterfactualGenLib.models import publish_folder  # noqa: E402
 
 RESOURCES = ROOT / "Resources"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # the Extensions Index / device limits: each file ≤ 16 MiB
@@ -139,12 +140,10 @@ def _copy_atomic(src: Path, dest: Path) -> None:
                 shutil.copy2(f, tmp / f.name)
                 os.chmod(tmp / f.name, 0o644)
         os.chmod(tmp, 0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_folder(tmp, dest)
 
 
 README_BEGIN = "<!-- numbers:begin (written by Training/install_model.py --default; Testing/test_readme.py checks it) -->"

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 from ..geometry import ModelGrid
-from ..models import _load_state, _load_strict, _verify_files, _write_state
+from ..models import _load_state, _load_strict, _verify_files, _write_state, publish_folder
 
 __all__ = [
     "ORACLE_FORMAT",
@@ -361,13 +361,10 @@ def save_oracle(oracle: Oracle, folder: str | os.PathLike, *, dtype: Any | None 
         if card is not None:
             (tmp / "ORACLE_CARD.md").write_text(card)
         (tmp / "oracle.json").write_text(json.dumps(oracle.spec.to_dict(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    oracle.path = out
+    oracle.path = publish_folder(tmp, out)
     return out
 
 
