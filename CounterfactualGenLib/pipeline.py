@@ -270,6 +270,7 @@ class EditResult:
 #: 5 mm synthetic FLAIR template: 0.41 when aligned (the same transform, within 0.3 mm, as against a
 #: 2.5 mm template), 0.12 with a 10 mm shift, 0.19 with a 20° rotation, ≈ 0 for noise. Real-vs-synthetic
 #: FLAIR is not a linear intensity relation, so an aligned real scan stays well below 1.
+#: ``Testing/test_bundled.py::test_registration_threshold_separates_aligned_from_misaligned`` recomputes these.
 MIN_REGISTRATION_CORRELATION = 0.3
 
 #: Minimum |change| (model units, i.e. fraction of the brain's intensity range × 2) that counts as an edit;

@@ -137,3 +137,32 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
         mod.install(src, evaluation=ev, default=True, expected={}, readme=readme)
     assert json.loads((dest / "model.json").read_text())["metrics"]["alignment_lesion"] == 0.25
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched
+
+
+def test_registration_threshold_separates_aligned_from_misaligned():
+    """The QC threshold (pipeline.MIN_REGISTRATION_CORRELATION) against the bundled clinical FLAIR:
+    the registered scan scores above it, the same scan shifted 10 mm or rotated 20° scores below."""
+    from conftest import CLINICAL_FLAIR
+    from CounterfactualGenLib.geometry import ModelSpaceMapping, register_affine
+    from CounterfactualGenLib.pipeline import MIN_REGISTRATION_CORRELATION
+    from CounterfactualGenLib.volume import read_volume
+
+    scan = read_volume(CLINICAL_FLAIR)
+    m = load_model(resolve_model(None))
+    tmpl, brain = m.template("image").array, m.template("brain_mask").array > 0.5
+    reg = register_affine(scan, m.template("image"), template_mask=brain)
+
+    def corr(t):
+        w = ModelSpaceMapping(m.spec.grid, scan.shape, scan.affine_ras, t).to_model(scan, default=0.0)
+        return float(np.corrcoef(tmpl[brain], w[brain])[0, 1])
+
+    shifted = reg.model_to_source_world.copy()
+    shifted[0, 3] += 10.0
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    rot = np.eye(4)
+    rot[1:3, 1:3] = [[c, -s], [s, c]]
+    aligned = corr(reg.model_to_source_world)
+    assert aligned == pytest.approx(reg.correlation, abs=0.02)
+    assert aligned > MIN_REGISTRATION_CORRELATION + 0.05
+    assert corr(shifted) < MIN_REGISTRATION_CORRELATION - 0.05
+    assert corr(reg.model_to_source_world @ rot) < MIN_REGISTRATION_CORRELATION - 0.05

@@ -96,3 +96,18 @@ def test_latent_family_autoencoder_then_diffusion(tmp_path, config):
     assert m.spec.family == "latent" and m.autoencoder is not None
     assert m.diffusion_shape(1) == (1, 4, 4, 4, 4)
     assert any(f["role"] == "autoencoder" for f in m.spec.files)
+
+
+@pytest.mark.parametrize("name", ["wdm_cpu_demo.json", "wdm_128.json"])
+def test_shipped_diffusion_configs_build(name):
+    """Every diffusion config the README names is valid: known keys only, and its model builds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_diffusion_cfg", ROOT / "Training" / "train_diffusion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = json.loads((ROOT / "Training" / "configs" / name).read_text())
+    assert set(cfg) <= set(mod.DEFAULTS), set(cfg) - set(mod.DEFAULTS)
+    model = mod.build_model({**mod.DEFAULTS, **cfg}, 384)  # MiniLM width
+    assert model.spec.grid.shape == tuple(cfg["grid"]["shape"])
+    assert model.diffusion_shape(1)[2:] == tuple(s // 2 for s in cfg["grid"]["shape"])

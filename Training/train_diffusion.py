@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "max_minutes": None,
     "weights_dtype": "float16",
+    "denoiser": None,  # a full denoiser config; None = the family/size preset (+ denoiser_overrides)
     "denoiser_overrides": None,
     "autoencoder_path": None,
     "threads": None,

@@ -4,8 +4,12 @@ Imagining Alternatives reports realism as a 3D FID on MedicalNet features. The w
 not ours to ship (and are distributed as pickled ``.pth`` files, which this project never
 loads). Convert them once, outside CounterfactualGen, to safetensors::
 
-    python -c "import torch, safetensors.torch as st; sd = torch.load('resnet_10_23dataset.pth')['state_dict']; \\
+    python -c "import torch, safetensors.torch as st; \\
+               sd = torch.load('resnet_10_23dataset.pth', weights_only=True, map_location='cpu')['state_dict']; \\
                st.save_file({k: v.contiguous() for k, v in sd.items()}, 'resnet_10_23dataset.safetensors')"
+
+(``weights_only=True`` refuses anything but tensors and plain containers, so even the one-off
+conversion never runs code from the file.)
 
 and pass ``counterfactualgen evaluate --fid-weights resnet10:resnet_10_23dataset.safetensors``.
 The network is MONAI's :class:`monai.networks.nets.ResNet` (spatial_dims 3, one input
