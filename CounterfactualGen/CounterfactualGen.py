@@ -161,6 +161,7 @@ class CounterfactualGenParameterNode:
     inputVolume, brainMask, lesionMask - edit inputs (masks optional).
     targetPrompt, sourcePrompt - what the scan should show / what it shows now (optional).
     strength - how far the edit may move the scan (0..1).
+    nullTextIterations - null-text optimisation iterations per step (0 = off).
     prompts - one description per line for generating subjects; count - number of subjects (seeds).
     modelId - registry id ("" = bundled default); modelFolder - a local model folder (used when modelId == LOCAL_MODEL).
     device - "auto", "cpu" or "cuda:N"; steps, guidance, seed - sampler settings.
@@ -172,6 +173,7 @@ class CounterfactualGenParameterNode:
     targetPrompt: str = "Subject has high lesion load."
     sourcePrompt: str = ""
     strength: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    nullTextIterations: Annotated[int, WithinRange(0, 100)] = 0
     prompts: str = "Subject has minimal lesion load.\nSubject has moderate lesion load.\nSubject has high lesion load."
     count: Annotated[int, WithinRange(1, 100)] = 1
     modelId: str = ""
@@ -460,7 +462,8 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             else:
                 self._run = self.logic.startEdit(
                     p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
-                    brainMask=p.brainMask, lesionMask=p.lesionMask, strength=p.strength, **common)
+                    brainMask=p.brainMask, lesionMask=p.lesionMask, strength=p.strength,
+                    nullTextIterations=p.nullTextIterations, **common)
         if self._run is None:
             return
         self.ui.logTextEdit.clear()
@@ -811,7 +814,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     # Outputs are asked for as NRRD: its header keeps the SYNTHETIC provenance fields (NIfTI has no place for them).
     @staticmethod
     def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
-                      strength=0.6, model="", steps=30, guidance=2.0, seed=0, device="auto") -> list:
+                      strength=0.6, nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0,
+                      device="auto") -> list:
         args = ["edit", "--input", inputPath, "--to", targetPrompt]
         if sourcePrompt:
             args += ["--from", sourcePrompt]
@@ -820,6 +824,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         if lesionMaskPath:
             args += ["--lesion-mask", lesionMaskPath]
         args += ["--strength", f"{float(strength):g}"]
+        if int(nullTextIterations) > 0:
+            args += ["--null-text", str(int(nullTextIterations))]
         if model:
             args += ["--model", model]
         args += ["--steps", str(int(steps)), "--guidance", f"{float(guidance):g}", "--seed", str(int(seed)),
@@ -871,7 +877,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
-                  model="", steps=30, guidance=2.0, seed=0, device="auto", outputDir=None) -> CounterfactualGenRun:
+                  nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0, device="auto",
+                  outputDir=None) -> CounterfactualGenRun:
         """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``."""
         if inputVolume is None:
             raise ValueError(_("Select an input volume."))
@@ -879,6 +886,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Enter a target description, e.g. 'Subject has high lesion load.'"))
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(_("Strength must be between 0 and 1."))
+        if not 0 <= int(nullTextIterations) <= 100:
+            raise ValueError(_("Null-text iterations must be between 0 and 100."))
         self._validateCommon(model, steps, guidance, device)
         workDir = self._newWorkDir()
         try:
@@ -889,7 +898,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             outDir = os.path.join(workDir, "out") if ownsOutputDir else os.path.abspath(outputDir)
             args = self.buildEditArgs(inputPath, outDir, targetPrompt.strip(), sourcePrompt=sourcePrompt,
                                       brainMaskPath=brainPath, lesionMaskPath=lesionPath, strength=strength,
-                                      model=model, steps=steps, guidance=guidance, seed=seed, device=device)
+                                      nullTextIterations=nullTextIterations, model=model, steps=steps, guidance=guidance, seed=seed, device=device)
 
             def loader(summaries):
                 return self.loadEditOutputs(summaries[0], inputVolume)

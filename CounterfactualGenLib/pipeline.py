@@ -303,6 +303,7 @@ def edit_scan(
     edit_word_weight: float = 1.0,
     min_registration_correlation: float = MIN_REGISTRATION_CORRELATION,
     oracle: Any | None = None,
+    null_text_iterations: int = 0,
     device: str = "auto",
     precision: str = "auto",
     on_event: EventCallback | None = None,
@@ -314,7 +315,11 @@ def edit_scan(
        (user's, else the template's carried back), resample to the model grid, robust
        intensity normalisation.
     2. Invert the scan under the source prompt with the rectified-flow ODE up to
-       ``t = strength`` (SDEdit-style partial inversion).
+       ``t = strength`` (SDEdit-style partial inversion). With
+       ``null_text_iterations > 0`` and guidance ≠ 0, 1: null-text optimisation
+       (PRISM; :func:`~.sampling.editing.optimise_null_text`) fits one null embedding
+       per step so that the guided source branch retraces the inversion, and both
+       branches then sample with those embeddings.
     3. Regenerate in ONE batch under the source prompt (the reconstruction) and the
        target prompt (the counterfactual), with guidance, while the target's
        cross-attention copies the source's maps for shared words during the first
@@ -339,7 +344,7 @@ def edit_scan(
     from .geometry import ModelSpaceMapping, register_affine
     from .intensity import IntensityNormalizer
     from .nets.attention import AttentionControl
-    from .sampling.editing import InjectSourceAttention, align_tokens, partial_grid
+    from .sampling.editing import InjectSourceAttention, align_tokens, optimise_null_text, partial_grid
     from .sampling.samplers import guided, invert_rflow, sample_rflow
     from .text.prompts import classify_prompt
     from .volume import validate_volume
@@ -357,6 +362,8 @@ def edit_scan(
         raise InputError(f"steps must be between 1 and 1000; got {steps}.")
     if not 0.0 <= guidance <= 20.0:
         raise InputError(f"guidance must be between 0 and 20; got {guidance}.")
+    if not 0 <= int(null_text_iterations) <= 100:
+        raise InputError(f"null-text iterations must be between 0 and 100 per step; got {null_text_iterations}.")
     for name, m in (("brain mask", brain_mask), ("lesion mask", lesion_mask)):
         if m is not None and tuple(m.shape) != scan.shape:
             raise InputError(f"The {name} has shape {tuple(m.shape)} but the scan has {scan.shape}; "
@@ -431,8 +438,8 @@ def edit_scan(
     grid_t = partial_grid(full, strength)
     n_steps = grid_t.numel() - 1
 
-    def fn_of(ctx, s):
-        f = guided(model.denoiser, ctx, null, s)
+    def fn_of(ctx, s, null_ctx=null):
+        f = guided(model.denoiser, ctx, null_ctx, s)
 
         def model_fn(xx, tt):
             with _autocast(dev, precision):
@@ -442,9 +449,30 @@ def edit_scan(
     rep.start("invert", n_steps)
     with torch.inference_mode():
         # Inversion without guidance (PRISM/DDIM-inversion practice: s = 1 keeps the ODE faithful).
-        z_t = invert_rflow(fn_of(cond[:1], 1.0), z0, grid_t, callback=lambda i, n: rep.step("invert", i, n),
-                           should_cancel=should_cancel)
+        z_t, pivots = invert_rflow(fn_of(cond[:1], 1.0), z0, grid_t, callback=lambda i, n: rep.step("invert", i, n),
+                                   should_cancel=should_cancel, return_path=True)
     rep.end("invert")
+    null_ctx, null_text = null, None
+    if null_text_iterations and guidance not in (0.0, 1.0):
+        rep.start("null_text", n_steps)
+
+        def net(xx, tt, cc):
+            with _autocast(dev, precision):
+                return model.denoiser(xx, tt, cc)
+
+        null_ctx, stats = optimise_null_text(net, cond[:1], null, pivots, grid_t, guidance,
+                                             inner_steps=int(null_text_iterations),
+                                             callback=lambda i, n: rep.step("null_text", i, n),
+                                             should_cancel=should_cancel)
+        with torch.inference_mode():  # what the source branch reconstructs without it (for the report)
+            plain = model.decode(sample_rflow(fn_of(cond[:1], guidance), z_t, grid_t,
+                                              should_cancel=should_cancel)).float().cpu().numpy()[0, 0]
+        null_text = {"iterations_per_step": int(null_text_iterations),
+                     "reconstruction_psnr_db_without": round(_psnr(plain, x_model, brain_model), 3),
+                     "last_step_mse_before": stats["step_mse_before"][-1],
+                     "last_step_mse_after": stats["step_mse_after"][-1]}
+        rep.end("null_text")
+    del pivots
 
     # -- 3. regenerate source + target in one batch with attention control -------------
     L = cond.shape[1]
@@ -456,7 +484,7 @@ def edit_scan(
                                  edit_weight=edit_word_weight, edited_tokens=edited)
     rep.start("sample", n_steps)
     with torch.inference_mode(), AttentionControl(model.denoiser, ctrl):
-        z_pair = sample_rflow(fn_of(cond, guidance), z_t.expand(2, *z_t.shape[1:]).contiguous(), grid_t,
+        z_pair = sample_rflow(fn_of(cond, guidance, null_ctx), z_t.expand(2, *z_t.shape[1:]).contiguous(), grid_t,
                               callback=lambda i, n: rep.step("sample", i, n), should_cancel=should_cancel)
     rep.end("sample")
     rep.start("decode")
@@ -502,6 +530,7 @@ def edit_scan(
         "attention_keep": attention_keep, "registration": registration,
         "registration_score": None if score is None else round(float(score), 4),
         "reconstruction_psnr_db": round(_psnr(recon, x_model, brain_model), 3),
+        "null_text": null_text,
         "changed_ml": round(float(touched.sum()) * vox_ml, 3),
         "lesion_ml_added": round(float((labels == 1).sum()) * vox_ml, 3),
         "lesion_ml_removed": round(float((labels == 2).sum()) * vox_ml, 3),

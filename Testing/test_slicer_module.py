@@ -834,3 +834,18 @@ def test_batch_as_subprocess_reports_usage_error():
     proc = subprocess.run([sys.executable, str(BATCH_FILE), "--to", "x"], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "--input" in (proc.stdout + proc.stderr)
+
+
+def test_logic_edit_passes_null_text_and_the_real_cli_accepts_the_arguments(logic, scene, slicer_stub, fake_cli):
+    from CounterfactualGenLib.cli import build_parser
+
+    node = _input_volume(slicer_stub)
+    logic.editBlocking(node, "Subject has no lesions.", nullTextIterations=12, steps=2)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--null-text") + 1] == "12"
+    parsed = build_parser().parse_args(argv)
+    assert parsed.null_text == 12 and parsed.steps == 2
+    logic.editBlocking(node, "Subject has no lesions.", steps=2)
+    assert "--null-text" not in fake_cli.calls()[-1]["argv"]
+    with pytest.raises(ValueError, match="Null-text"):
+        logic.startEdit(node, "x", nullTextIterations=101)

@@ -73,6 +73,14 @@ DEFAULTS: dict[str, Any] = {
     "denoiser_overrides": None,
     "autoencoder_path": None,
     "threads": None,
+    # Lesion-region loss weight: for samples whose prompt names a lesion load (and whose
+    # condition is not dropped), the loss near their lesions (mask max-pooled to the
+    # diffusion grid, dilated by one cell) counts (1 + lesion_weight) times. Unconditional
+    # and diagnosis-only samples keep the plain loss. 0 = off.
+    "lesion_weight": 0.0,
+    # Start from another run's checkpoint (net, EMA, optimiser, step): fine-tuning with a
+    # changed config, e.g. turning lesion_weight on after plain training.
+    "init_from": None,
 }
 
 
@@ -101,8 +109,8 @@ def is_main(rank: int) -> bool:
 # ---------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------
-def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple]) -> tuple[np.ndarray, str, str]:
-    """One synthetic subject in model units + its lesion-load class and diagnosis (pool worker)."""
+def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple]) -> tuple[np.ndarray, str, str, np.ndarray]:
+    """One synthetic subject in model units + its lesion-load class, diagnosis and exact lesion mask (pool worker)."""
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.synth import make_subject, random_spec
 
@@ -111,7 +119,7 @@ def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple]) -> tuple[np
     subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
     norm = IntensityNormalizer.fit(subj.image.array, subj.brain_mask, upper_percentile=99.5)
     img = np.clip(norm.forward(subj.image.array), -1.0, 1.5).astype(np.float16)
-    return img, subj.attributes["lesion_load"], subj.attributes["diagnosis"]
+    return img, subj.attributes["lesion_load"], subj.attributes["diagnosis"], subj.lesion_mask.astype(np.uint8)
 
 
 def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path | None) -> dict[str, np.ndarray]:
@@ -123,7 +131,8 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
     """
     if cache is not None and cache.exists():
         data = np.load(cache)
-        if len(data["lesion"]) >= size and tuple(data["images"].shape[1:]) == tuple(grid.shape):
+        if ("lesion_masks" in data.files and len(data["lesion"]) >= size
+                and tuple(data["images"].shape[1:]) == tuple(grid.shape)):
             return {k: data[k][:size] for k in data.files}
     from concurrent.futures import ProcessPoolExecutor
 
@@ -139,7 +148,7 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
         items = list(tqdm(ex.map(_synthetic_item, jobs, chunksize=4), total=size, desc="synthesise", file=sys.stderr,
                           mininterval=5.0))
     pool = {"images": np.stack([i[0] for i in items]), "lesion": np.array([i[1] for i in items]),
-            "diagnosis": np.array([i[2] for i in items])}
+            "diagnosis": np.array([i[2] for i in items]), "lesion_masks": np.stack([i[3] for i in items])}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(".partial-" + cache.name)
@@ -149,8 +158,11 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
     return pool
 
 
-def pool_prompt(lesion: str, diagnosis: str, rng: random.Random, cfg: dict) -> str:
-    """The prompt for a pool subject: its lesion load, its diagnosis, or both; sometimes paraphrased."""
+def pool_prompt(lesion: str, diagnosis: str, rng: random.Random, cfg: dict) -> tuple[str, bool]:
+    """The prompt for a pool subject: its lesion load, its diagnosis, or both; sometimes paraphrased.
+
+    Returns the prompt and whether it names the lesion load.
+    """
     from CounterfactualGenLib.text.prompts import canonical_prompt, paraphrase
 
     r = rng.random()
@@ -163,11 +175,14 @@ def pool_prompt(lesion: str, diagnosis: str, rng: random.Random, cfg: dict) -> s
         prompt = canonical_prompt(diagnosis=diagnosis)
     if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
         prompt = paraphrase(prompt, rng)
-    return prompt
+    return prompt, r < both + (1 - both) / 2
 
 
-def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str]]:
-    """(image, prompt) pairs from a manifest CSV, each image mapped onto the model grid."""
+def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
+    """(image, prompt, lesion mask) from a manifest CSV, each mapped onto the model grid.
+
+    The lesion mask comes from the optional ``lesion_mask`` column (zeros without one).
+    """
     from CounterfactualGenLib.geometry import ModelSpaceMapping, estimate_brain_mask
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.text.prompts import paraphrase, row_to_prompt
@@ -182,24 +197,28 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.
     items = []
     for r in rows:
         img_path = (path.parent / r["image"]) if not os.path.isabs(r["image"]) else Path(r["image"])
-        items.append((img_path, row_to_prompt(r), r.get("brain_mask")))
+        items.append((img_path, row_to_prompt(r), r.get("brain_mask"), r.get("lesion_mask")))
     rng = random.Random(seed)
-    cache: dict[Path, np.ndarray] = {}
+    cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     while True:
-        img_path, prompt, mask_path = rng.choice(items)
+        img_path, prompt, mask_path, lesion_path = rng.choice(items)
         if img_path not in cache:
             vol = read_volume(img_path)
             mask = read_volume(path.parent / mask_path, validate=False).array > 0 if mask_path else estimate_brain_mask(vol)
             m = ModelSpaceMapping.fit(vol, grid, brain_mask=mask)
             norm = IntensityNormalizer.fit(vol.array, mask)
-            cache[img_path] = np.clip(norm.forward(m.to_model(vol, default=norm.low)), -1.0, 1.5)
+            lesions = np.zeros(grid.shape, np.uint8)
+            if lesion_path:
+                lm = read_volume(path.parent / lesion_path, validate=False).array > 0
+                lesions = (m.to_model(lm.astype(np.float32), interpolation="linear") > 0.01).astype(np.uint8)
+            cache[img_path] = (np.clip(norm.forward(m.to_model(vol, default=norm.low)), -1.0, 1.5), lesions)
         if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
             prompt = paraphrase(prompt, rng)
-        yield cache[img_path], prompt
+        yield cache[img_path][0], prompt, cache[img_path][1]
 
 
 class Stream(torch.utils.data.IterableDataset):
-    """Endless (image (1, *grid) float32, prompt) pairs: from the synthetic pool or a manifest."""
+    """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8)."""
 
     def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None) -> None:
         self.cfg, self.grid, self.seed, self.pool = cfg, grid, seed, pool
@@ -213,16 +232,43 @@ class Stream(torch.utils.data.IterableDataset):
             while True:
                 i = rng.randrange(n)
                 img = self.pool["images"][i].astype(np.float32)
-                yield torch.from_numpy(img)[None], pool_prompt(str(self.pool["lesion"][i]),
-                                                              str(self.pool["diagnosis"][i]), rng, self.cfg)
+                prompt, names_lesions = pool_prompt(str(self.pool["lesion"][i]), str(self.pool["diagnosis"][i]),
+                                                    rng, self.cfg)
+                yield torch.from_numpy(img)[None], prompt, names_lesions, torch.from_numpy(self.pool["lesion_masks"][i])[None]
         else:
-            for img, prompt in manifest_stream(self.cfg, self.grid, seed):
-                yield torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt
+            for img, prompt, lesions in manifest_stream(self.cfg, self.grid, seed):
+                from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+                names = any(c in prompt.lower() for c in ("lesion",) + LESION_LOAD_CLASSES[1:])
+                yield (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt, names,
+                       torch.from_numpy(lesions)[None])
 
 
 # ---------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------
+def lesion_weights(lesions: torch.Tensor, active: torch.Tensor, shape, weight: float) -> torch.Tensor | None:
+    """Per-cell loss weights (B, 1, *shape): 1 + weight near the lesions of active samples.
+
+    ``lesions`` (B, 1, *grid) is the exact mask on the image grid; it is max-pooled to the
+    diffusion grid (wavelet or latent cells) and dilated by one cell, so the weighted
+    region is "lesions and their surroundings", not only lesion voxels, which keeps the
+    bias towards lesions small. ``None`` when off or when no sample is active.
+    """
+    if weight <= 0 or not bool(active.any()):
+        return None
+    m = torch.nn.functional.adaptive_max_pool3d(lesions.float(), tuple(int(s) for s in shape))
+    m = torch.nn.functional.max_pool3d(m, 3, stride=1, padding=1)
+    return 1.0 + weight * m * active.float().view(-1, 1, 1, 1, 1)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error; with weights (broadcast over channels) normalised so that weights of 1 give plain MSE."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    return ((pred - target) ** 2 * weights).mean() / weights.mean()
+
+
 def build_model(cfg: dict, text_dim: int) -> DiffusionModel:
     from CounterfactualGenLib.nets.unet import build_denoiser, default_denoiser_config
 
@@ -373,6 +419,12 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     ema = EMA(net, cfg["ema_decay"])
     out.mkdir(parents=True, exist_ok=True)
     start = load_checkpoint(out, net, ema, opt) if resume else 0
+    if not start and cfg.get("init_from"):
+        src = Path(cfg["init_from"])
+        if not (src / "ckpt" / "last.safetensors").exists():
+            raise InputError(f"init_from: {src} has no checkpoint (expected {src / 'ckpt' / 'last.safetensors'}).")
+        start = load_checkpoint(src, net, ema, opt)
+        print(f"Initialised from {src} at step {start}.", file=sys.stderr)
     if world > 1:  # every rank starts from rank 0's weights
         for p in net.state_dict().values():
             dist.broadcast(p, 0)
@@ -421,7 +473,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg["grad_accum"]):
-            img, prompts = next(data)
+            img, prompts, names_lesions, lesions = next(data)
             img = img.to(device)
             with torch.no_grad():
                 z0 = model.encode(img)
@@ -433,7 +485,9 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             x_t, v = rflow_training_target(z0, noise, t)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 pred = ddp_net(x_t, t.float(), ctx)
-            loss = torch.nn.functional.mse_loss(pred.float(), v) / cfg["grad_accum"]
+            w = lesion_weights(lesions, names_lesions & ~drop, z0.shape[2:], float(cfg.get("lesion_weight") or 0.0))
+            loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
+            loss = loss / cfg["grad_accum"]
             loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -13,14 +13,14 @@ half the memory of store-then-replay and no ordering constraints.
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..nets.attention import AttentionSite
 
-__all__ = ["partial_grid", "align_tokens", "InjectSourceAttention"]
+__all__ = ["partial_grid", "align_tokens", "InjectSourceAttention", "optimise_null_text", "PerStepNull"]
 
 
 def partial_grid(full: torch.Tensor, strength: float) -> torch.Tensor:
@@ -102,3 +102,117 @@ class InjectSourceAttention:
             new = new * w
         out[self.tgt_rows] = new / new.sum(-1, keepdim=True).clamp(min=1e-12)
         return out
+
+
+class PerStepNull:
+    """The null-text embedding for each step of a time grid, as ``guided()``'s ``null_context``.
+
+    Called with a time batch, it returns the embedding optimised for the grid step that
+    starts at that time (all rows of a batch share one time).
+    """
+
+    def __init__(self, grid: torch.Tensor, embeddings: Sequence[torch.Tensor]) -> None:
+        if len(embeddings) != grid.numel() - 1:
+            raise InputError(f"{len(embeddings)} null embeddings for a grid of {grid.numel() - 1} steps.")
+        self.times = grid[:-1].double()
+        self.embeddings = list(embeddings)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        i = int(torch.argmin((self.times - float(t.reshape(-1)[0])).abs()))
+        return self.embeddings[i]
+
+
+def optimise_null_text(
+    model: "Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]",
+    cond: torch.Tensor,
+    null: torch.Tensor,
+    pivots: Sequence[torch.Tensor],
+    grid: torch.Tensor,
+    guidance: float,
+    *,
+    inner_steps: int = 10,
+    lr: float = 1e-1,
+    tolerance: float = 1e-5,
+    callback: "Callable[[int, int], None] | None" = None,
+    should_cancel: "Callable[[], bool] | None" = None,
+) -> tuple[PerStepNull, dict]:
+    """Null-text optimisation (Mokady et al. 2023; PRISM) for the rectified-flow Euler sampler.
+
+    Plain inversion runs the ODE with the conditional velocity (guidance 1), but editing
+    samples with guidance s > 1, so the guided trajectory drifts from the inversion's
+    and the scan is not reconstructed exactly. For every step ``i`` this optimises the
+    null embedding ∅_i (initialised from ∅_{i−1}) so that one guided Euler step from
+    the current state lands on the inversion's pivot ``pivots[i + 1]``:
+
+        min_∅  ‖ z_i + (t_i − t_{i+1})·[v(z_i, ∅) + s·(v(z_i, c) − v(z_i, ∅))] − z*_{i+1} ‖²
+
+    then takes that step with the optimised ∅_i. Only the null branch needs gradients
+    (the conditional velocity is computed once per step); the network's weights are
+    not changed.
+
+    Args:
+        model: the denoiser, ``model(x, t, context)``.
+        cond: source-prompt embedding (1, L, D).
+        null: the encoder's null embedding (1, L, D), the starting point.
+        pivots: states on ``grid`` from :func:`~.samplers.invert_rflow` with
+            ``return_path=True`` (``pivots[0]`` is the start noise).
+        grid: the decreasing time grid of the edit.
+        guidance: the guidance scale the edit will sample with.
+        inner_steps: Adam iterations per step (the paper uses 10).
+        lr: Adam learning rate. 0.1 (not the paper's 0.01, which was for CLIP
+            embeddings): on the bundled clinical sample with the demo model, 10
+            iterations raise the reconstruction PSNR from 21.8 dB to 24.4 / 28.9 dB
+            at lr 0.01 / 0.1, and 20 iterations at 0.1 to 34.0 dB
+            (``Testing/Benchmarks/bench_null_text.py``).
+        tolerance: stop a step's iterations early once the mean squared error is below this.
+        callback: ``callback(step_index, total)`` after each step.
+        should_cancel: polled before each step; True raises ``Cancelled``.
+
+    Returns:
+        (:class:`PerStepNull` for ``guided()``, stats with the per-step loss before and
+        after optimisation).
+    """
+    from ..errors import Cancelled
+
+    n = grid.numel() - 1
+    if len(pivots) != n + 1:
+        raise InputError(f"{len(pivots)} pivots for a grid of {n} steps (need {n + 1}).")
+    if inner_steps < 1:
+        raise InputError(f"null-text optimisation needs at least 1 iteration per step; got {inner_steps}.")
+    # clones: the pivots may be inference-mode tensors, which autograd cannot save
+    z = pivots[0].detach().float().clone()
+    cond = cond.detach().clone()
+    emb = null.detach().float().clone()
+    out: list[torch.Tensor] = []
+    before, after = [], []
+    for i in range(n):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("Cancelled during null-text optimisation.")
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        tb = torch.full((z.shape[0],), t, device=z.device, dtype=torch.float32)
+        target = pivots[i + 1].detach().float().clone()
+        with torch.no_grad():
+            v_cond = model(z, tb, cond).float()
+        emb = emb.detach().clone().requires_grad_(True)  # a copy: Adam updates it in place
+        opt = torch.optim.Adam([emb], lr=lr)
+        for k in range(inner_steps):
+            with torch.enable_grad():
+                v_null = model(z, tb, emb.to(cond.dtype)).float()
+                z_next = z + (t - t_next) * (v_null + guidance * (v_cond - v_null))
+                loss = torch.nn.functional.mse_loss(z_next, target)
+                if k == 0:
+                    before.append(float(loss.detach()))
+                if float(loss.detach()) < tolerance:
+                    break
+                # gradient for the embedding only: the network's .grad stays untouched
+                (emb.grad,) = torch.autograd.grad(loss, [emb])
+                opt.step()
+        emb = emb.detach()
+        with torch.no_grad():
+            v_null = model(z, tb, emb.to(cond.dtype)).float()
+            z = z + (t - t_next) * (v_null + guidance * (v_cond - v_null))
+            after.append(float(torch.nn.functional.mse_loss(z, target)))
+        out.append(emb.to(null.dtype))
+        if callback is not None:
+            callback(i + 1, n)
+    return PerStepNull(grid, out), {"step_mse_before": before, "step_mse_after": after}

@@ -133,7 +133,8 @@ def invert_rflow(
     *,
     callback: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
-) -> torch.Tensor:
+    return_path: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the rectified-flow ODE backwards (data → noise) with explicit Euler on the same grid.
 
     Each step goes from ``t_next`` up to ``t`` with the velocity evaluated at the start
@@ -147,21 +148,27 @@ def invert_rflow(
         timesteps: the decreasing grid the sample will later be regenerated with.
         callback: ``callback(step_index, total)`` after each step.
         should_cancel: polled before each step; True raises ``Cancelled``.
+        return_path: also return the states at every grid point, in grid order
+            (``path[i]`` is the state at ``timesteps[i]``; ``path[-1]`` is ``x0``): the
+            pivots of null-text optimisation.
 
     Returns:
-        The latent noise at ``timesteps[0]``, float32 (float64 for float64 input).
+        The latent noise at ``timesteps[0]``, float32 (float64 for float64 input); with
+        ``return_path``, ``(noise, path)``.
     """
     grid = _check_grid(timesteps, "invert_rflow")
     x = x0.to(_state_dtype(x0))
     total = grid.numel() - 1
+    path = [x]
     for n, i in enumerate(range(total - 1, -1, -1)):
         _check_cancel(should_cancel)
         t, t_next = float(grid[i]), float(grid[i + 1])
         v = model_fn(x, _t_batch(t_next, x))
         x = x - (t - t_next) * v.to(x.dtype)
+        path.append(x)
         if callback is not None:
             callback(n + 1, total)
-    return x
+    return (x, path[::-1]) if return_path else x
 
 
 def _check_ddim_grid(timesteps: torch.Tensor, schedule: DDPMSchedule, what: str) -> list[int]:
