@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from CounterfactualGenLib.errors import InputError, ModelError
-from CounterfactualGenLib.evaluation.oracle import Oracle, OracleSpec, load_oracle, save_oracle
+from CounterfactualGenLib.evaluation.oracle import (Oracle, OracleSpec, apply_calibration, fit_calibration, load_oracle,
+                                                    save_oracle)
 from CounterfactualGenLib.geometry import ModelGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,8 @@ def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
     mod = _train_module()
     cfg = json.loads(json.dumps(mod.DEFAULTS))
     cfg.update({"grid": {"shape": [16, 16, 16], "spacing_mm": 8.0, "center_ras": [0.0, -18.0, 8.0]},
-                "architecture": SMALL, "data": {"train_subjects": 6, "val_subjects": 4, "pool_workers": 1},
+                "architecture": SMALL,
+                "data": {"train_subjects": 6, "val_subjects": 4, "calibration_subjects": 8, "pool_workers": 1},
                 "iterations": 3, "batch_size": 2, "log_every": 1})
     folder = mod.train(cfg, tmp_path / "run")
     oracle = load_oracle(folder)
@@ -127,6 +129,7 @@ def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
         assert key in m
     assert 0.0 <= m["diagnosis_accuracy"] <= 1.0 and m["lesion_ml_mae"] >= 0
     assert oracle.spec.training["iterations"] == 3
+    assert oracle.spec.lesion_ml_calibration is not None and m["calibration"]["subjects"] == 8
     pool = np.load(next((tmp_path / "run").glob("pool_val_*.npz")))
     out = oracle.predict(pool["images"].astype(np.float32))
     assert out["lesion_prob"].shape == (4, 16, 16, 16) and len(out["diagnosis"]) == 4
@@ -147,3 +150,35 @@ def test_bundled_oracle_loads_and_reads_engine_subjects():
     x = np.stack([to_model_units(s.image.array, s.brain_mask) for s in series])
     ml = oracle.predict(x)["lesion_ml"]
     assert ml[1] > ml[0] + 5.0  # a high lesion load reads far above its lesion-free twin
+
+
+def test_calibration_recovers_a_monotone_bias_and_extrapolates_with_slope_one():
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0, 40, 300)
+    raw = 0.6 * true + 2.0  # an oracle that over-reads small and under-reads large loads
+    cal = fit_calibration(raw, true, max_knots=32)
+    assert len(cal["x"]) <= 32 and np.all(np.diff(cal["x"]) > 0) and np.all(np.diff(cal["y"]) >= 0)
+    q = np.array([5.0, 10.0, 20.0])
+    np.testing.assert_allclose(apply_calibration(q, cal), (q - 2.0) / 0.6, atol=0.8)
+    far = cal["x"][-1] + 10.0
+    assert apply_calibration(np.array([far]), cal)[0] == pytest.approx(cal["y"][-1] + 10.0)
+    assert apply_calibration(np.array([-5.0]), cal)[0] >= 0.0
+    np.testing.assert_array_equal(apply_calibration(q, None), q)
+    with pytest.raises(InputError):
+        fit_calibration(raw[:3], true[:3])
+
+
+def test_calibration_is_saved_checked_and_applied(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    cal = {"x": [0.0, 10.0], "y": [0.0, 20.0]}
+    o = Oracle(OracleSpec(id="t", grid=GRID, architecture=SMALL, lesion_ml_calibration=cal))
+    folder = save_oracle(o, tmp_path / "o")
+    back = load_oracle(folder)
+    assert back.spec.lesion_ml_calibration == cal
+    out = back.predict(_images(2))
+    np.testing.assert_allclose(out["lesion_ml"], apply_calibration(out["lesion_ml_raw"], cal))
+    assert not np.allclose(out["lesion_ml"], out["lesion_ml_raw"])
+    with pytest.raises(ModelError, match="calibration"):
+        OracleSpec(id="t", grid=GRID, architecture=SMALL, lesion_ml_calibration={"x": [1.0, 0.0], "y": [0.0, 1.0]})

@@ -43,6 +43,8 @@ from CounterfactualGenLib.evaluation.oracle import (  # noqa: E402
     DIAGNOSIS_CLASSES,
     Oracle,
     OracleSpec,
+    apply_calibration,
+    fit_calibration,
     save_oracle,
 )
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
@@ -53,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "grid": {"shape": [32, 40, 32], "spacing_mm": 5.0, "center_ras": [0.0, -18.0, 8.0]},
     "contrast": "FLAIR",
     "architecture": dict(DEFAULT_ARCHITECTURE),
-    "data": {"train_subjects": 384, "val_subjects": 96, "pool_workers": 1},
+    "data": {"train_subjects": 384, "val_subjects": 96, "calibration_subjects": 240, "pool_workers": 1},
     "augment": {"flip_lr": True, "shift_voxels": 1, "gain": 0.08, "noise_max": 0.04},
     "batch_size": 4,
     "iterations": 800,
@@ -173,7 +175,8 @@ def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
     corr = float(np.corrcoef(pred["lesion_ml"], true_ml)[0, 1]) if true_ml.std() > 0 else float("nan")
     return {"n_subjects": int(len(true_ml)), "lesion_ml_mae": round(float(err.mean()), 3),
             "lesion_ml_mae_by_class": per_class_mae, "lesion_ml_pearson_r": round(corr, 4),
-            "lesion_ml_source": oracle.spec.lesion_ml_from,
+            "lesion_ml_source": oracle.spec.lesion_ml_from + (" (calibrated)" if oracle.spec.lesion_ml_calibration else ""),
+            "lesion_ml_raw_mae": round(float(np.abs(pred["lesion_ml_raw"] - true_ml).mean()), 3),
             "lesion_ml_seg_mae": round(float(seg_err.mean()), 3),
             "lesion_ml_volume_head_mae": None if head_err is None else round(float(head_err.mean()), 3),
             "dice_mean": round(float(np.mean(dices)), 4) if dices else None, "dice_n": len(dices),
@@ -182,22 +185,53 @@ def validate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
             "atrophy_mae": round(float(np.abs(pred["atrophy"] - pool["atrophy"]).mean()), 4)}
 
 
-def choose_lesion_estimate(oracle: Oracle, pool: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Validate, keep the lesion-volume estimate (segmentation sum or volume head) with the lower MAE.
+def choose_lesion_estimate(oracle: Oracle, pool: dict[str, np.ndarray],
+                           calibration_pool: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Choose the lesion-volume estimate (segmentation sum or volume head), calibrate it, validate.
 
-    Measured on the held-out pool, so the choice is the oracle's own validation result.
+    With a calibration pool (subjects in neither the training nor the validation pool),
+    each raw estimate gets an isotonic calibration fitted there, the one with the lower
+    calibrated MAE on the calibration pool is kept, and the validation pool measures the
+    result. Without one, the raw estimate with the lower validation MAE is kept (no
+    calibration).
     """
-    oracle.spec.lesion_ml_from = "segmentation"
-    metrics = validate(oracle, pool)
-    head = metrics.get("lesion_ml_volume_head_mae")
-    if head is not None and head < metrics["lesion_ml_seg_mae"]:
-        oracle.spec.lesion_ml_from = "volume_head"
+    oracle.spec.lesion_ml_calibration = None
+    if calibration_pool is None:
+        oracle.spec.lesion_ml_from = "segmentation"
         metrics = validate(oracle, pool)
+        head = metrics.get("lesion_ml_volume_head_mae")
+        if head is not None and head < metrics["lesion_ml_seg_mae"]:
+            oracle.spec.lesion_ml_from = "volume_head"
+            metrics = validate(oracle, pool)
+        return metrics
+    oracle.net.eval()
+    pred = oracle.predict(calibration_pool["images"].astype(np.float32), batch_size=8)
+    true = calibration_pool["lesion_ml"]
+    best = None
+    for source, key in (("segmentation", "lesion_ml_seg"), ("volume_head", "lesion_ml_volume_head")):
+        if key not in pred:
+            continue
+        cal = fit_calibration(pred[key], true)
+        mae = float(np.abs(apply_calibration(pred[key], cal) - true).mean())
+        if best is None or mae < best[0]:
+            best = (mae, source, cal)
+    oracle.spec.lesion_ml_from, oracle.spec.lesion_ml_calibration = best[1], best[2]
+    metrics = validate(oracle, pool)
+    metrics["calibration"] = {"subjects": int(len(true)), "estimate": best[1], "calibration_pool_mae": round(best[0], 3),
+                              "knots": len(best[2]["x"])}
     return metrics
 
 
+def calibration_pool(cfg: dict, grid: ModelGrid, out: Path) -> dict[str, np.ndarray]:
+    """Subjects for the lesion-volume calibration: seeds disjoint from training (seed) and validation (seed + 10000)."""
+    tag = "x".join(map(str, grid.shape))
+    n = int(cfg["data"].get("calibration_subjects") or 240)
+    return synthetic_pool(grid, cfg["contrast"], cfg["seed"] + 20_000, n, int(cfg["data"].get("pool_workers") or 1),
+                          out / f"pool_cal_{cfg['seed']}_{tag}.npz")
+
+
 def revalidate(folder: Path, run: Path) -> Path:
-    """Re-validate a trained oracle on its run's held-out pool and re-save it with the chosen estimate."""
+    """Re-calibrate and re-validate a trained oracle on its run's pools and re-save it with the chosen estimate."""
     from CounterfactualGenLib.evaluation.oracle import load_oracle
 
     oracle = load_oracle(folder)
@@ -205,9 +239,10 @@ def revalidate(folder: Path, run: Path) -> Path:
     seed = int(oracle.spec.training.get("config", {}).get("seed", 0))
     val = np.load(run / f"pool_val_{seed}_{tag}.npz")
     pool = {k: val[k] for k in val.files}
-    metrics = choose_lesion_estimate(oracle, pool)
-    oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
     cfg = {**DEFAULTS, **oracle.spec.training.get("config", {})}
+    cfg["data"] = {**DEFAULTS["data"], **cfg.get("data", {})}
+    metrics = choose_lesion_estimate(oracle, pool, calibration_pool(cfg, oracle.grid, run))
+    oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
     summary = {k: v for k, v in oracle.spec.training.items() if k != "config"}
     import torch
 
@@ -219,6 +254,13 @@ def revalidate(folder: Path, run: Path) -> Path:
 # ---------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------
+def _calibration_line(c: dict | None) -> str:
+    if not c:
+        return "none"
+    return (f"isotonic regression of the true volume on the {c['estimate']} estimate, fitted on {c['subjects']} "
+            f"further synthetic subjects (neither training nor validation), {c['knots']} knots")
+
+
 def oracle_card(spec: OracleSpec, summary: dict, cfg: dict) -> str:
     m = spec.metrics
     return f"""# Evaluation oracle `{spec.id}`
@@ -242,6 +284,8 @@ evaluate`); it is a measuring instrument for *synthetic* images, not a clinical 
 |---|---|
 | lesion volume MAE (ml), the estimate used (`{m.get('lesion_ml_source')}`) | {m.get('lesion_ml_mae')} (by true class: {m.get('lesion_ml_mae_by_class')}) |
 | lesion volume MAE (ml): sum of segmentation probabilities / volume head | {m.get('lesion_ml_seg_mae')} / {m.get('lesion_ml_volume_head_mae')} |
+| lesion volume MAE (ml) before calibration | {m.get('lesion_ml_raw_mae')} |
+| calibration | {_calibration_line(m.get('calibration'))} |
 | lesion volume Pearson r | {m.get('lesion_ml_pearson_r')} |
 | Dice at p > 0.5 (subjects with lesions, n={m.get('dice_n')}) | {m.get('dice_mean')} |
 | lesion-class accuracy (none 0 / minimal ≤ 5 / moderate ≤ 15 / high > 15 ml) | {m.get('lesion_class_accuracy')} |
@@ -343,7 +387,7 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     logf.close()
     minutes = (time.perf_counter() - t0) / 60
     oracle.net.eval()
-    metrics = choose_lesion_estimate(oracle, val_pool)
+    metrics = choose_lesion_estimate(oracle, val_pool, calibration_pool(cfg, grid, out))
     summary = {"iterations": step, "batch_size": cfg["batch_size"], "parameters": n_params,
                "train_minutes": round(minutes, 2), "pool_minutes": round(pool_minutes, 2),
                "final_loss": round(run[0], 4) if run else None, "config_path": config_path,
@@ -365,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="JSON config (see Training/configs/oracle_5mm.json)")
     ap.add_argument("--out", required=True, help="run folder (subject pools, log, final oracle)")
     ap.add_argument("--revalidate", action="store_true",
-                    help="no training: re-validate OUT/oracle on OUT's held-out pool, choose the lesion estimate, re-save")
+                    help="no training: re-calibrate and re-validate OUT/oracle on OUT's pools, choose the lesion "
+                         "estimate, re-save")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config value, e.g. --set iterations=10")
     args = ap.parse_args(argv)

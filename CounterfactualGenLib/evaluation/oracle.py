@@ -90,10 +90,21 @@ class OracleSpec:
     #: Which estimate is ``lesion_ml``: "segmentation" (Σ p × voxel ml) or "volume_head" (regressed).
     #: Training measures both on held-out subjects and keeps the better (``Training/train_oracle.py``).
     lesion_ml_from: str = "segmentation"
+    #: Monotone piecewise-linear map raw estimate → ml, ``{"x": [...], "y": [...]}`` (knots,
+    #: x increasing, y non-decreasing), fitted by isotonic regression on calibration subjects
+    #: that are neither training nor validation subjects; ``None`` = no calibration.
+    lesion_ml_calibration: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.lesion_ml_from not in ("segmentation", "volume_head"):
             raise ModelError(f"lesion_ml_from must be 'segmentation' or 'volume_head'; got {self.lesion_ml_from!r}.")
+        if self.lesion_ml_calibration is not None:
+            c = self.lesion_ml_calibration
+            x, y = np.asarray(c.get("x", []), float), np.asarray(c.get("y", []), float)
+            if (x.ndim != 1 or x.shape != y.shape or len(x) < 2 or not np.isfinite(x).all()
+                    or not np.isfinite(y).all() or (np.diff(x) <= 0).any() or (np.diff(y) < 0).any()):
+                raise ModelError("lesion_ml_calibration needs ≥ 2 knots with x strictly increasing and y "
+                                 "non-decreasing, all finite.")
         self.architecture = {**DEFAULT_ARCHITECTURE, **dict(self.architecture)}  # stored complete
         if self.architecture.get("kind", "unet3d-dual-head") != "unet3d-dual-head":
             raise ModelError(f"Unknown oracle architecture {self.architecture.get('kind')!r}; "
@@ -109,10 +120,12 @@ class OracleSpec:
         return {"format": ORACLE_FORMAT, "format_version": ORACLE_FORMAT_VERSION, "id": self.id,
                 "description": self.description, "contrast": self.contrast, "grid": self.grid.to_dict(),
                 "intensity": self.intensity, "architecture": self.architecture, "classes": list(self.classes),
-                "lesion_ml_from": self.lesion_ml_from,
+                "lesion_ml_from": self.lesion_ml_from, "lesion_ml_calibration": self.lesion_ml_calibration,
                 "outputs": {"lesion_prob": "sigmoid per voxel", "lesion_ml_seg": "sum(lesion_prob) * voxel_ml",
                             "lesion_ml_volume_head": "expm1 of the regressed log(1 + ml) (volume head only)",
-                            "lesion_ml": f"the {self.lesion_ml_from} estimate (lesion_ml_from)",
+                            "lesion_ml": f"the {self.lesion_ml_from} estimate (lesion_ml_from)"
+                                         + (", calibrated (lesion_ml_calibration)" if self.lesion_ml_calibration else ""),
+                            "lesion_ml_raw": "the uncalibrated estimate",
                             "diagnosis_probs": "softmax over classes", "atrophy": "regressed level in [0, 1]",
                             "features": "global average pool of the two deepest encoder levels"},
                 "training": self.training, "metrics": self.metrics, "licence": self.licence, "files": self.files}
@@ -132,7 +145,8 @@ class OracleSpec:
                        intensity=dict(d.get("intensity") or {}), description=str(d.get("description", "")),
                        licence=str(d.get("licence", "")), training=dict(d.get("training") or {}),
                        metrics=dict(d.get("metrics") or {}), files=list(d.get("files") or []),
-                       lesion_ml_from=str(d.get("lesion_ml_from", "segmentation")))
+                       lesion_ml_from=str(d.get("lesion_ml_from", "segmentation")),
+                       lesion_ml_calibration=d.get("lesion_ml_calibration"))
         except (KeyError, TypeError, ValueError, InputError) as exc:
             raise ModelError(f"The oracle spec is incomplete or malformed ({type(exc).__name__}: {exc}).") from None
 
@@ -214,6 +228,47 @@ def build_oracle_net(architecture: Mapping[str, Any] | None = None):
 # ---------------------------------------------------------------------------------
 # the oracle object
 # ---------------------------------------------------------------------------------
+def fit_calibration(raw_ml: np.ndarray, true_ml: np.ndarray, max_knots: int = 64) -> dict[str, list[float]]:
+    """Isotonic regression (SciPy) of true on raw lesion volume, as ≤ ``max_knots`` knots.
+
+    The fitted step function is summarised by the mean raw and fitted value of each
+    block (x strictly increasing, y non-decreasing); :func:`apply_calibration`
+    interpolates linearly between knots.
+    """
+    from scipy.optimize import isotonic_regression
+
+    raw_ml, true_ml = np.asarray(raw_ml, float), np.asarray(true_ml, float)
+    if raw_ml.shape != true_ml.shape or raw_ml.ndim != 1 or len(raw_ml) < 8:
+        raise InputError("Calibration needs ≥ 8 subjects with a raw and a true lesion volume each.")
+    order = np.argsort(raw_ml, kind="stable")
+    x, fit = raw_ml[order], isotonic_regression(true_ml[order]).x
+    blocks = np.split(np.arange(len(x)), np.flatnonzero(np.diff(fit) > 1e-9) + 1)
+    while len(blocks) > max_knots:  # merge the two neighbours with the closest fitted values
+        gaps = [fit[b[0]] - fit[a[-1]] for a, b in zip(blocks[:-1], blocks[1:])]
+        k = int(np.argmin(gaps))
+        blocks[k:k + 2] = [np.concatenate(blocks[k:k + 2])]
+    kx = [float(x[b].mean()) for b in blocks]
+    ky = [float(fit[b].mean()) for b in blocks]
+    keep = np.concatenate([[True], np.diff(kx) > 1e-9])
+    kx, ky = [v for v, k in zip(kx, keep) if k], [v for v, k in zip(ky, keep) if k]
+    if len(kx) < 2:
+        kx, ky = [kx[0], kx[0] + 1.0], [ky[0], ky[0] + 1.0]
+    return {"x": [round(v, 4) for v in kx], "y": [round(v, 4) for v in np.maximum.accumulate(ky)]}
+
+
+def apply_calibration(raw_ml: np.ndarray, calibration: Mapping[str, Any] | None) -> np.ndarray:
+    """Map raw lesion volumes through a calibration; beyond the last knot, slope 1 (no clamping at the
+    largest calibration volume); never below 0."""
+    raw = np.asarray(raw_ml, float)
+    if not calibration:
+        return raw
+    x, y = np.asarray(calibration["x"], float), np.asarray(calibration["y"], float)
+    out = np.interp(raw, x, y)
+    above = raw > x[-1]
+    out[above] = y[-1] + (raw[above] - x[-1])
+    return np.maximum(out, 0.0)
+
+
 def to_model_units(image: np.ndarray, brain_mask: np.ndarray, *, upper_percentile: float = 99.5) -> np.ndarray:
     """An image in the oracle's (and generation models') intensity units.
 
@@ -324,9 +379,10 @@ class Oracle:
         prob = np.concatenate(probs).astype(np.float32)
         dprobs = np.concatenate(dx)
         seg_ml = prob.reshape(len(prob), -1).sum(axis=1, dtype=np.float64) * self.voxel_ml
+        raw = np.concatenate(vol).astype(np.float64) if vol and self.spec.lesion_ml_from == "volume_head" else seg_ml
         return {
-            "lesion_ml": np.concatenate(vol).astype(np.float64) if vol and self.spec.lesion_ml_from == "volume_head"
-            else seg_ml,
+            "lesion_ml": apply_calibration(raw, self.spec.lesion_ml_calibration),
+            "lesion_ml_raw": raw,
             "lesion_ml_seg": seg_ml,
             **({"lesion_ml_volume_head": np.concatenate(vol).astype(np.float64)} if vol else {}),
             "lesion_prob": prob,
