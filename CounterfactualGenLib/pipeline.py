@@ -330,6 +330,13 @@ def edit_scan(
     5. Map only the change back to the scan's grid and add it to the original
        intensities: voxels the edit did not touch keep their values bit for bit.
 
+    Lesion filling with a lesion mask (target "no lesions" + ``lesion_mask``) takes
+    another path in steps 2–3: the lesions (mask dilated by one voxel) are regenerated
+    from noise by masked inpainting under the target prompt
+    (:func:`~.sampling.samplers.inpaint_rflow`), everything else is kept, and
+    ``strength``, attention control and null-text optimisation do not apply (the report
+    says ``"method": "inpainting"``).
+
     With an ``oracle`` (:class:`~CounterfactualGenLib.evaluation.oracle.Oracle`), the
     report carries its lesion volume and diagnosis of the scan before and after the edit
     (read in model space, brain only), and a missing source prompt is the oracle's reading
@@ -345,7 +352,7 @@ def edit_scan(
     from .intensity import IntensityNormalizer
     from .nets.attention import AttentionControl
     from .sampling.editing import InjectSourceAttention, align_tokens, optimise_null_text, partial_grid
-    from .sampling.samplers import guided, invert_rflow, sample_rflow
+    from .sampling.samplers import guided, inpaint_rflow, invert_rflow, sample_rflow
     from .text.prompts import classify_prompt
     from .volume import validate_volume
 
@@ -419,6 +426,16 @@ def edit_scan(
         rep.log(f"Oracle '{oracle.id}' reads the scan as {before['lesion_ml']:.2f} ml of lesions "
                 f"({before['lesion_load']}), {before['diagnosis']}.")
 
+    inpaint = lesion_mask is not None and target_class.get("lesion_load") == "none"
+    lesion_region = None
+    if inpaint:
+        from scipy.ndimage import binary_dilation
+
+        lm = mapping.to_model((np.asarray(lesion_mask) > 0).astype(np.float32), interpolation="linear") > 0.01
+        lesion_region = binary_dilation(lm, iterations=1) & brain_model
+        if not lesion_region.any():
+            raise InputError("The lesion mask has no voxels inside the brain; there is nothing to fill.")
+
     # -- 2. inversion ------------------------------------------------------------------
     source_origin = "given"
     if source_prompt is None:
@@ -435,7 +452,7 @@ def edit_scan(
     rep.end("encode")
 
     full = _timesteps(model, steps)
-    grid_t = partial_grid(full, strength)
+    grid_t = full if inpaint else partial_grid(full, strength)
     n_steps = grid_t.numel() - 1
 
     def fn_of(ctx, s, null_ctx=null):
@@ -446,60 +463,75 @@ def edit_scan(
                 return f(xx, tt).float()
         return model_fn
 
-    rep.start("invert", n_steps)
-    with torch.inference_mode():
-        # Inversion without guidance (PRISM/DDIM-inversion practice: s = 1 keeps the ODE faithful).
-        z_t, pivots = invert_rflow(fn_of(cond[:1], 1.0), z0, grid_t, callback=lambda i, n: rep.step("invert", i, n),
-                                   should_cancel=should_cancel, return_path=True)
-    rep.end("invert")
-    null_ctx, null_text = null, None
-    if null_text_iterations and guidance not in (0.0, 1.0):
-        rep.start("null_text", n_steps)
+    null_text = None
+    if inpaint:
+        rep.log("Lesion filling inside the mask: the masked lesions are regenerated from noise under the target "
+                "prompt (inpainting); strength and attention control do not apply.")
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = torch.randn(tuple(z0.shape), generator=gen, dtype=torch.float32).to(dev)
+        region = torch.from_numpy(lesion_region.astype(np.float32))[None, None].to(dev)
+        m_z = torch.nn.functional.adaptive_max_pool3d(region, tuple(int(v) for v in z0.shape[2:]))
+        rep.start("sample", n_steps)
+        with torch.inference_mode():
+            z_cf = inpaint_rflow(fn_of(cond[1:2], guidance), z0.float(), m_z, noise, grid_t,
+                                 callback=lambda i, n: rep.step("sample", i, n), should_cancel=should_cancel)
+        rep.end("sample")
+        rep.start("decode")
+        with torch.inference_mode():
+            pair = model.decode(torch.cat([z0.float(), z_cf])).float().cpu().numpy()[:, 0]
+        rep.end("decode")
+    else:
+        rep.start("invert", n_steps)
+        with torch.inference_mode():
+            # Inversion without guidance (PRISM/DDIM-inversion practice: s = 1 keeps the ODE faithful).
+            z_t, pivots = invert_rflow(fn_of(cond[:1], 1.0), z0, grid_t, callback=lambda i, n: rep.step("invert", i, n),
+                                       should_cancel=should_cancel, return_path=True)
+        rep.end("invert")
+        null_ctx = null
+        if null_text_iterations and guidance not in (0.0, 1.0):
+            rep.start("null_text", n_steps)
 
-        def net(xx, tt, cc):
-            with _autocast(dev, precision):
-                return model.denoiser(xx, tt, cc)
+            def net(xx, tt, cc):
+                with _autocast(dev, precision):
+                    return model.denoiser(xx, tt, cc)
 
-        null_ctx, stats = optimise_null_text(net, cond[:1], null, pivots, grid_t, guidance,
-                                             inner_steps=int(null_text_iterations),
-                                             callback=lambda i, n: rep.step("null_text", i, n),
-                                             should_cancel=should_cancel)
-        with torch.inference_mode():  # what the source branch reconstructs without it (for the report)
-            plain = model.decode(sample_rflow(fn_of(cond[:1], guidance), z_t, grid_t,
-                                              should_cancel=should_cancel)).float().cpu().numpy()[0, 0]
-        null_text = {"iterations_per_step": int(null_text_iterations),
-                     "reconstruction_psnr_db_without": round(_psnr(plain, x_model, brain_model), 3),
-                     "last_step_mse_before": stats["step_mse_before"][-1],
-                     "last_step_mse_after": stats["step_mse_after"][-1]}
-        rep.end("null_text")
-    del pivots
+            null_ctx, stats = optimise_null_text(net, cond[:1], null, pivots, grid_t, guidance,
+                                                 inner_steps=int(null_text_iterations),
+                                                 callback=lambda i, n: rep.step("null_text", i, n),
+                                                 should_cancel=should_cancel)
+            with torch.inference_mode():  # what the source branch reconstructs without it (for the report)
+                plain = model.decode(sample_rflow(fn_of(cond[:1], guidance), z_t, grid_t,
+                                                  should_cancel=should_cancel)).float().cpu().numpy()[0, 0]
+            null_text = {"iterations_per_step": int(null_text_iterations),
+                         "reconstruction_psnr_db_without": round(_psnr(plain, x_model, brain_model), 3),
+                         "last_step_mse_before": stats["step_mse_before"][-1],
+                         "last_step_mse_after": stats["step_mse_after"][-1]}
+            rep.end("null_text")
+        del pivots
 
-    # -- 3. regenerate source + target in one batch with attention control -------------
-    L = cond.shape[1]
-    tm = align_tokens(text_encoder.token_strings(source_prompt), text_encoder.token_strings(target_prompt), L)
-    tgt_real = emb.mask[1].cpu()
-    edited = tgt_real & (tm < 0)
-    rows = ([0], [1]) if guidance in (0.0, 1.0) else ([2], [3])  # guided() batches [null; cond]
-    ctrl = InjectSourceAttention(tm, rows[0], rows[1], total_calls=n_steps, until_fraction=attention_keep,
-                                 edit_weight=edit_word_weight, edited_tokens=edited)
-    rep.start("sample", n_steps)
-    with torch.inference_mode(), AttentionControl(model.denoiser, ctrl):
-        z_pair = sample_rflow(fn_of(cond, guidance, null_ctx), z_t.expand(2, *z_t.shape[1:]).contiguous(), grid_t,
-                              callback=lambda i, n: rep.step("sample", i, n), should_cancel=should_cancel)
-    rep.end("sample")
-    rep.start("decode")
-    with torch.inference_mode():
-        pair = model.decode(z_pair).float().cpu().numpy()[:, 0]
-    rep.end("decode")
+        # -- 3. regenerate source + target in one batch with attention control -------------
+        L = cond.shape[1]
+        tm = align_tokens(text_encoder.token_strings(source_prompt), text_encoder.token_strings(target_prompt), L)
+        tgt_real = emb.mask[1].cpu()
+        edited = tgt_real & (tm < 0)
+        rows = ([0], [1]) if guidance in (0.0, 1.0) else ([2], [3])  # guided() batches [null; cond]
+        ctrl = InjectSourceAttention(tm, rows[0], rows[1], total_calls=n_steps, until_fraction=attention_keep,
+                                     edit_weight=edit_word_weight, edited_tokens=edited)
+        rep.start("sample", n_steps)
+        with torch.inference_mode(), AttentionControl(model.denoiser, ctrl):
+            z_pair = sample_rflow(fn_of(cond, guidance, null_ctx), z_t.expand(2, *z_t.shape[1:]).contiguous(), grid_t,
+                                  callback=lambda i, n: rep.step("sample", i, n), should_cancel=should_cancel)
+        rep.end("sample")
+        rep.start("decode")
+        with torch.inference_mode():
+            pair = model.decode(z_pair).float().cpu().numpy()[:, 0]
+        rep.end("decode")
     recon, cf = pair[0], pair[1]
 
     # -- 4. change in model space, restricted to the edit region --------------------------
     edit_region = brain_model.copy()
-    if lesion_mask is not None and target_class.get("lesion_load") == "none":
-        lm = mapping.to_model((np.asarray(lesion_mask) > 0).astype(np.float32), interpolation="linear") > 0.01
-        from scipy.ndimage import binary_dilation
-
-        edit_region &= binary_dilation(lm, iterations=1)
+    if inpaint:
+        edit_region &= lesion_region
     change = (cf - recon) * edit_region
     change[np.abs(change) < CHANGE_EPS] = 0.0
 
@@ -529,7 +561,8 @@ def edit_scan(
         "strength": strength, "steps": steps, "sampler_steps_run": n_steps, "guidance": guidance, "seed": seed,
         "attention_keep": attention_keep, "registration": registration,
         "registration_score": None if score is None else round(float(score), 4),
-        "reconstruction_psnr_db": round(_psnr(recon, x_model, brain_model), 3),
+        "method": "inpainting" if inpaint else "inversion",
+        "reconstruction_psnr_db": None if inpaint else round(_psnr(recon, x_model, brain_model), 3),
         "null_text": null_text,
         "changed_ml": round(float(touched.sum()) * vox_ml, 3),
         "lesion_ml_added": round(float((labels == 1).sum()) * vox_ml, 3),

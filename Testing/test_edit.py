@@ -244,3 +244,26 @@ def test_null_text_iterations_are_checked(tiny):
     scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
     with pytest.raises(InputError, match="null-text"):
         edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, registration="none", null_text_iterations=-1)
+
+
+def test_lesion_filling_with_a_mask_inpaints_only_the_masked_lesions(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    lesions = np.zeros(g.shape, bool)
+    lesions[6:9, 7:10, 6:8] = True
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, source_prompt=HIGH, lesion_mask=lesions,
+                  brain_mask=scan.array > 0, registration="none", steps=4)
+    assert r.report["method"] == "inpainting" and r.report["reconstruction_psnr_db"] is None
+    changed = r.counterfactual.array != scan.array
+    assert changed.any()
+    from scipy.ndimage import binary_dilation
+
+    assert not changed[~binary_dilation(lesions, iterations=2)].any()  # mask + one voxel (+ interpolation)
+    # other targets with a lesion mask keep the inversion path
+    r2 = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, source_prompt=NONE, lesion_mask=lesions,
+                   registration="none", steps=4)
+    assert r2.report["method"] == "inversion"
+    with pytest.raises(InputError, match="nothing to fill"):
+        edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, lesion_mask=np.zeros(g.shape, bool),
+                  registration="none", steps=4)
