@@ -304,6 +304,7 @@ def edit_scan(
     min_registration_correlation: float = MIN_REGISTRATION_CORRELATION,
     oracle: Any | None = None,
     null_text_iterations: int = 0,
+    fill_samples: int = 4,
     device: str = "auto",
     precision: str = "auto",
     on_event: EventCallback | None = None,
@@ -331,11 +332,17 @@ def edit_scan(
        intensities: voxels the edit did not touch keep their values bit for bit.
 
     Lesion filling with a lesion mask (target "no lesions" + ``lesion_mask``) takes
-    another path in steps 2–3: the lesions (mask dilated by one voxel) are regenerated
-    from noise by masked inpainting under the target prompt
-    (:func:`~.sampling.samplers.inpaint_rflow`), everything else is kept, and
-    ``strength``, attention control and null-text optimisation do not apply (the report
-    says ``"method": "inpainting"``).
+    another path in steps 2–3: the voxels the mask touches on the model grid are
+    regenerated from noise by masked inpainting under the target prompt
+    (:func:`~.sampling.samplers.inpaint_rflow`) and everything else is kept. The fill is
+    the mean of ``fill_samples`` inpaintings from different noises: an estimate of the
+    posterior mean, which is what minimises the squared error to the true lesion-free
+    tissue (classical lesion filling also writes a mean NAWM-like value, not one noisy
+    draw). On 2 held-out engine subjects with the demo model, 1 / 2 / 4 / 8 samples gave
+    PSNR vs the exact twin of 42.4 / 44.3 / 45.4 / 46.3 dB (moderate load; unedited
+    39.6 dB) and 37.7 / 39.1 / 39.5 / 39.3 dB (high; unedited 32.7 dB)
+    (``Testing/Benchmarks/bench_lesion_filling.py``). ``strength``, attention control and null-text
+    optimisation do not apply; the report says ``"method": "inpainting"``.
 
     With an ``oracle`` (:class:`~CounterfactualGenLib.evaluation.oracle.Oracle`), the
     report carries its lesion volume and diagnosis of the scan before and after the edit
@@ -369,6 +376,8 @@ def edit_scan(
         raise InputError(f"steps must be between 1 and 1000; got {steps}.")
     if not 0.0 <= guidance <= 20.0:
         raise InputError(f"guidance must be between 0 and 20; got {guidance}.")
+    if not 1 <= int(fill_samples) <= 32:
+        raise InputError(f"fill_samples must be between 1 and 32; got {fill_samples}.")
     if not 0 <= int(null_text_iterations) <= 100:
         raise InputError(f"null-text iterations must be between 0 and 100 per step; got {null_text_iterations}.")
     for name, m in (("brain mask", brain_mask), ("lesion mask", lesion_mask)):
@@ -429,10 +438,8 @@ def edit_scan(
     inpaint = lesion_mask is not None and target_class.get("lesion_load") == "none"
     lesion_region = None
     if inpaint:
-        from scipy.ndimage import binary_dilation
-
         lm = mapping.to_model((np.asarray(lesion_mask) > 0).astype(np.float32), interpolation="linear") > 0.01
-        lesion_region = binary_dilation(lm, iterations=1) & brain_model
+        lesion_region = lm & brain_model
         if not lesion_region.any():
             raise InputError("The lesion mask has no voxels inside the brain; there is nothing to fill.")
 
@@ -468,17 +475,19 @@ def edit_scan(
         rep.log("Lesion filling inside the mask: the masked lesions are regenerated from noise under the target "
                 "prompt (inpainting); strength and attention control do not apply.")
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        noise = torch.randn(tuple(z0.shape), generator=gen, dtype=torch.float32).to(dev)
+        k = int(fill_samples)
+        noise = torch.randn((k, *z0.shape[1:]), generator=gen, dtype=torch.float32).to(dev)
         region = torch.from_numpy(lesion_region.astype(np.float32))[None, None].to(dev)
         m_z = torch.nn.functional.adaptive_max_pool3d(region, tuple(int(v) for v in z0.shape[2:]))
         rep.start("sample", n_steps)
         with torch.inference_mode():
-            z_cf = inpaint_rflow(fn_of(cond[1:2], guidance), z0.float(), m_z, noise, grid_t,
+            z_cf = inpaint_rflow(fn_of(cond[1:2], guidance), z0.float().expand(k, *z0.shape[1:]), m_z, noise, grid_t,
                                  callback=lambda i, n: rep.step("sample", i, n), should_cancel=should_cancel)
         rep.end("sample")
         rep.start("decode")
         with torch.inference_mode():
-            pair = model.decode(torch.cat([z0.float(), z_cf])).float().cpu().numpy()[:, 0]
+            # the mean of k fills (in the model's latent/wavelet space, a linear map of the image)
+            pair = model.decode(torch.cat([z0.float(), z_cf.mean(0, keepdim=True)])).float().cpu().numpy()[:, 0]
         rep.end("decode")
     else:
         rep.start("invert", n_steps)
@@ -562,6 +571,7 @@ def edit_scan(
         "attention_keep": attention_keep, "registration": registration,
         "registration_score": None if score is None else round(float(score), 4),
         "method": "inpainting" if inpaint else "inversion",
+        **({"fill_samples": int(fill_samples)} if inpaint else {}),
         "reconstruction_psnr_db": None if inpaint else round(_psnr(recon, x_model, brain_model), 3),
         "null_text": null_text,
         "changed_ml": round(float(touched.sum()) * vox_ml, 3),

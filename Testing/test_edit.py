@@ -259,7 +259,7 @@ def test_lesion_filling_with_a_mask_inpaints_only_the_masked_lesions(tiny):
     assert changed.any()
     from scipy.ndimage import binary_dilation
 
-    assert not changed[~binary_dilation(lesions, iterations=2)].any()  # mask + one voxel (+ interpolation)
+    assert not changed[~binary_dilation(lesions, iterations=1)].any()  # the mask (+ linear interpolation onto the grid)
     # other targets with a lesion mask keep the inversion path
     r2 = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, source_prompt=NONE, lesion_mask=lesions,
                    registration="none", steps=4)
