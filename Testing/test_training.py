@@ -111,3 +111,51 @@ def test_shipped_diffusion_configs_build(name):
     model = mod.build_model({**mod.DEFAULTS, **cfg}, 384)  # MiniLM width
     assert model.spec.grid.shape == tuple(cfg["grid"]["shape"])
     assert model.diffusion_shape(1)[2:] == tuple(s // 2 for s in cfg["grid"]["shape"])
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_diffusion_mod", ROOT / "Training" / "train_diffusion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lesion_weights_mark_lesion_neighbourhoods_of_active_samples_only():
+    import torch
+
+    td = _train_module()
+    lesions = torch.zeros(3, 1, 16, 16, 16, dtype=torch.uint8)
+    lesions[0, 0, 4:6, 4:6, 4:6] = 1
+    lesions[1, 0, 8, 8, 8] = 1
+    active = torch.tensor([True, False, True])
+    w = td.lesion_weights(lesions, active, (8, 8, 8), 4.0)
+    assert w.shape == (3, 1, 8, 8, 8)
+    assert w[0, 0, 2, 2, 2] == 5.0 and w[0, 0, 1, 1, 1] == 5.0  # the lesion cell and its one-cell neighbourhood
+    assert w[0, 0, 6, 6, 6] == 1.0
+    assert torch.all(w[1] == 1.0)  # prompt without a lesion clause (or condition dropped): plain loss
+    assert torch.all(w[2] == 1.0)  # no lesions
+    assert td.lesion_weights(lesions, active, (8, 8, 8), 0.0) is None
+    assert td.lesion_weights(lesions, torch.zeros(3, dtype=torch.bool), (8, 8, 8), 4.0) is None
+    pred, target = torch.randn(3, 2, 8, 8, 8), torch.randn(3, 2, 8, 8, 8)
+    torch.testing.assert_close(td.weighted_mse(pred, target, torch.ones(3, 1, 8, 8, 8)),
+                               torch.nn.functional.mse_loss(pred, target))
+
+
+def test_fine_tuning_from_another_run_with_lesion_weighting(tmp_path, config):
+    script = str(ROOT / "Training" / "train_diffusion.py")
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "a")], tmp_path)
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "b"), "--set", "lesion_weight=4",
+          "--set", f'init_from="{tmp_path / "a"}"', "--set", "iterations=4"], tmp_path)
+    from CounterfactualGenLib.models import load_model
+
+    t = load_model(tmp_path / "b" / "model").spec.training
+    assert t["iterations"] == 4 and t["init_from"]["step"] == 2 and t["config"]["lesion_weight"] == 4
+    assert [r["step"] for r in csv.DictReader((tmp_path / "b" / "log.csv").open())] == ["3", "4"]
+    card = (tmp_path / "b" / "model" / "MODEL_CARD.md").read_text()
+    assert "started from" in card and "at iteration 2" in card
+    p = subprocess.run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "c"),
+                        "--set", f'init_from="{tmp_path / "nowhere"}"'], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode != 0 and "has no checkpoint" in p.stderr

@@ -362,6 +362,24 @@ def load_checkpoint(run: Path, net, ema: EMA, opt) -> int:
     return int(meta["step"])
 
 
+def _stage_row(t: dict) -> str:
+    s = t.get("init_from")
+    if not s:
+        return ""
+    return (f"| started from | run `{s['run']}` at iteration {s['step']}"
+            + (f" (config `{s['config_path']}`, {s['train_minutes']:.1f} min recorded for its last run)"
+               if s.get("config_path") else "") + " |\n")
+
+
+def _reproduce(t: dict, model_id: str) -> str:
+    s = t.get("init_from")
+    this = f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}-ft`"
+    if not s:
+        return f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}`"
+    first = f"`python Training/train_diffusion.py --config {s.get('config_path') or '…'} --out {s['run']}`"
+    return f"{first}, then {this} (its `init_from` names the first run)."
+
+
 def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
     t = summary
     return f"""# {spec.name or spec.id}
@@ -382,10 +400,10 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | data | {cfg['data']['kind']} ({'synthetic subject engine: MNI ICBM152 2009a anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else cfg['data'].get('manifest')}) |
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
-| training time | {t['train_minutes']:.1f} min |
+| training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
 | final loss (EMA of batch MSE) | {t['final_loss']:.4f} |
-
-Reproduce: `python Training/train_diffusion.py --config {t['config_path']} --out runs/{spec.id}`
+{_stage_row(t)}
+Reproduce: {_reproduce(t, spec.id)}
 
 ## Metrics
 {json.dumps(spec.metrics, indent=1) if spec.metrics else 'Not measured yet: run the evaluation script (see README).'}
@@ -419,11 +437,28 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     ema = EMA(net, cfg["ema_decay"])
     out.mkdir(parents=True, exist_ok=True)
     start = load_checkpoint(out, net, ema, opt) if resume else 0
+    init_info, prior_minutes = None, 0.0
+    if start and (out / "model" / "model.json").exists():  # resumed: keep what earlier runs of this stage recorded
+        before = json.loads((out / "model" / "model.json").read_text()).get("training") or {}
+        init_info = before.get("init_from")
+        prior_minutes = float(before.get("train_minutes_total", before.get("train_minutes", 0.0)) or 0.0)
+    if start and cfg.get("init_from") and init_info is None:
+        src = Path(cfg["init_from"])
+        prev = json.loads((src / "model" / "model.json").read_text()).get("training") or {} \
+            if (src / "model" / "model.json").exists() else {}
+        step0 = json.loads((src / "ckpt" / "state.json").read_text())["step"] if (src / "ckpt" / "state.json").exists() else None
+        init_info = {"run": str(cfg["init_from"]), "step": step0, "config_path": prev.get("config_path"),
+                     "train_minutes": prev.get("train_minutes")}
     if not start and cfg.get("init_from"):
         src = Path(cfg["init_from"])
         if not (src / "ckpt" / "last.safetensors").exists():
             raise InputError(f"init_from: {src} has no checkpoint (expected {src / 'ckpt' / 'last.safetensors'}).")
         start = load_checkpoint(src, net, ema, opt)
+        prev = {}
+        if (src / "model" / "model.json").exists():
+            prev = json.loads((src / "model" / "model.json").read_text()).get("training") or {}
+        init_info = {"run": str(cfg["init_from"]), "step": start, "config_path": prev.get("config_path"),
+                     "train_minutes": prev.get("train_minutes")}
         print(f"Initialised from {src} at step {start}.", file=sys.stderr)
     if world > 1:  # every rank starts from rank 0's weights
         for p in net.state_dict().values():
@@ -522,8 +557,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         final.denoiser.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()})
         summary = {"iterations": step, "batch_size": cfg["batch_size"] * cfg["grad_accum"], "world_size": world,
                    "hardware": f"{world}× {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'} ({os.cpu_count()} cores), torch {torch.__version__}",
-                   "train_minutes": minutes, "final_loss": float(loss_ema or 0.0),
-                   "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path}
+                   "train_minutes": minutes, "train_minutes_total": prior_minutes + minutes,
+                   "final_loss": float(loss_ema or 0.0),
+                   "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path,
+                   **({"init_from": init_info} if init_info else {})}
         spec.training = {**summary, "config": cfg}
         dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
         save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True,
