@@ -298,6 +298,11 @@ def test_evaluate_quick_end_to_end(tmp_path):
     assert e["summary"]["fill"]["outside_brain_bit_identical"] == 1.0  # never touched outside the brain
     assert "exact twins" in md and "Guidance and steps sweeps" in md and (out / "edits_best_worst.png").exists()
     assert rep["peak_memory_mb"]["cpu_rss"] > 100
+    tw = r["twin_reference"]
+    assert tw["n_subjects"] == 2 and "exact engine twins" in md
+    # exact lesion twins differ only inside the lesions; exact atrophy twins differ much more
+    assert 0.98 < tw["subject_ms_ssim"]["lesion"] <= 1.0
+    assert tw["subject_ms_ssim"]["diagnosis"] < tw["subject_ms_ssim"]["lesion"]
 
 
 # ---------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "subject_psnr_db_lesion": r["subject_psnr_db"]["lesion_series"],
         "diversity_pairwise_ms_ssim": r["diversity_pairwise_ms_ssim"]["value"],
     }
+    if r.get("twin_reference"):
+        m["twin_subject_ms_ssim_lesion"] = r["twin_reference"]["subject_ms_ssim"]["lesion"]
+        m["twin_subject_ms_ssim_diagnosis"] = r["twin_reference"]["subject_ms_ssim"]["diagnosis"]
     if r.get("oracle_feature_fd"):
         m["oracle_feature_fd"] = r["oracle_feature_fd"]["value"]
     if r.get("edits"):
@@ -79,7 +82,9 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
         ("text alignment: lesion load / CN-MCI-AD / all", f"{_pct(m['alignment_lesion'])} / "
          f"{_pct(m['alignment_diagnosis'])} / {_pct(m['alignment_overall'])}", "oracle class = prompt class; chance 25 % / 33 %"),
         ("subject MS-SSIM within a series (lesion / diagnosis)", f"{_num(m['subject_ms_ssim_lesion'])} / "
-         f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise; Imagining Alternatives WDM (MS): 0.968"),
+         f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise; Imagining Alternatives WDM (MS): 0.968"
+         + (f"; exact engine twins: {_num(m['twin_subject_ms_ssim_lesion'])} / {_num(m['twin_subject_ms_ssim_diagnosis'])}"
+            if m.get("twin_subject_ms_ssim_lesion") is not None else "")),
         ("diversity across seeds (pairwise MS-SSIM, lower = more diverse)", _num(m["diversity_pairwise_ms_ssim"]), ""),
     ]
     e = m.get("edits")
