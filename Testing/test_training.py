@@ -138,6 +138,12 @@ def test_lesion_weights_mark_lesion_neighbourhoods_of_active_samples_only():
     assert torch.all(w[2] == 1.0)  # no lesions
     assert td.lesion_weights(lesions, active, (8, 8, 8), 0.0) is None
     assert td.lesion_weights(lesions, torch.zeros(3, dtype=torch.bool), (8, 8, 8), 4.0) is None
+    prior = torch.zeros(1, 1, 16, 16, 16)
+    prior[..., 12:14, 12:14, 12:14] = 1
+    wp = td.lesion_weights(lesions, active, (8, 8, 8), 4.0, prior, 2.0)
+    assert wp[2, 0, 6, 6, 6] == 3.0 and wp[2, 0, 0, 0, 0] == 1.0  # the prior region, also without own lesions
+    assert wp[0, 0, 2, 2, 2] == 5.0 and torch.all(wp[1] == 1.0)  # max(lesion, prior); inactive stays plain
+    assert td.lesion_weights(lesions, active, (8, 8, 8), 0.0, prior, 2.0) is not None
     pred, target = torch.randn(3, 2, 8, 8, 8), torch.randn(3, 2, 8, 8, 8)
     torch.testing.assert_close(td.weighted_mse(pred, target, torch.ones(3, 1, 8, 8, 8)),
                                torch.nn.functional.mse_loss(pred, target))

@@ -78,6 +78,11 @@ DEFAULTS: dict[str, Any] = {
     # diffusion grid, dilated by one cell) counts (1 + lesion_weight) times. Unconditional
     # and diagnosis-only samples keep the plain loss. 0 = off.
     "lesion_weight": 0.0,
+    # Lesion-prior weight: for the same samples, the loss wherever the training pool has
+    # lesions at all (voxel frequency > 1 %) counts (1 + lesion_prior_weight) times, also
+    # for "no lesions" prompts; the weight depends on position and prompt, not on the
+    # sample's own lesions, so it leaves the loss's minimiser unchanged. 0 = off.
+    "lesion_prior_weight": 0.0,
     # Start from another run's checkpoint (net, EMA, optimiser, step): fine-tuning with a
     # changed config, e.g. turning lesion_weight on after plain training.
     "init_from": None,
@@ -247,19 +252,26 @@ class Stream(torch.utils.data.IterableDataset):
 # ---------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------
-def lesion_weights(lesions: torch.Tensor, active: torch.Tensor, shape, weight: float) -> torch.Tensor | None:
+def lesion_weights(lesions: torch.Tensor, active: torch.Tensor, shape, weight: float,
+                   prior: torch.Tensor | None = None, prior_weight: float = 0.0) -> torch.Tensor | None:
     """Per-cell loss weights (B, 1, *shape): 1 + weight near the lesions of active samples.
 
     ``lesions`` (B, 1, *grid) is the exact mask on the image grid; it is max-pooled to the
     diffusion grid (wavelet or latent cells) and dilated by one cell, so the weighted
     region is "lesions and their surroundings", not only lesion voxels, which keeps the
     bias towards lesions small. ``None`` when off or when no sample is active.
+    ``prior`` (1, 1, *grid) marks where lesions occur at all; with ``prior_weight`` it is
+    weighted for every active sample, with or without lesions of its own.
     """
-    if weight <= 0 or not bool(active.any()):
+    use_prior = prior is not None and prior_weight > 0
+    if (weight <= 0 and not use_prior) or not bool(active.any()):
         return None
-    m = torch.nn.functional.adaptive_max_pool3d(lesions.float(), tuple(int(s) for s in shape))
-    m = torch.nn.functional.max_pool3d(m, 3, stride=1, padding=1)
-    return 1.0 + weight * m * active.float().view(-1, 1, 1, 1, 1)
+    size = tuple(int(s) for s in shape)
+    m = torch.nn.functional.adaptive_max_pool3d(lesions.float(), size)
+    w = weight * torch.nn.functional.max_pool3d(m, 3, stride=1, padding=1)
+    if use_prior:
+        w = torch.maximum(w, prior_weight * torch.nn.functional.adaptive_max_pool3d(prior.float(), size))
+    return 1.0 + w * active.float().view(-1, 1, 1, 1, 1)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -479,6 +491,11 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     data = iter(loader)
     null_tokens = encoder.null(1).tokens.to(device)
+    prior = None
+    if float(cfg.get("lesion_prior_weight") or 0.0) > 0 and pool is not None:
+        prior = torch.from_numpy((pool["lesion_masks"].mean(axis=0) > 0.01).astype(np.float32))[None, None]
+        if is_main(rank):
+            print(f"Lesion prior: {int(prior.sum())} voxels where the pool has lesions.", file=sys.stderr)
     use_bf16 = device.type == "cuda"
     gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 31 + rank)
 
@@ -520,7 +537,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             x_t, v = rflow_training_target(z0, noise, t)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 pred = ddp_net(x_t, t.float(), ctx)
-            w = lesion_weights(lesions, names_lesions & ~drop, z0.shape[2:], float(cfg.get("lesion_weight") or 0.0))
+            w = lesion_weights(lesions, names_lesions & ~drop, z0.shape[2:], float(cfg.get("lesion_weight") or 0.0),
+                               prior, float(cfg.get("lesion_prior_weight") or 0.0))
             loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
             loss = loss / cfg["grad_accum"]
             loss.backward()
