@@ -136,6 +136,14 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
     with pytest.raises(Exception, match="another"):
         mod.install(src, evaluation=ev, default=True, expected={}, readme=readme)
     assert json.loads((dest / "model.json").read_text())["metrics"]["alignment_lesion"] == 0.25
+    # a default guidance set at install time; an evaluation at another guidance is refused
+    report["model"]["id"] = "tiny-wdm-test"
+    (ev / "report.json").write_text(json.dumps(report))
+    dest = mod.install(src, evaluation=None, default=False, expected={}, readme=readme, default_guidance=3.0,
+                       guidance_note="chosen by the sweep")
+    assert load_model(dest).spec.schedule["default_guidance"] == 3.0
+    with pytest.raises(Exception, match="guidance"):
+        mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched
 
 

@@ -182,7 +182,8 @@ def _write_registry(entry: dict[str, Any], default: bool) -> Path:
 
 
 def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict[str, str],
-            oracle_name: str = "oracle-5mm", readme: Path | None = ROOT / "README.md") -> Path:
+            oracle_name: str = "oracle-5mm", readme: Path | None = ROOT / "README.md",
+            default_guidance: float | None = None, guidance_note: str = "") -> Path:
     if (src / "oracle.json").exists():
         from CounterfactualGenLib.evaluation.oracle import load_oracle
 
@@ -205,10 +206,30 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, work / f.name)
+        if default_guidance is not None:
+            import re
+
+            old = spec["schedule"].get("default_guidance")
+            spec["schedule"]["default_guidance"] = float(default_guidance)
+            if guidance_note:
+                spec["schedule"]["default_guidance_note"] = guidance_note
+            (work / "model.json").write_text(json.dumps(spec, indent=2))
+            if (work / "MODEL_CARD.md").exists():
+                card = (work / "MODEL_CARD.md").read_text()
+                card = re.sub(r"(Euler steps by default, guidance )[0-9.]+",
+                              lambda mt: f"{mt.group(1)}{float(default_guidance):g}"
+                              + (f" ({guidance_note})" if guidance_note else ""), card, count=1)
+                (work / "MODEL_CARD.md").write_text(card)
+            print(f"Default guidance {old} → {float(default_guidance):g}.", file=sys.stderr)
         if evaluation is not None:
             report = json.loads((evaluation / "report.json").read_text())
             if report["model"]["id"] != model.id:
                 raise InputError(f"The evaluation in {evaluation} is of '{report['model']['id']}', not '{model.id}'.")
+            g = float(spec["schedule"].get("default_guidance", 1.0))
+            if abs(float(report["settings"]["guidance"]) - g) > 1e-9:
+                raise InputError(f"The evaluation in {evaluation} ran at guidance {report['settings']['guidance']}, "
+                                 f"but the model's default guidance is {g:g}: its numbers would not describe "
+                                 "what users get. Evaluate at the default guidance.")
             spec["metrics"] = card_metrics(report)
             (work / "model.json").write_text(json.dumps(spec, indent=2))
             card = (work / "MODEL_CARD.md").read_text() if (work / "MODEL_CARD.md").exists() else f"# {model.id}\n"
@@ -240,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--as", dest="name", default="oracle-5mm", help="folder name for an oracle (default oracle-5mm)")
     ap.add_argument("--expected-time", action="append", default=[], metavar="TASK=TIME",
                     help="a wall time you measured, shown in the Slicer panel, e.g. 'demo, 2-core CPU=40 s' (repeatable)")
+    ap.add_argument("--default-guidance", type=float, default=None,
+                    help="set the model's default guidance scale (e.g. chosen from evaluate's guidance sweep)")
+    ap.add_argument("--guidance-note", default="", help="how the default guidance was chosen (recorded in spec and card)")
     args = ap.parse_args(argv)
     expected = dict(kv.split("=", 1) for kv in args.expected_time)
     dest = install(Path(args.folder), evaluation=Path(args.evaluation) if args.evaluation else None,
-                   default=args.default, expected=expected, oracle_name=args.name)
+                   default=args.default, expected=expected, oracle_name=args.name,
+                   default_guidance=args.default_guidance, guidance_note=args.guidance_note)
     print(f"Installed {args.folder} → {dest} and registered it in {RESOURCES / 'Models.json'}.", file=sys.stderr)
     return 0
 
