@@ -603,7 +603,7 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
     p.add_argument("--edits", type=int, default=None,
                    help="held-out engine subjects to edit and compare with their exact twins (default 6; --quick 1; 0 = skip)")
     p.add_argument("--sweep", default=None,
-                   help="'auto' (default: guidance 0.5,1,2,3 and steps 5,10,20,40 over 4 seeds; --quick: 2 of each "
+                   help="'auto' (default: guidance 0.5,1,2,3,4,5 and steps 5,10,20,40 over 4 seeds; --quick: 2 of each "
                         "over 1 seed) or 'none'")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, ≤ 4 steps, 4 reference subjects, "
                                                         "1 edited subject, a 2×2 sweep")
@@ -692,7 +692,8 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         used_steps = int(steps if steps is not None else model.spec.schedule.get("default_steps", 30))
         used_guidance = float(args.guidance if args.guidance is not None else model.spec.schedule.get("default_guidance", 1.0))
         if sweep_mode == "auto":
-            guidances, steps_list = ((1.0, 3.0), (2, 4)) if args.quick else ((0.5, 1.0, 2.0, 3.0), (5, 10, 20, 40))
+            guidances, steps_list = ((1.0, 3.0), (2, 4)) if args.quick else ((0.5, 1.0, 2.0, 3.0, 4.0, 5.0),
+                                                                                (5, 10, 20, 40))
             sweep_seeds = seeds[:1] if args.quick else [int(args.seed) + 100 + i for i in range(4)]
             ev.log(f"Sweeps: guidance {list(guidances)} at {used_steps} steps, steps {list(steps_list)} at guidance "
                    f"{used_guidance:g}, {len(sweep_seeds)} seed(s) each…")
