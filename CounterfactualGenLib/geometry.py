@@ -308,7 +308,8 @@ def register_affine(
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(sampling_fraction, seed)
+        # SimpleITK reads seed 0 as sitkWallClock (a new random sample every run): shift by one
+        reg.SetMetricSamplingPercentage(sampling_fraction, int(seed) + 1)
         if fixed_mask is not None:
             reg.SetMetricFixedMask(fixed_mask)
         reg.SetInterpolator(sitk.sitkLinear)
