@@ -160,7 +160,8 @@ def test_registration_threshold_separates_aligned_from_misaligned():
     tmpl, brain = m.template("image").array, m.template("brain_mask").array > 0.5
     reg = register_affine(scan, m.template("image"), template_mask=brain)
     again = register_affine(scan, m.template("image"), template_mask=brain)
-    np.testing.assert_array_equal(again.model_to_source_world, reg.model_to_source_world)  # seeded: repeatable
+    # seeded sampling: repeatable (up to multithreaded float order)
+    np.testing.assert_allclose(again.model_to_source_world, reg.model_to_source_world, atol=1e-4)
 
     def corr(t):
         w = ModelSpaceMapping(m.spec.grid, scan.shape, scan.affine_ras, t).to_model(scan, default=0.0)
