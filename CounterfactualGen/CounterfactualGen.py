@@ -165,6 +165,9 @@ class CounterfactualGenParameterNode:
     prompts - one description per line for generating subjects; count - number of subjects (seeds).
     modelId - registry id ("" = bundled default); modelFolder - a local model folder (used when modelId == LOCAL_MODEL).
     device - "auto", "cpu" or "cuda:N"; steps, guidance, seed - sampler settings.
+    share - fraction of the sampler steps a generated series shares before it branches.
+    samplerDefaultsFor - the model whose recommended steps/guidance/share were last filled in
+        (choosing another model fills in its own; a saved scene keeps the user's values).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -181,7 +184,9 @@ class CounterfactualGenParameterNode:
     device: str = "auto"
     steps: Annotated[int, WithinRange(1, 1000)] = 30
     guidance: Annotated[float, WithinRange(0.0, 20.0)] = 2.0
+    share: Annotated[float, WithinRange(0.0, 0.95)] = 0.0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    samplerDefaultsFor: str = ""
 
 
 #
@@ -312,6 +317,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self.ui.deviceComboBox.setCurrentIndex(index)
         finally:
             self._updatingGUI = False
+        self.logic.applyModelDefaults(self._parameterNode, self._modelArgument())
         self._updateModelInfo()
         self._checkCanApply()
 
@@ -391,11 +397,13 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.modelFolderButton.setVisible(data == self.LOCAL_MODEL)
         if self._parameterNode is not None and not self._updatingGUI:
             self._parameterNode.modelId = data or ""
+            self.logic.applyModelDefaults(self._parameterNode, self._modelArgument())
         self._updateModelInfo()
 
     def onModelFolderChanged(self, directory) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
             self._parameterNode.modelFolder = directory
+            self.logic.applyModelDefaults(self._parameterNode, self._modelArgument())
         self._updateModelInfo()
 
     def onDeviceChanged(self, index) -> None:
@@ -458,7 +466,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         common = dict(model=model, steps=p.steps, guidance=p.guidance, seed=p.seed, device=p.device)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CounterfactualGen."), waitCursor=True):
             if self._isGenerateTask():
-                self._run = self.logic.startGenerate(self._promptLines(), count=p.count, **common)
+                self._run = self.logic.startGenerate(self._promptLines(), count=p.count, share=p.share, **common)
             else:
                 self._run = self.logic.startEdit(
                     p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
@@ -751,6 +759,52 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         default = data.get("default") or (entries[0].get("id") if entries else None)
         return default, entries
 
+    def modelDefaults(self, model: str) -> dict:
+        """The sampler settings a model recommends: ``{"steps", "guidance", "share"}``, each only when the
+        model states it (registry entry ``defaults``, else its model.json ``schedule``); never raises."""
+        defaultId, entries = self.registeredModels()
+        entry = next((e for e in entries if e.get("id") == (model or defaultId)), None)
+        defaults = dict(entry.get("defaults") or {}) if entry else {}
+        specPath = None
+        if entry is not None and entry.get("path"):
+            specPath = os.path.join(self.sharedResourcesDir(), "Models", str(entry["path"]), "model.json")
+        elif model and os.path.isdir(model):
+            specPath = os.path.join(model, "model.json")
+        if not defaults and specPath:
+            try:
+                with open(specPath, encoding="utf-8") as f:
+                    schedule = json.load(f).get("schedule") or {}
+                defaults = {k: schedule[f"default_{k}"] for k in ("steps", "guidance", "share")
+                            if f"default_{k}" in schedule}
+            except (OSError, ValueError, AttributeError):
+                defaults = {}
+        out = {}
+        for key, kind in (("steps", int), ("guidance", float), ("share", float)):
+            try:
+                if defaults.get(key) is not None:
+                    out[key] = kind(defaults[key])
+            except (TypeError, ValueError):
+                pass
+        return out
+
+    def applyModelDefaults(self, parameterNode, model: str) -> bool:
+        """Fill in the model's recommended steps/guidance/share once per chosen model.
+
+        Returns True when values were filled in. A parameter node whose settings already belong
+        to this model (e.g. from a saved scene, or changed by the user since) is left alone.
+        """
+        if parameterNode is None or parameterNode.samplerDefaultsFor == (model or ""):
+            return False
+        defaults = self.modelDefaults(model)
+        if "steps" in defaults and 1 <= defaults["steps"] <= 1000:
+            parameterNode.steps = defaults["steps"]
+        if "guidance" in defaults and 0.0 <= defaults["guidance"] <= 20.0:
+            parameterNode.guidance = defaults["guidance"]
+        if 0.0 <= defaults.get("share", 0.0) <= 0.95:
+            parameterNode.share = defaults.get("share", 0.0)
+        parameterNode.samplerDefaultsFor = model or ""
+        return True
+
     def modelDescription(self, model: str) -> str:
         """One line about a model for the panel: name, licence, expected time (no torch needed)."""
         if not model:
@@ -833,14 +887,17 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         return args
 
     @staticmethod
-    def buildGenerateArgs(prompts, outDir, *, model="", steps=30, guidance=2.0, seed=0, device="auto") -> list:
+    def buildGenerateArgs(prompts, outDir, *, model="", steps=30, guidance=2.0, seed=0, device="auto",
+                          share=None) -> list:
         args = ["generate"]
         if model:
             args += ["--model", model]
         for prompt in prompts:
             args += ["--prompt", prompt]
-        args += ["--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", f"{float(guidance):g}",
-                 "--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
+        args += ["--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", f"{float(guidance):g}"]
+        if share is not None:  # None: the model's default
+            args += ["--share", f"{float(share):g}"]
+        args += ["--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
         return args
 
     @staticmethod
@@ -921,13 +978,17 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ generate
     def startGenerate(self, prompts, *, count=1, model="", steps=30, guidance=2.0, seed=0, device="auto",
-                      outputDir=None) -> CounterfactualGenRun:
-        """Start generating ``count`` series (seeds seed..seed+count-1), one volume per prompt."""
+                      share=None, outputDir=None) -> CounterfactualGenRun:
+        """Start generating ``count`` series (seeds seed..seed+count-1), one volume per prompt.
+
+        ``share``: fraction of the sampler steps each series shares before it branches (``None``: the model's)."""
         prompts = [p.strip() for p in prompts if p and p.strip()]
         if not prompts:
             raise ValueError(_("Enter at least one description (one per line)."))
         if int(count) < 1:
             raise ValueError(_("The number of subjects must be at least 1."))
+        if share is not None and not 0.0 <= float(share) < 1.0:
+            raise ValueError(_("Shared steps must be at least 0 and below 1 (a fraction of the steps)."))
         self._validateCommon(model, steps, guidance, device)
         workDir = self._newWorkDir()
         ownsOutputDir = outputDir is None
@@ -936,7 +997,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         for s in range(int(seed), int(seed) + int(count)):
             outDir = os.path.join(base, f"seed_{s}") if int(count) > 1 else base
             jobs.append((self.buildGenerateArgs(prompts, outDir, model=model, steps=steps, guidance=guidance,
-                                                seed=s, device=device), outDir, device))
+                                                seed=s, device=device, share=share), outDir, device))
 
         def loader(summaries):
             nodes = []
@@ -949,7 +1010,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             return nodes
 
         describe = ["Generate", str(int(count)), "subject(s) x", str(len(prompts)), "description(s)",
-                    f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, seed {int(seed)},"
+                    f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, "
+                    f"shared steps {'model default' if share is None else f'{float(share):g}'}, seed {int(seed)},"
                     f" device {device})"]
         try:
             return CounterfactualGenRun(self, "generate", jobs, workDir, ownsOutputDir, loader, describe)

@@ -167,7 +167,7 @@ def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "") 
     for i, (prompt, vol) in enumerate(zip(series.prompts, series.volumes)):
         name = f"{prefix}{i:02d}_{_slug(prompt)}.{fmt}"
         prov = Provenance(model.id, [prompt], series.seed, None, kind="generated",
-                          extra={"steps": series.steps, "guidance": series.guidance,
+                          extra={"steps": series.steps, "guidance": series.guidance, "share": series.share,
                                  "series_prompts": list(series.prompts)})
         write_volume(vol, out.path(name), provenance=prov)
         outputs.append({"prompt": prompt, "path": str(out.final(name))})
@@ -187,11 +187,11 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
     try:
         t0 = time.perf_counter()
         series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                 device=args.device, precision=args.precision, on_event=ev.emit,
+                                 share=args.share, device=args.device, precision=args.precision, on_event=ev.emit,
                                  should_cancel=ev.should_cancel)
         outputs, montage = _write_series(series, model, out, args.format)
         summary = {"kind": "generate", "synthetic": True, "model": model.id, "seed": series.seed,
-                   "steps": series.steps, "guidance": series.guidance, "device": series.device,
+                   "steps": series.steps, "guidance": series.guidance, "share": series.share, "device": series.device,
                    "outputs": outputs, "montage": montage, "timings_s": series.timings_s,
                    "total_s": round(time.perf_counter() - t0, 3), "software": f"CounterfactualGen {__version__}"}
         (out.path("summary.json")).write_text(json.dumps(summary, indent=2))
@@ -216,10 +216,11 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
         for key, prompts in (("lesion_load", LESION_SERIES), ("diagnosis", DIAGNOSIS_SERIES)):
             ev.log(f"Generating the {key.replace('_', ' ')} series ({len(prompts)} prompts, one shared noise)…")
             series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps,
-                                     guidance=args.guidance, device=args.device, on_event=ev.emit,
+                                     guidance=args.guidance, share=args.share, device=args.device, on_event=ev.emit,
                                      should_cancel=ev.should_cancel)
             outputs, montage = _write_series(series, model, out, args.format, prefix=f"{key}_")
-            results[key] = {"outputs": outputs, "montage": montage, "timings_s": series.timings_s}
+            results[key] = {"outputs": outputs, "montage": montage, "timings_s": series.timings_s,
+                            "steps": series.steps, "guidance": series.guidance, "share": series.share}
         summary = {"kind": "demo", "synthetic": True, "model": model.id, "model_description": card,
                    "seed": args.seed, "series": results, "total_s": round(time.perf_counter() - t0, 2),
                    "software": f"CounterfactualGen {__version__}"}
@@ -436,10 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a sentence; repeat for a series")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP)")
+    add_share_argument(g)
     _common(g)
 
     d = sub.add_parser("demo", help="lesion-load and CN/MCI/AD series with the bundled model")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    add_share_argument(d)
     _common(d)
 
     def _edit_args(e: argparse.ArgumentParser) -> None:
@@ -491,7 +494,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict]] = {
 }
 
 # --- evaluate: implemented in evaluation/report.py, registered here -----------------------
-from .evaluation.report import add_evaluate_parser, cmd_evaluate  # noqa: E402
+from .evaluation.report import add_evaluate_parser, add_share_argument, cmd_evaluate  # noqa: E402
 
 COMMANDS["evaluate"] = cmd_evaluate
 

@@ -143,6 +143,7 @@ class GeneratedSeries:
     guidance: float
     timings_s: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    share: float = 0.0
 
 
 def model_to_output_intensity(x: np.ndarray) -> np.ndarray:
@@ -168,6 +169,7 @@ def generate_series(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    share: float | None = None,
     device: str = "auto",
     precision: str = "auto",
     on_event: EventCallback | None = None,
@@ -179,6 +181,13 @@ def generate_series(
     the same synthetic subject in different disease states. The noise is drawn on the
     CPU from ``seed`` so a series is reproducible for a given seed and device.
 
+    Sharing only the noise lets the members' anatomy drift apart. With ``share`` > 0 the
+    series also shares the first ``round(share · steps)`` sampler steps. Those are the
+    high-noise steps that lay out the coarse anatomy, and they run as ONE trajectory
+    conditioned on the mean of the series' prompt embeddings. After them every prompt
+    continues on its own, which is where lesions and atrophy form. For a one-prompt
+    series sharing changes nothing.
+
     Args:
         model: a loaded model.
         text_encoder: the model's text encoder (checked against the spec).
@@ -186,6 +195,8 @@ def generate_series(
         seed: random seed of the shared noise.
         steps: sampler steps (default: the model's).
         guidance: classifier-free guidance scale s (v = v_null + s·(v_cond − v_null)); 1 = none.
+        share: fraction of the steps the series shares before it branches, in [0, 1): 0 shares
+            only the noise. The default is the model's ``schedule.default_share``, or 0 when it has none.
         device: ``auto``, ``cpu`` or ``cuda:N``.
         precision: ``auto`` (bf16 on GPU if the parity check passes), ``fp32`` or ``bf16``.
         on_event: progress/log callback.
@@ -212,6 +223,9 @@ def generate_series(
         raise InputError(f"steps must be between 1 and 1000; got {steps}.")
     if not (0.0 <= guidance <= 20.0):
         raise InputError(f"guidance must be between 0 and 20; got {guidance}.")
+    share = float(model.spec.schedule.get("default_share", 0.0) if share is None else share)
+    if not (0.0 <= share < 1.0):
+        raise InputError(f"share must be at least 0 and below 1 (a fraction of the sampler steps); got {share}.")
 
     rep = Reporter(on_event)
     dev = select_device(device)
@@ -226,18 +240,27 @@ def generate_series(
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn(model.diffusion_shape(1), generator=gen, dtype=torch.float32)
-    x = noise.expand(n, *noise.shape[1:]).contiguous().to(dev)  # one noise shared by the series
+    x = noise.to(dev)  # one noise shared by the series
 
     ts = _timesteps(model, steps)
-    fn = guided(model.denoiser, cond, null, guidance)
+    k = min(int(round(share * steps)), steps - 1) if n > 1 else 0  # shared steps (the last one never is)
 
-    def model_fn(xx, tt):
-        with _autocast(dev, precision):
-            return fn(xx, tt).float()
+    def model_fn_of(ctx):
+        fn = guided(model.denoiser, ctx, null, guidance)
+
+        def model_fn(xx, tt):
+            with _autocast(dev, precision):
+                return fn(xx, tt).float()
+
+        return model_fn
 
     rep.start("sample", steps)
     with torch.inference_mode():
-        z0 = sample_rflow(model_fn, x, ts, callback=lambda i, tot: rep.step("sample", i, tot),
+        if k:  # one trajectory under the series' mean prompt
+            x = sample_rflow(model_fn_of(cond.mean(0, keepdim=True)), x, ts[: k + 1],
+                             callback=lambda i, tot: rep.step("sample", i, steps), should_cancel=should_cancel)
+        x = x.expand(n, *x.shape[1:]).contiguous()
+        z0 = sample_rflow(model_fn_of(cond), x, ts[k:], callback=lambda i, tot: rep.step("sample", k + i, steps),
                           should_cancel=should_cancel)
     rep.end("sample")
 
@@ -248,7 +271,7 @@ def generate_series(
 
     affine = model.spec.grid.affine_ras
     vols = [Volume(model_to_output_intensity(img[i, 0]), affine) for i in range(n)]
-    return GeneratedSeries(prompts, vols, int(seed), steps, guidance, dict(rep.timings_s), str(dev))
+    return GeneratedSeries(prompts, vols, int(seed), steps, guidance, dict(rep.timings_s), str(dev), share)
 
 
 # =====================================================================================

@@ -144,6 +144,17 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
     assert load_model(dest).spec.schedule["default_guidance"] == 3.0
     with pytest.raises(Exception, match="guidance"):
         mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
+    # likewise a default share: recorded in spec, card and registry; an evaluation at another share is refused
+    report["settings"]["guidance"] = 3.0
+    (ev / "report.json").write_text(json.dumps(report))
+    dest = mod.install(dest, evaluation=None, default=False, expected={}, readme=readme, default_share=0.2,
+                       share_note="chosen by the share sweep")
+    assert load_model(dest).spec.schedule["default_share"] == 0.2 and "| series |" in (dest / "MODEL_CARD.md").read_text()
+    assert json.loads((res / "Models.json").read_text())["models"][0]["defaults"]["share"] == 0.2
+    with pytest.raises(Exception, match="share"):
+        mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
+    with pytest.raises(Exception, match="share"):
+        mod.install(dest, evaluation=None, default=False, expected={}, readme=readme, default_share=1.0)
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched
 
 

@@ -64,6 +64,29 @@ def test_different_prompts_differ(tiny, tmp_path):
     assert not np.array_equal(read_volume(outs[0]["path"]).array, read_volume(outs[1]["path"]).array)
 
 
+def test_shared_steps_keep_a_series_closer_and_are_recorded(tiny, tmp_path):
+    """--share runs the first steps of a series as one trajectory: the members end closer
+    together than with only the noise shared; the setting is recorded; one prompt is unaffected."""
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.pipeline import generate_series
+
+    def spread(share):
+        out = tmp_path / f"s{share}"
+        assert _generate(tiny, out, "--share", str(share)) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["share"] == share
+        vols = [read_volume(o["path"]) for o in summary["outputs"]]
+        assert all(float(v.metadata["CounterfactualGen.share"]) == share for v in vols)
+        return float(np.abs(vols[0].array - vols[1].array).mean())
+
+    assert spread(0.67) < 0.8 * spread(0.0)  # 2 of the 3 steps shared
+    model, enc = _load(str(tiny), None, Events(json_mode=False))
+    one = [generate_series(model, enc, PROMPTS[:1], seed=3, steps=3, share=f).volumes[0].array for f in (0.0, 0.67)]
+    np.testing.assert_array_equal(one[0], one[1])
+    model.spec.schedule["default_share"] = 0.34  # the model's default applies when none is asked for
+    assert generate_series(model, enc, PROMPTS, seed=3, steps=3).share == 0.34
+
+
 def test_progress_json_lines(tiny, tmp_path, capsys):
     assert _generate(tiny, tmp_path / "o", "--progress-json") == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -79,6 +102,8 @@ def test_progress_json_lines(tiny, tmp_path, capsys):
         (["--steps", "0"], 3, "steps"),
         (["--guidance", "-1"], 3, "guidance"),
         (["--device", "cuda:7"], 3, "cuda|CUDA|GPU"),
+        (["--share", "1"], 3, "share"),
+        (["--share", "-0.1"], 3, "share"),
     ],
 )
 def test_bad_arguments_are_clear_and_write_nothing(tiny, tmp_path, capsys, args, code, msg):

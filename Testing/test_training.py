@@ -165,3 +165,12 @@ def test_fine_tuning_from_another_run_with_lesion_weighting(tmp_path, config):
                         "--set", f'init_from="{tmp_path / "nowhere"}"'], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
     assert p.returncode != 0 and "has no checkpoint" in p.stderr
+    # a stage may also start from an installed model folder (weights only, fresh optimiser): the chain is kept
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "d"),
+          "--set", f'init_from="{tmp_path / "b" / "model"}"', "--set", "iterations=6"], tmp_path)
+    t = load_model(tmp_path / "d" / "model").spec.training
+    assert t["iterations"] == 6 and t["init_from"]["model_folder"] and t["init_from"]["step"] == 4
+    assert t["init_from"]["init_from"]["step"] == 2  # the stage before that one
+    assert [r["step"] for r in csv.DictReader((tmp_path / "d" / "log.csv").open())] == ["5", "6"]
+    card = (tmp_path / "d" / "model" / "MODEL_CARD.md").read_text()
+    assert "model folder" in card and "at iteration 4" in card and "at iteration 2" in card

@@ -42,7 +42,8 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     r = report["results"]
     m: dict[str, Any] = {
         "command": report["command"], "n_seeds": r["n_seeds"], "steps": report["settings"]["steps"],
-        "guidance": report["settings"]["guidance"], "oracle": report["oracle"]["id"],
+        "guidance": report["settings"]["guidance"], "share": report["settings"].get("share", 0.0),
+        "oracle": report["oracle"]["id"],
         "lesion_monotone_fraction": r["lesion_monotone_fraction"],
         "lesion_monotone_with_none_fraction": r["lesion_monotone_with_none_fraction"],
         "alignment_lesion": r["alignment"]["lesion_accuracy"], "alignment_diagnosis": r["alignment"]["diagnosis_accuracy"],
@@ -55,6 +56,9 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     if r.get("twin_reference"):
         m["twin_subject_ms_ssim_lesion"] = r["twin_reference"]["subject_ms_ssim"]["lesion"]
         m["twin_subject_ms_ssim_diagnosis"] = r["twin_reference"]["subject_ms_ssim"]["diagnosis"]
+        if r["twin_reference"].get("alignment"):
+            m["twin_alignment_lesion"] = r["twin_reference"]["alignment"]["lesion_accuracy"]
+            m["twin_alignment_diagnosis"] = r["twin_reference"]["alignment"]["diagnosis_accuracy"]
     if r.get("oracle_feature_fd"):
         m["oracle_feature_fd"] = r["oracle_feature_fd"]["value"]
     if r.get("edits"):
@@ -80,9 +84,13 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
         ("lesion-load series monotone, oracle ml minimal < moderate < high", _pct(m["lesion_monotone_fraction"]),
          f"of {m['n_seeds']} seeds (with *none* in front: {_pct(m['lesion_monotone_with_none_fraction'])})"),
         ("text alignment: lesion load / CN-MCI-AD / all", f"{_pct(m['alignment_lesion'])} / "
-         f"{_pct(m['alignment_diagnosis'])} / {_pct(m['alignment_overall'])}", "oracle class = prompt class; chance 25 % / 33 %"),
+         f"{_pct(m['alignment_diagnosis'])} / {_pct(m['alignment_overall'])}", "oracle class = prompt class; chance 25 % / 33 %"
+         + (f"; exact engine twins read by the same oracle: {_pct(m['twin_alignment_lesion'])} / "
+            f"{_pct(m['twin_alignment_diagnosis'])}" if m.get("twin_alignment_lesion") is not None else "")),
         ("subject MS-SSIM within a series (lesion / diagnosis)", f"{_num(m['subject_ms_ssim_lesion'])} / "
-         f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise; Imagining Alternatives WDM (MS): 0.968"
+         f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise"
+         + (f" and the first {_pct(m['share'])} of the steps" if m.get("share") else "")
+         + "; Imagining Alternatives WDM (MS): 0.968"
          + (f"; exact engine twins: {_num(m['twin_subject_ms_ssim_lesion'])} / {_num(m['twin_subject_ms_ssim_diagnosis'])}"
             if m.get("twin_subject_ms_ssim_lesion") is not None else "")),
         ("diversity across seeds (pairwise MS-SSIM, lower = more diverse)", _num(m["diversity_pairwise_ms_ssim"]), ""),
@@ -109,7 +117,8 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
         ]
     for k, v in expected_time.items():
         rows.append((f"wall time: {k}", v, ""))
-    lines = [f"Model `{model_id}`, {m['n_seeds']} seeds, {m['steps']} steps, guidance {m['guidance']}, oracle "
+    lines = [f"Model `{model_id}`, {m['n_seeds']} seeds, {m['steps']} steps, guidance {m['guidance']}, "
+             f"shared steps {m.get('share', 0.0):g}, oracle "
              f"`{m['oracle']}`. Recompute: `{m['command']}`.", "",
              "| measure | value | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
@@ -183,7 +192,8 @@ def _write_registry(entry: dict[str, Any], default: bool) -> Path:
 
 def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict[str, str],
             oracle_name: str = "oracle-5mm", readme: Path | None = ROOT / "README.md",
-            default_guidance: float | None = None, guidance_note: str = "") -> Path:
+            default_guidance: float | None = None, guidance_note: str = "",
+            default_share: float | None = None, share_note: str = "") -> Path:
     if (src / "oracle.json").exists():
         from CounterfactualGenLib.evaluation.oracle import load_oracle
 
@@ -221,6 +231,28 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                               + (f" ({guidance_note})" if guidance_note else ""), card, count=1)
                 (work / "MODEL_CARD.md").write_text(card)
             print(f"Default guidance {old} → {float(default_guidance):g}.", file=sys.stderr)
+        if default_share is not None:
+            import re
+
+            if not 0.0 <= float(default_share) < 1.0:
+                raise InputError(f"--default-share must be at least 0 and below 1; got {default_share}.")
+            old = spec["schedule"].get("default_share", 0.0)
+            spec["schedule"]["default_share"] = float(default_share)
+            if share_note:
+                spec["schedule"]["default_share_note"] = share_note
+            (work / "model.json").write_text(json.dumps(spec, indent=2))
+            if (work / "MODEL_CARD.md").exists():
+                card = (work / "MODEL_CARD.md").read_text()
+                line = (f"| series | one shared noise; the first {float(default_share):g} of the sampler steps are shared "
+                        f"too before the series branches{f' ({share_note})' if share_note else ''} |")
+                if re.search(r"^\| series \|.*$", card, flags=re.M):
+                    card = re.sub(r"^\| series \|.*$", lambda _m: line, card, count=1, flags=re.M)
+                elif re.search(r"^\| schedule \|.*$", card, flags=re.M):
+                    card = re.sub(r"^(\| schedule \|.*)$", lambda mt: mt.group(1) + "\n" + line, card, count=1, flags=re.M)
+                else:  # a card without the training table: a table of its own
+                    card = card.rstrip("\n") + "\n\n| | |\n|---|---|\n" + line + "\n"
+                (work / "MODEL_CARD.md").write_text(card)
+            print(f"Default share {old:g} → {float(default_share):g}.", file=sys.stderr)
         if evaluation is not None:
             report = json.loads((evaluation / "report.json").read_text())
             if report["model"]["id"] != model.id:
@@ -230,6 +262,10 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                 raise InputError(f"The evaluation in {evaluation} ran at guidance {report['settings']['guidance']}, "
                                  f"but the model's default guidance is {g:g}: its numbers would not describe "
                                  "what users get. Evaluate at the default guidance.")
+            f = float(spec["schedule"].get("default_share", 0.0))
+            if abs(float(report["settings"].get("share", 0.0)) - f) > 1e-9:
+                raise InputError(f"The evaluation in {evaluation} shared {report['settings'].get('share', 0.0):g} of the "
+                                 f"steps, but the model's default share is {f:g}: evaluate at the default share.")
             spec["metrics"] = card_metrics(report)
             (work / "model.json").write_text(json.dumps(spec, indent=2))
             card = (work / "MODEL_CARD.md").read_text() if (work / "MODEL_CARD.md").exists() else f"# {model.id}\n"
@@ -246,7 +282,9 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
     entry = {"id": model.id, "kind": "generator", "path": model.id, "name": model.spec.name or model.id,
              "description": model.spec.description, "family": model.spec.family, "contrast": model.spec.contrast,
              "grid": model.spec.grid.to_dict(), "text_encoder": model.spec.text_encoder["id"],
-             "licence": model.spec.licence, "files": files, "expected_time": expected}
+             "licence": model.spec.licence, "files": files, "expected_time": expected,
+             "defaults": {k: spec["schedule"][f"default_{k}"] for k in ("steps", "guidance", "share")
+                          if f"default_{k}" in spec["schedule"]}}
     _write_registry(entry, default=default)
     if default and spec.get("metrics", {}).get("command") and readme is not None:
         write_readme_numbers(readme, numbers_table(model.id, spec["metrics"], expected))
@@ -264,11 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-guidance", type=float, default=None,
                     help="set the model's default guidance scale (e.g. chosen from evaluate's guidance sweep)")
     ap.add_argument("--guidance-note", default="", help="how the default guidance was chosen (recorded in spec and card)")
+    ap.add_argument("--default-share", type=float, default=None,
+                    help="set the fraction of sampler steps a series shares by default (e.g. from evaluate's share sweep)")
+    ap.add_argument("--share-note", default="", help="how the default share was chosen (recorded in spec and card)")
     args = ap.parse_args(argv)
     expected = dict(kv.split("=", 1) for kv in args.expected_time)
     dest = install(Path(args.folder), evaluation=Path(args.evaluation) if args.evaluation else None,
                    default=args.default, expected=expected, oracle_name=args.name,
-                   default_guidance=args.default_guidance, guidance_note=args.guidance_note)
+                   default_guidance=args.default_guidance, guidance_note=args.guidance_note,
+                   default_share=args.default_share, share_note=args.share_note)
     print(f"Installed {args.folder} → {dest} and registered it in {RESOURCES / 'Models.json'}.", file=sys.stderr)
     return 0
 

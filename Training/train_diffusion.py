@@ -374,22 +374,56 @@ def load_checkpoint(run: Path, net, ema: EMA, opt) -> int:
     return int(meta["step"])
 
 
+def init_from_model_folder(src: Path, net, ema: EMA) -> tuple[int, dict]:
+    """Start a stage from an installed model folder (e.g. a bundled model): its weights (the EMA
+    weights the model ships, hash-checked, fp16 → fp32) become both the network and the EMA; the
+    optimiser starts fresh. Returns (the folder's iteration count, the ``init_from`` record)."""
+    from CounterfactualGenLib.models import load_model
+
+    m = load_model(src)
+    own = net.state_dict()
+    theirs = m.denoiser.state_dict()
+    if set(own) != set(theirs) or any(tuple(own[k].shape) != tuple(theirs[k].shape) for k in own):
+        raise InputError(f"init_from: the model in {src} has another architecture than this config's denoiser.")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    for k in ema.shadow:
+        ema.shadow[k].copy_(theirs[k].float() if theirs[k].dtype.is_floating_point else theirs[k])
+    prev = m.spec.training or {}
+    step = int(prev.get("iterations", 0))
+    return step, {"run": str(src), "step": step, "config_path": prev.get("config_path"), "model_folder": True,
+                  "train_minutes": prev.get("train_minutes_total", prev.get("train_minutes")),
+                  **({"init_from": prev["init_from"]} if prev.get("init_from") else {})}
+
+
+def _stages(t: dict) -> list[dict]:
+    """The earlier stages a run started from, first stage first."""
+    chain, s = [], t.get("init_from")
+    while s:
+        chain.insert(0, s)
+        s = s.get("init_from")
+    return chain
+
+
 def _stage_row(t: dict) -> str:
-    s = t.get("init_from")
-    if not s:
-        return ""
-    return (f"| started from | run `{s['run']}` at iteration {s['step']}"
-            + (f" (config `{s['config_path']}`, {s['train_minutes']:.1f} min recorded for its last run)"
-               if s.get("config_path") else "") + " |\n")
+    rows = ""
+    for s in _stages(t):
+        what = f"model folder `{s['run']}`" if s.get("model_folder") else f"run `{s['run']}`"
+        rows += (f"| started from | {what} at iteration {s['step']}"
+                 + (f" (config `{s['config_path']}`, {s['train_minutes']:.1f} min recorded for it)"
+                    if s.get("config_path") and s.get("train_minutes") is not None else "") + " |\n")
+    return rows
 
 
 def _reproduce(t: dict, model_id: str) -> str:
-    s = t.get("init_from")
-    this = f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}-ft`"
-    if not s:
+    stages = _stages(t)
+    if not stages:
         return f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}`"
-    first = f"`python Training/train_diffusion.py --config {s.get('config_path') or '…'} --out {s['run']}`"
-    return f"{first}, then {this} (its `init_from` names the first run)."
+    cmds = [f"`python Training/train_diffusion.py --config {s.get('config_path') or '…'} --out {s['run']}`"
+            for s in stages if not s.get("model_folder")]
+    cmds.append(f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}-ft`")
+    return ", then ".join(cmds) + " (each stage's `init_from` names the one before" + \
+        ("; a stage that started from a model folder needs that folder: install the stage before it there" 
+         if any(s.get("model_folder") for s in stages) else "") + ")."
 
 
 def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
@@ -454,17 +488,23 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         before = json.loads((out / "model" / "model.json").read_text()).get("training") or {}
         init_info = before.get("init_from")
         prior_minutes = float(before.get("train_minutes_total", before.get("train_minutes", 0.0)) or 0.0)
-    if start and cfg.get("init_from") and init_info is None:
+    if start and cfg.get("init_from") and init_info is None and (Path(cfg["init_from"]) / "ckpt").exists():
         src = Path(cfg["init_from"])
         prev = json.loads((src / "model" / "model.json").read_text()).get("training") or {} \
             if (src / "model" / "model.json").exists() else {}
         step0 = json.loads((src / "ckpt" / "state.json").read_text())["step"] if (src / "ckpt" / "state.json").exists() else None
         init_info = {"run": str(cfg["init_from"]), "step": step0, "config_path": prev.get("config_path"),
                      "train_minutes": prev.get("train_minutes")}
-    if not start and cfg.get("init_from"):
+    if not start and cfg.get("init_from") and not (Path(cfg["init_from"]) / "ckpt").exists() \
+            and (Path(cfg["init_from"]) / "model.json").exists():
+        start, init_info = init_from_model_folder(Path(cfg["init_from"]), net, ema)
+        print(f"Initialised from the weights of model folder {cfg['init_from']} (iteration {start}); "
+              "fresh optimiser state.", file=sys.stderr)
+    elif not start and cfg.get("init_from"):
         src = Path(cfg["init_from"])
         if not (src / "ckpt" / "last.safetensors").exists():
-            raise InputError(f"init_from: {src} has no checkpoint (expected {src / 'ckpt' / 'last.safetensors'}).")
+            raise InputError(f"init_from: {src} has no checkpoint (expected {src / 'ckpt' / 'last.safetensors'}) "
+                             "and is not a model folder (no model.json).")
         start = load_checkpoint(src, net, ema, opt)
         prev = {}
         if (src / "model" / "model.json").exists():

@@ -236,11 +236,12 @@ def revalidate(folder: Path, run: Path) -> Path:
 
     oracle = load_oracle(folder)
     tag = "x".join(map(str, oracle.grid.shape))
-    seed = int(oracle.spec.training.get("config", {}).get("seed", 0))
-    val = np.load(run / f"pool_val_{seed}_{tag}.npz")
-    pool = {k: val[k] for k in val.files}
     cfg = {**DEFAULTS, **oracle.spec.training.get("config", {})}
     cfg["data"] = {**DEFAULTS["data"], **cfg.get("data", {})}
+    seed = int(cfg["seed"])
+    # the run's validation pool; remade from its seeds (deterministic) when the run folder no longer has it
+    pool = synthetic_pool(oracle.grid, cfg["contrast"], seed + 10_000, int(cfg["data"]["val_subjects"]),
+                          int(cfg["data"].get("pool_workers") or 1), run / f"pool_val_{seed}_{tag}.npz")
     metrics = choose_lesion_estimate(oracle, pool, calibration_pool(cfg, oracle.grid, run))
     oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
     summary = {k: v for k, v in oracle.spec.training.items() if k != "config"}

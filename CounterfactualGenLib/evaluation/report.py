@@ -78,14 +78,14 @@ EventCallback = Callable[[dict], None]
 # generators and references
 # ---------------------------------------------------------------------------------
 def model_generator(model: Any, encoder: Any, *, steps: int | None = None, guidance: float | None = None,
-                    device: str = "auto", on_event: EventCallback | None = None,
+                    share: float | None = None, device: str = "auto", on_event: EventCallback | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> Generator:
     """``generate(prompts, seed)`` for a loaded diffusion model: (P, *grid) in model units, one noise per call."""
     from ..pipeline import OUTPUT_SCALE, generate_series
 
     def generate(prompts: Sequence[str], seed: int) -> np.ndarray:
         s = generate_series(model, encoder, list(prompts), seed=int(seed), steps=steps, guidance=guidance,
-                            device=device, on_event=on_event, should_cancel=should_cancel)
+                            share=share, device=device, on_event=on_event, should_cancel=should_cancel)
         return np.stack([v.array for v in s.volumes]).astype(np.float32) / (OUTPUT_SCALE / 2.0) - 1.0
 
     return generate
@@ -111,34 +111,66 @@ def engine_reference(grid: Any, n: int, *, seed: int = 12345, contrast: str = "F
     return np.stack(images), prompts
 
 
-def twin_series_reference(grid: Any, n: int, *, seed: int = 5000, contrast: str = "FLAIR") -> dict[str, Any]:
-    """Subject MS-SSIM / PSNR of *exact* counterfactual series from the engine: what a perfect model scores.
+def twin_generator(grid: Any, *, contrast: str = "FLAIR") -> Generator:
+    """``generate(prompts, seed)`` that returns *exact* counterfactual twins from the engine: a perfect model.
 
-    For ``n`` held-out subjects, the lesion series (none / minimal / moderate / high, the
-    classes' target volumes) and the diagnosis series (CN / MCI / AD atrophy levels) are
-    exact twins: the same anatomy, noise and bias, only the attribute differs. Their
-    within-series similarity is the ceiling a faithful counterfactual model can reach on
-    this grid; a model scoring above it on a series changes *less* than the truth does.
+    Every prompt of a call gets the same subject (anatomy, noise, bias from ``seed``; moderate
+    lesion load, CN). A prompt naming a lesion class sets the class's target volume, one
+    naming a diagnosis sets its atrophy level; nothing else differs.
     """
     from ..synth import make_subject, random_spec
     from ..synth.spec import DIAGNOSIS_ATROPHY, LESION_CLASS_TARGET_ML
+    from ..text.prompts import classify_prompt
     from .oracle import to_model_units
 
-    def image(spec):
-        s = make_subject(spec, shape=grid.shape, spacing_mm=grid.spacing_mm, center_mm=grid.center_ras)
-        return to_model_units(s.image.array, s.brain_mask)
+    def generate(prompts: Sequence[str], seed: int) -> np.ndarray:
+        base = random_spec(int(seed), lesion_class="moderate", diagnosis="CN", contrast=contrast)
+        out = []
+        for p in prompts:
+            c, spec = classify_prompt(p), base
+            if c["lesion_load"] is not None:
+                spec = spec.replace(target_lesion_ml=LESION_CLASS_TARGET_ML[c["lesion_load"]])
+            if c["diagnosis"] is not None:
+                spec = spec.replace(atrophy=DIAGNOSIS_ATROPHY[c["diagnosis"]])
+            s = make_subject(spec, shape=grid.shape, spacing_mm=grid.spacing_mm, center_mm=grid.center_ras)
+            out.append(to_model_units(s.image.array, s.brain_mask))
+        return np.stack(out).astype(np.float32)
 
-    rows = {"lesion": [], "diagnosis": []}
-    for i in range(int(n)):
-        base = random_spec(int(seed) + i, lesion_class="moderate", diagnosis="CN", contrast=contrast)
-        les = np.stack([image(base.replace(target_lesion_ml=LESION_CLASS_TARGET_ML[c]))
-                        for c in ("none", "minimal", "moderate", "high")])
-        dx = np.stack([image(base.replace(atrophy=DIAGNOSIS_ATROPHY[d])) for d in ("CN", "MCI", "AD")])
-        rows["lesion"].append(_series_similarity(les))
-        rows["diagnosis"].append(_series_similarity(dx))
-    return {"n_subjects": int(n), "first_seed": int(seed),
-            "subject_ms_ssim": {k: round(float(np.mean([a for a, _ in v])), 5) for k, v in rows.items()},
-            "subject_psnr_db": {k: round(float(np.mean([b for _, b in v])), 3) for k, v in rows.items()}}
+    return generate
+
+
+def twin_series_reference(grid: Any, n: int, *, seed: int = 5000, contrast: str = "FLAIR",
+                          oracle: Any | None = None) -> dict[str, Any]:
+    """The evaluation's series scores for *exact* counterfactual series from the engine: what a perfect model scores.
+
+    For ``n`` held-out subjects (seeds ``seed`` …), the lesion series (none / minimal /
+    moderate / high at the classes' target volumes) and the diagnosis series (CN / MCI / AD
+    atrophy levels) are exact twins (:func:`twin_generator`). Their within-series similarity
+    is the ceiling a faithful counterfactual model can reach on this grid; a model scoring
+    above it on a series changes *less* than the truth does. With an ``oracle``, the twins
+    are also read by it: their alignment and monotone fraction are what the oracle allows a
+    perfect model to score.
+    """
+    gen = twin_generator(grid, contrast=contrast)
+    seeds = [int(seed) + i for i in range(int(n))]
+    out: dict[str, Any] = {"n_subjects": int(n), "first_seed": int(seed)}
+    if oracle is not None:
+        r = evaluate_generator(gen, oracle, seeds=seeds, grid=grid)
+        out["subject_ms_ssim"] = {"lesion": r["subject_ms_ssim"]["lesion_series"],
+                                  "diagnosis": r["subject_ms_ssim"]["diagnosis_series"]}
+        out["subject_psnr_db"] = {"lesion": r["subject_psnr_db"]["lesion_series"],
+                                  "diagnosis": r["subject_psnr_db"]["diagnosis_series"]}
+        out["lesion_monotone_fraction"] = r["lesion_monotone_fraction"]
+        out["alignment"] = {k: r["alignment"][k] for k in ("lesion_accuracy", "diagnosis_accuracy",
+                                                           "overall_accuracy", "lesion_by_prompt_class")}
+        return out
+    rows: dict[str, list] = {"lesion": [], "diagnosis": []}
+    for sd in seeds:
+        rows["lesion"].append(_series_similarity(gen(LESION_SERIES, sd)))
+        rows["diagnosis"].append(_series_similarity(gen(DIAGNOSIS_SERIES, sd)))
+    out["subject_ms_ssim"] = {k: round(float(np.mean([a for a, _ in v])), 5) for k, v in rows.items()}
+    out["subject_psnr_db"] = {k: round(float(np.mean([b for _, b in v])), 3) for k, v in rows.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------
@@ -321,29 +353,32 @@ def evaluate_generator(
     return results
 
 
-def sweep(make_generator: Callable[[int | None, float | None], Generator], oracle: Any, *, seeds: Sequence[int],
+def sweep(make_generator: Callable[[int, float, float], Generator], oracle: Any, *, seeds: Sequence[int],
           grid: Any | None, guidances: Sequence[float], steps_list: Sequence[int], default_steps: int,
-          default_guidance: float, on_event: EventCallback | None = None) -> dict[str, Any]:
-    """Guidance and steps sweeps (Imagining Alternatives Table 2): alignment vs subject preservation.
+          default_guidance: float, shares: Sequence[float] = (), default_share: float = 0.0,
+          on_event: EventCallback | None = None) -> dict[str, Any]:
+    """Guidance, steps and sharing sweeps (Imagining Alternatives Table 2): alignment vs subject preservation.
 
     Args:
-        make_generator: ``(steps, guidance) → generate(prompts, seed)``.
-        guidances: guidance scales, run at ``default_steps``.
-        steps_list: sampler steps, run at ``default_guidance``.
+        make_generator: ``(steps, guidance, share) → generate(prompts, seed)``.
+        guidances: guidance scales, run at ``default_steps`` and ``default_share``.
+        steps_list: sampler steps, run at ``default_guidance`` and ``default_share``.
+        shares: fractions of shared steps (see :func:`~..pipeline.generate_series`), run at the defaults.
 
     Returns:
-        ``{"guidance": [row, …], "steps": [row, …]}``; a row holds the setting, lesion /
-        diagnosis / overall alignment, monotone fraction and subject MS-SSIM / PSNR.
+        ``{"guidance": [row, …], "steps": [row, …], "share": [row, …]}``; a row holds the setting,
+        lesion / diagnosis / overall alignment, monotone fraction and subject MS-SSIM / PSNR.
     """
-    out: dict[str, list] = {"guidance": [], "steps": []}
-    runs = [("guidance", default_steps, float(g)) for g in guidances] + \
-           [("steps", int(n), default_guidance) for n in steps_list]
-    for k, (kind, n, g) in enumerate(runs):
+    out: dict[str, list] = {"guidance": [], "steps": [], "share": []}
+    runs = [("guidance", default_steps, float(g), default_share) for g in guidances] + \
+           [("steps", int(n), default_guidance, default_share) for n in steps_list] + \
+           [("share", default_steps, default_guidance, float(f)) for f in shares]
+    for k, (kind, n, g, f) in enumerate(runs):
         if on_event:
             on_event({"event": "progress", "stage": "sweep", "step": k, "total": len(runs), "eta_s": None})
         t = time.perf_counter()
-        r = evaluate_generator(make_generator(n, g), oracle, seeds=seeds, grid=grid)
-        out[kind].append({"steps": n, "guidance": g, "lesion_accuracy": r["alignment"]["lesion_accuracy"],
+        r = evaluate_generator(make_generator(n, g, f), oracle, seeds=seeds, grid=grid)
+        out[kind].append({"steps": n, "guidance": g, "share": f, "lesion_accuracy": r["alignment"]["lesion_accuracy"],
                           "diagnosis_accuracy": r["alignment"]["diagnosis_accuracy"],
                           "overall_accuracy": r["alignment"]["overall_accuracy"],
                           "lesion_monotone_fraction": r["lesion_monotone_fraction"],
@@ -452,7 +487,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"oracle `{report['oracle']['id']}` (grid {report['oracle']['grid']['shape']} at "
         f"{report['oracle']['grid']['spacing_mm']} mm; validation: {report['oracle']['validation']}). "
         f"Seeds {r['seeds']} ({r['n_seeds']} seeds × (4 + 3) prompts = {r['n_volumes']} volumes), "
-        f"{report['settings']['steps']} steps, guidance {report['settings']['guidance']}, device {report['settings']['device']}.",
+        f"{report['settings']['steps']} steps, guidance {report['settings']['guidance']}, "
+        f"shared steps {report['settings'].get('share', 0.0):g} of the trajectory, device {report['settings']['device']}.",
         "",
         "## Acceptance numbers",
         "",
@@ -469,6 +505,12 @@ def report_markdown(report: dict[str, Any]) -> str:
            f"({r['twin_reference']['n_subjects']} subjects); PSNR "
            f"{_fmt(r['twin_reference']['subject_psnr_db']['lesion'], 2)} / "
            f"{_fmt(r['twin_reference']['subject_psnr_db']['diagnosis'], 2)} dB |"] if r.get("twin_reference") else []),
+        *([f"| exact engine twins read by the oracle: alignment lesion / CN/MCI/AD, monotone | "
+           f"{r['twin_reference']['alignment']['lesion_accuracy']:.1%} / "
+           f"{r['twin_reference']['alignment']['diagnosis_accuracy']:.1%}, "
+           f"{r['twin_reference']['lesion_monotone_fraction']:.0%} | what the oracle lets a perfect model score; "
+           f"lesion by class {json.dumps(r['twin_reference']['alignment']['lesion_by_prompt_class'])} |"]
+          if r.get("twin_reference", {}).get("alignment") else []),
         f"| subject PSNR dB (lesion / diagnosis series) | {_fmt(r['subject_psnr_db']['lesion_series'], 2)} / {_fmt(r['subject_psnr_db']['diagnosis_series'], 2)} | whole volume, range 2 (model units) |",
         f"| diversity: pairwise MS-SSIM across seeds | {_fmt(r['diversity_pairwise_ms_ssim']['value'])} | prompt '{r['diversity_pairwise_ms_ssim']['prompt']}'; lower = more diverse |",
     ]
@@ -518,13 +560,14 @@ def report_markdown(report: dict[str, Any]) -> str:
               f"{json.dumps(report.get('peak_memory_mb') or {})}.", ""]
     if r.get("sweep"):
         sw = r["sweep"]
-        lines += ["## Guidance and steps sweeps (Imagining Alternatives Table 2)", "",
-                  f"{sw['n_seeds']} seeds per setting (seeds {sw['seeds']}).", "",
-                  "| steps | guidance | alignment lesion | alignment CN/MCI/AD | alignment all | monotone | "
+        lines += ["## Guidance, steps and sharing sweeps (Imagining Alternatives Table 2)", "",
+                  f"{sw['n_seeds']} seeds per setting (seeds {sw['seeds']}). Share: the fraction of sampler steps "
+                  "a series runs as one trajectory before it branches (0 = only the noise is shared).", "",
+                  "| steps | guidance | share | alignment lesion | alignment CN/MCI/AD | alignment all | monotone | "
                   "subject MS-SSIM lesion / dx | subject PSNR dB (lesion) | s per series |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for row in sw["guidance"] + sw["steps"]:
-            lines.append(f"| {row['steps']} | {row['guidance']:g} | {row['lesion_accuracy']:.1%} | "
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in sw["guidance"] + sw["steps"] + sw.get("share", []):
+            lines.append(f"| {row['steps']} | {row['guidance']:g} | {row.get('share', 0.0):g} | {row['lesion_accuracy']:.1%} | "
                          f"{row['diagnosis_accuracy']:.1%} | {row['overall_accuracy']:.1%} | "
                          f"{row['lesion_monotone_fraction']:.0%} | {_fmt(row['subject_ms_ssim_lesion'])} / "
                          f"{_fmt(row['subject_ms_ssim_diagnosis'])} | {_fmt(row['subject_psnr_db_lesion'], 2)} | "
@@ -603,19 +646,29 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
     p.add_argument("--edits", type=int, default=None,
                    help="held-out engine subjects to edit and compare with their exact twins (default 6; --quick 1; 0 = skip)")
     p.add_argument("--sweep", default=None,
-                   help="'auto' (default: guidance 0.5,1,2,3,4,5 and steps 5,10,20,40 over 4 seeds; --quick: 2 of each "
+                   help="'auto' (default: guidance 0.5,1,2,3,4,5, steps 5,10,20,40 and share 0,0.1,0.2,0.3,0.4 over 4 seeds; --quick: 2 of each "
                         "over 1 seed) or 'none'")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, ≤ 4 steps, 4 reference subjects, "
                                                         "1 edited subject, a 2×2 sweep")
     p.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP)")
+    add_share_argument(p)
     common(p)
     return p
+
+
+def add_share_argument(p: argparse.ArgumentParser) -> None:
+    """``--share F`` for the commands that generate series (generate, demo, evaluate)."""
+    p.add_argument("--share", type=float, default=None, metavar="F",
+                   help="fraction of sampler steps a series shares before it branches, 0 ≤ F < 1 "
+                        "(more = the members stay the same subject more closely; 0 = only the noise is shared; "
+                        "default: the model's)")
 
 
 def _command_line(args: argparse.Namespace) -> str:
     parts = ["counterfactualgen", "evaluate"]
     for flag, v in (("--model", args.model), ("--oracle", args.oracle), ("--out", args.out), ("--seed", args.seed),
                     ("--seeds", args.seeds), ("--steps", args.steps), ("--guidance", args.guidance),
+                    ("--share", args.share),
                     ("--reference", args.reference), ("--fid-weights", args.fid_weights), ("--edits", args.edits), ("--sweep", args.sweep),
                     ("--device", args.device)):
         if v is not None:
@@ -673,7 +726,8 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
     out = StagedOutput(Path(args.out))
     try:
         t0 = time.perf_counter()
-        generate = model_generator(model, encoder, steps=steps, guidance=args.guidance, device=args.device,
+        generate = model_generator(model, encoder, steps=steps, guidance=args.guidance, share=args.share,
+                                   device=args.device,
                                    should_cancel=ev.should_cancel)
         reference = None
         if n_ref >= 2:
@@ -686,25 +740,28 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         seeds = [int(args.seed) + i for i in range(n_seeds)]
         results = evaluate_generator(generate, oracle, seeds=seeds, grid=model.spec.grid, reference=reference,
                                      text_pooled=text_pooled, fid=fid, on_event=ev.emit)
-        ev.log("Exact engine twin series (the ceiling for subject MS-SSIM)…")
+        ev.log("Exact engine twin series (the ceiling for subject MS-SSIM, and what the oracle reads on them)…")
         results["twin_reference"] = twin_series_reference(model.spec.grid, 2 if args.quick else 10,
-                                                          contrast=model.spec.contrast)
+                                                          contrast=model.spec.contrast, oracle=oracle)
         used_steps = int(steps if steps is not None else model.spec.schedule.get("default_steps", 30))
         used_guidance = float(args.guidance if args.guidance is not None else model.spec.schedule.get("default_guidance", 1.0))
+        used_share = float(args.share if args.share is not None else model.spec.schedule.get("default_share", 0.0))
         if sweep_mode == "auto":
             guidances, steps_list = ((1.0, 3.0), (2, 4)) if args.quick else ((0.5, 1.0, 2.0, 3.0, 4.0, 5.0),
                                                                                 (5, 10, 20, 40))
             sweep_seeds = seeds[:1] if args.quick else [int(args.seed) + 100 + i for i in range(4)]
+            shares = (0.0, 0.3) if args.quick else (0.0, 0.1, 0.2, 0.3, 0.4)
             ev.log(f"Sweeps: guidance {list(guidances)} at {used_steps} steps, steps {list(steps_list)} at guidance "
-                   f"{used_guidance:g}, {len(sweep_seeds)} seed(s) each…")
+                   f"{used_guidance:g}, shared steps {list(shares)}; {len(sweep_seeds)} seed(s) each…")
 
-            def make_generator(n: int | None, g: float | None) -> Generator:
-                return model_generator(model, encoder, steps=n, guidance=g, device=args.device,
+            def make_generator(n: int, g: float, f: float) -> Generator:
+                return model_generator(model, encoder, steps=n, guidance=g, share=f, device=args.device,
                                        should_cancel=ev.should_cancel)
 
             results["sweep"] = sweep(make_generator, oracle, seeds=sweep_seeds, grid=model.spec.grid,
                                      guidances=guidances, steps_list=steps_list, default_steps=used_steps,
-                                     default_guidance=used_guidance, on_event=ev.emit)
+                                     default_guidance=used_guidance, shares=shares, default_share=used_share,
+                                     on_event=ev.emit)
         if n_edits > 0:
             from .edits import evaluate_edits, model_editor
 
@@ -725,7 +782,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
                        "validation": {k: oracle.spec.metrics.get(k) for k in
                                       ("lesion_ml_mae", "dice_mean", "diagnosis_accuracy", "lesion_class_accuracy")}},
             "settings": {"seeds": n_seeds, "first_seed": int(args.seed), "steps": used_steps,
-                         "guidance": used_guidance, "device": args.device, "quick": bool(args.quick),
+                         "guidance": used_guidance, "share": used_share, "device": args.device, "quick": bool(args.quick),
                          "edited_subjects": n_edits, "sweep": sweep_mode,
                          "reference_subjects": n_ref if reference is not None else 0},
             "results": results,
