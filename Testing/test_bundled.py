@@ -155,6 +155,21 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
         mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
     with pytest.raises(Exception, match="share"):
         mod.install(dest, evaluation=None, default=False, expected={}, readme=readme, default_share=1.0)
+    # and default steps: an evaluation at other steps is refused
+    report["settings"]["share"] = 0.2
+    (ev / "report.json").write_text(json.dumps(report))
+    card_path = dest / "MODEL_CARD.md"
+    card_path.write_text(card_path.read_text() + "\n## Sweeps\n\n| steps | guidance |\n|---|---|\n| 4 | 2 |\n")
+    dest = mod.install(dest, evaluation=None, default=False, expected={}, readme=readme, default_steps=8,
+                       steps_note="chosen by the steps sweep")
+    assert "| steps | guidance |" in card_path.read_text()  # a later section's table is not the card's row
+    assert load_model(dest).spec.schedule["default_steps"] == 8 and "| steps | 8 sampler steps" in (dest / "MODEL_CARD.md").read_text()
+    assert "| series |" in (dest / "MODEL_CARD.md").read_text()  # the other rows stay
+    with pytest.raises(Exception, match="steps"):
+        mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
+    report["settings"]["steps"] = 8
+    (ev / "report.json").write_text(json.dumps(report))
+    assert mod.install(dest, evaluation=ev, default=False, expected={}, readme=readme) == dest
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched
 
 

@@ -190,10 +190,34 @@ def _write_registry(entry: dict[str, Any], default: bool) -> Path:
     return path
 
 
+def _set_default(spec: dict, work: Path, key: str, value: Any, note: str, card_line: str) -> None:
+    """Record ``schedule.default_<key>`` (and its note) in the staged model.json, and a ``| <key> |`` row in its card."""
+    import re
+
+    spec["schedule"][f"default_{key}"] = value
+    if note:
+        spec["schedule"][f"default_{key}_note"] = note
+    (work / "model.json").write_text(json.dumps(spec, indent=2))
+    if not (work / "MODEL_CARD.md").exists():
+        return
+    text = (work / "MODEL_CARD.md").read_text()
+    cut = text.find("\n## ")  # only the card's first table: later sections have tables of their own
+    card, rest = (text, "") if cut < 0 else (text[:cut], text[cut:])
+    row = re.escape(card_line.split(" | ")[0] + " |")  # e.g. "| series |"
+    if re.search(rf"^{row}.*$", card, flags=re.M):
+        card = re.sub(rf"^{row}.*$", lambda _m: card_line, card, count=1, flags=re.M)
+    elif re.search(r"^\| schedule \|.*$", card, flags=re.M):
+        card = re.sub(r"^(\| schedule \|.*)$", lambda mt: mt.group(1) + "\n" + card_line, card, count=1, flags=re.M)
+    else:  # a card without the training table: a table of its own
+        card = card.rstrip("\n") + "\n\n| | |\n|---|---|\n" + card_line + "\n"
+    (work / "MODEL_CARD.md").write_text(card + rest)
+
+
 def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict[str, str],
             oracle_name: str = "oracle-5mm", readme: Path | None = ROOT / "README.md",
             default_guidance: float | None = None, guidance_note: str = "",
-            default_share: float | None = None, share_note: str = "") -> Path:
+            default_share: float | None = None, share_note: str = "",
+            default_steps: int | None = None, steps_note: str = "") -> Path:
     if (src / "oracle.json").exists():
         from CounterfactualGenLib.evaluation.oracle import load_oracle
 
@@ -232,27 +256,28 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                 (work / "MODEL_CARD.md").write_text(card)
             print(f"Default guidance {old} → {float(default_guidance):g}.", file=sys.stderr)
         if default_share is not None:
-            import re
-
             if not 0.0 <= float(default_share) < 1.0:
                 raise InputError(f"--default-share must be at least 0 and below 1; got {default_share}.")
             old = spec["schedule"].get("default_share", 0.0)
-            spec["schedule"]["default_share"] = float(default_share)
-            if share_note:
-                spec["schedule"]["default_share_note"] = share_note
-            (work / "model.json").write_text(json.dumps(spec, indent=2))
-            if (work / "MODEL_CARD.md").exists():
-                card = (work / "MODEL_CARD.md").read_text()
-                line = (f"| series | one shared noise; the first {float(default_share):g} of the sampler steps are shared "
-                        f"too before the series branches{f' ({share_note})' if share_note else ''} |")
-                if re.search(r"^\| series \|.*$", card, flags=re.M):
-                    card = re.sub(r"^\| series \|.*$", lambda _m: line, card, count=1, flags=re.M)
-                elif re.search(r"^\| schedule \|.*$", card, flags=re.M):
-                    card = re.sub(r"^(\| schedule \|.*)$", lambda mt: mt.group(1) + "\n" + line, card, count=1, flags=re.M)
-                else:  # a card without the training table: a table of its own
-                    card = card.rstrip("\n") + "\n\n| | |\n|---|---|\n" + line + "\n"
-                (work / "MODEL_CARD.md").write_text(card)
+            _set_default(spec, work, "share", float(default_share), share_note,
+                         f"| series | one shared noise; the first {float(default_share):g} of the sampler steps are shared "
+                         f"too before the series branches{f' ({share_note})' if share_note else ''} |")
             print(f"Default share {old:g} → {float(default_share):g}.", file=sys.stderr)
+        if default_steps is not None:
+            if not 1 <= int(default_steps) <= 1000:
+                raise InputError(f"--default-steps must be between 1 and 1000; got {default_steps}.")
+            old = spec["schedule"].get("default_steps")
+            _set_default(spec, work, "steps", int(default_steps), steps_note,
+                         f"| steps | {int(default_steps)} sampler steps by default"
+                         f"{f' ({steps_note})' if steps_note else ''} |")
+            if (work / "MODEL_CARD.md").exists():
+                import re
+
+                card = re.sub(r"(rectified flow, )[0-9]+( Euler steps by default)",
+                              lambda mt: f"{mt.group(1)}{int(default_steps)}{mt.group(2)}",
+                              (work / "MODEL_CARD.md").read_text(), count=1)
+                (work / "MODEL_CARD.md").write_text(card)
+            print(f"Default steps {old} → {int(default_steps)}.", file=sys.stderr)
         if evaluation is not None:
             report = json.loads((evaluation / "report.json").read_text())
             if report["model"]["id"] != model.id:
@@ -262,6 +287,10 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                 raise InputError(f"The evaluation in {evaluation} ran at guidance {report['settings']['guidance']}, "
                                  f"but the model's default guidance is {g:g}: its numbers would not describe "
                                  "what users get. Evaluate at the default guidance.")
+            n = spec["schedule"].get("default_steps")
+            if n is not None and int(report["settings"]["steps"]) != int(n):
+                raise InputError(f"The evaluation in {evaluation} ran {report['settings']['steps']} steps, but the "
+                                 f"model's default is {int(n)}: evaluate at the default steps.")
             f = float(spec["schedule"].get("default_share", 0.0))
             if abs(float(report["settings"].get("share", 0.0)) - f) > 1e-9:
                 raise InputError(f"The evaluation in {evaluation} shared {report['settings'].get('share', 0.0):g} of the "
@@ -305,12 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-share", type=float, default=None,
                     help="set the fraction of sampler steps a series shares by default (e.g. from evaluate's share sweep)")
     ap.add_argument("--share-note", default="", help="how the default share was chosen (recorded in spec and card)")
+    ap.add_argument("--default-steps", type=int, default=None,
+                    help="set the model's default sampler steps (e.g. from evaluate's steps sweep)")
+    ap.add_argument("--steps-note", default="", help="how the default steps were chosen (recorded in spec and card)")
     args = ap.parse_args(argv)
     expected = dict(kv.split("=", 1) for kv in args.expected_time)
     dest = install(Path(args.folder), evaluation=Path(args.evaluation) if args.evaluation else None,
                    default=args.default, expected=expected, oracle_name=args.name,
                    default_guidance=args.default_guidance, guidance_note=args.guidance_note,
-                   default_share=args.default_share, share_note=args.share_note)
+                   default_share=args.default_share, share_note=args.share_note,
+                   default_steps=args.default_steps, steps_note=args.steps_note)
     print(f"Installed {args.folder} → {dest} and registered it in {RESOURCES / 'Models.json'}.", file=sys.stderr)
     return 0
 
