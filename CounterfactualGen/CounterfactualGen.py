@@ -166,7 +166,8 @@ class CounterfactualGenParameterNode:
     modelId - registry id ("" = bundled default); modelFolder - a local model folder (used when modelId == LOCAL_MODEL).
     device - "auto", "cpu" or "cuda:N"; steps, guidance, seed - sampler settings.
     share - fraction of the sampler steps a generated series shares before it branches.
-    samplerDefaultsFor - the model whose recommended steps/guidance/share were last filled in
+    separation - how strongly each member of a generated series is guided away from the series' mean prompt.
+    samplerDefaultsFor - the model whose recommended steps/guidance/share/separation were last filled in
         (choosing another model fills in its own; a saved scene keeps the user's values).
     """
 
@@ -185,6 +186,7 @@ class CounterfactualGenParameterNode:
     steps: Annotated[int, WithinRange(1, 1000)] = 30
     guidance: Annotated[float, WithinRange(0.0, 20.0)] = 2.0
     share: Annotated[float, WithinRange(0.0, 0.95)] = 0.0
+    separation: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     samplerDefaultsFor: str = ""
 
@@ -466,7 +468,8 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         common = dict(model=model, steps=p.steps, guidance=p.guidance, seed=p.seed, device=p.device)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CounterfactualGen."), waitCursor=True):
             if self._isGenerateTask():
-                self._run = self.logic.startGenerate(self._promptLines(), count=p.count, share=p.share, **common)
+                self._run = self.logic.startGenerate(self._promptLines(), count=p.count, share=p.share,
+                                                     separation=p.separation, **common)
             else:
                 self._run = self.logic.startEdit(
                     p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
@@ -760,7 +763,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         return default, entries
 
     def modelDefaults(self, model: str) -> dict:
-        """The sampler settings a model recommends: ``{"steps", "guidance", "share"}``, each only when the
+        """The sampler settings a model recommends: ``{"steps", "guidance", "share", "separation"}``, each only when the
         model states it (registry entry ``defaults``, else its model.json ``schedule``); never raises."""
         defaultId, entries = self.registeredModels()
         entry = next((e for e in entries if e.get("id") == (model or defaultId)), None)
@@ -774,12 +777,12 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             try:
                 with open(specPath, encoding="utf-8") as f:
                     schedule = json.load(f).get("schedule") or {}
-                defaults = {k: schedule[f"default_{k}"] for k in ("steps", "guidance", "share")
+                defaults = {k: schedule[f"default_{k}"] for k in ("steps", "guidance", "share", "separation")
                             if f"default_{k}" in schedule}
             except (OSError, ValueError, AttributeError):
                 defaults = {}
         out = {}
-        for key, kind in (("steps", int), ("guidance", float), ("share", float)):
+        for key, kind in (("steps", int), ("guidance", float), ("share", float), ("separation", float)):
             try:
                 if defaults.get(key) is not None:
                     out[key] = kind(defaults[key])
@@ -788,7 +791,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         return out
 
     def applyModelDefaults(self, parameterNode, model: str) -> bool:
-        """Fill in the model's recommended steps/guidance/share once per chosen model.
+        """Fill in the model's recommended steps/guidance/share/separation once per chosen model.
 
         Returns True when values were filled in. A parameter node whose settings already belong
         to this model (e.g. from a saved scene, or changed by the user since) is left alone.
@@ -802,6 +805,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             parameterNode.guidance = defaults["guidance"]
         if 0.0 <= defaults.get("share", 0.0) <= 0.95:
             parameterNode.share = defaults.get("share", 0.0)
+        if 0.0 <= defaults.get("separation", 0.0) <= 20.0:
+            parameterNode.separation = defaults.get("separation", 0.0)
         parameterNode.samplerDefaultsFor = model or ""
         return True
 
@@ -888,7 +893,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def buildGenerateArgs(prompts, outDir, *, model="", steps=30, guidance=2.0, seed=0, device="auto",
-                          share=None) -> list:
+                          share=None, separation=None) -> list:
         args = ["generate"]
         if model:
             args += ["--model", model]
@@ -897,6 +902,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         args += ["--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", f"{float(guidance):g}"]
         if share is not None:  # None: the model's default
             args += ["--share", f"{float(share):g}"]
+        if separation is not None:  # None: the model's default
+            args += ["--separation", f"{float(separation):g}"]
         args += ["--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
         return args
 
@@ -978,10 +985,11 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ generate
     def startGenerate(self, prompts, *, count=1, model="", steps=30, guidance=2.0, seed=0, device="auto",
-                      share=None, outputDir=None) -> CounterfactualGenRun:
+                      share=None, separation=None, outputDir=None) -> CounterfactualGenRun:
         """Start generating ``count`` series (seeds seed..seed+count-1), one volume per prompt.
 
-        ``share``: fraction of the sampler steps each series shares before it branches (``None``: the model's)."""
+        ``share``: fraction of the sampler steps each series shares before it branches (``None``: the model's).
+        ``separation``: how strongly each member is guided away from the series' mean prompt (``None``: the model's)."""
         prompts = [p.strip() for p in prompts if p and p.strip()]
         if not prompts:
             raise ValueError(_("Enter at least one description (one per line)."))
@@ -989,6 +997,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The number of subjects must be at least 1."))
         if share is not None and not 0.0 <= float(share) < 1.0:
             raise ValueError(_("Shared steps must be at least 0 and below 1 (a fraction of the steps)."))
+        if separation is not None and not 0.0 <= float(separation) <= 20.0:
+            raise ValueError(_("Separation must be between 0 and 20."))
         self._validateCommon(model, steps, guidance, device)
         workDir = self._newWorkDir()
         ownsOutputDir = outputDir is None
@@ -997,7 +1007,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         for s in range(int(seed), int(seed) + int(count)):
             outDir = os.path.join(base, f"seed_{s}") if int(count) > 1 else base
             jobs.append((self.buildGenerateArgs(prompts, outDir, model=model, steps=steps, guidance=guidance,
-                                                seed=s, device=device, share=share), outDir, device))
+                                                seed=s, device=device, share=share, separation=separation),
+                         outDir, device))
 
         def loader(summaries):
             nodes = []
@@ -1011,7 +1022,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
         describe = ["Generate", str(int(count)), "subject(s) x", str(len(prompts)), "description(s)",
                     f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, "
-                    f"shared steps {'model default' if share is None else f'{float(share):g}'}, seed {int(seed)},"
+                    f"shared steps {'model default' if share is None else f'{float(share):g}'}, separation "
+                    f"{'model default' if separation is None else f'{float(separation):g}'}, seed {int(seed)},"
                     f" device {device})"]
         try:
             return CounterfactualGenRun(self, "generate", jobs, workDir, ownsOutputDir, loader, describe)

@@ -168,7 +168,7 @@ def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "") 
         name = f"{prefix}{i:02d}_{_slug(prompt)}.{fmt}"
         prov = Provenance(model.id, [prompt], series.seed, None, kind="generated",
                           extra={"steps": series.steps, "guidance": series.guidance, "share": series.share,
-                                 "series_prompts": list(series.prompts)})
+                                 "separation": series.separation, "series_prompts": list(series.prompts)})
         write_volume(vol, out.path(name), provenance=prov)
         outputs.append({"prompt": prompt, "path": str(out.final(name))})
     montage = f"{prefix}montage.png"
@@ -187,11 +187,13 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
     try:
         t0 = time.perf_counter()
         series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                 share=args.share, device=args.device, precision=args.precision, on_event=ev.emit,
+                                 share=args.share, separation=args.separation, device=args.device,
+                                 precision=args.precision, on_event=ev.emit,
                                  should_cancel=ev.should_cancel)
         outputs, montage = _write_series(series, model, out, args.format)
         summary = {"kind": "generate", "synthetic": True, "model": model.id, "seed": series.seed,
-                   "steps": series.steps, "guidance": series.guidance, "share": series.share, "device": series.device,
+                   "steps": series.steps, "guidance": series.guidance, "share": series.share,
+                   "separation": series.separation, "device": series.device,
                    "outputs": outputs, "montage": montage, "timings_s": series.timings_s,
                    "total_s": round(time.perf_counter() - t0, 3), "software": f"CounterfactualGen {__version__}"}
         (out.path("summary.json")).write_text(json.dumps(summary, indent=2))
@@ -216,11 +218,13 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
         for key, prompts in (("lesion_load", LESION_SERIES), ("diagnosis", DIAGNOSIS_SERIES)):
             ev.log(f"Generating the {key.replace('_', ' ')} series ({len(prompts)} prompts, one shared noise)…")
             series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps,
-                                     guidance=args.guidance, share=args.share, device=args.device, on_event=ev.emit,
+                                     guidance=args.guidance, share=args.share, separation=args.separation,
+                                     device=args.device, on_event=ev.emit,
                                      should_cancel=ev.should_cancel)
             outputs, montage = _write_series(series, model, out, args.format, prefix=f"{key}_")
             results[key] = {"outputs": outputs, "montage": montage, "timings_s": series.timings_s,
-                            "steps": series.steps, "guidance": series.guidance, "share": series.share}
+                            "steps": series.steps, "guidance": series.guidance, "share": series.share,
+                            "separation": series.separation}
         summary = {"kind": "demo", "synthetic": True, "model": model.id, "model_description": card,
                    "seed": args.seed, "series": results, "total_s": round(time.perf_counter() - t0, 2),
                    "software": f"CounterfactualGen {__version__}"}

@@ -144,6 +144,7 @@ class GeneratedSeries:
     timings_s: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     share: float = 0.0
+    separation: float = 0.0
 
 
 def model_to_output_intensity(x: np.ndarray) -> np.ndarray:
@@ -170,6 +171,7 @@ def generate_series(
     steps: int | None = None,
     guidance: float | None = None,
     share: float | None = None,
+    separation: float | None = None,
     device: str = "auto",
     precision: str = "auto",
     on_event: EventCallback | None = None,
@@ -188,6 +190,12 @@ def generate_series(
     continues on its own, which is where lesions and atrophy form. For a one-prompt
     series sharing changes nothing.
 
+    With ``separation`` = a > 0 every member is, after the branch, also guided away from the
+    series' mean prompt (the one the shared steps ran under):
+    ``v = v_null + s·(v_cond − v_null) + a·(v_cond − v_mean)``. That strengthens what tells
+    the members apart (lesion load, diagnosis) and costs a third network pass per step.
+    For a one-prompt series the term is zero and is skipped.
+
     Args:
         model: a loaded model.
         text_encoder: the model's text encoder (checked against the spec).
@@ -197,6 +205,8 @@ def generate_series(
         guidance: classifier-free guidance scale s (v = v_null + s·(v_cond − v_null)); 1 = none.
         share: fraction of the steps the series shares before it branches, in [0, 1): 0 shares
             only the noise. The default is the model's ``schedule.default_share``, or 0 when it has none.
+        separation: a in [0, 20] (see above); default the model's
+            ``schedule.default_separation``, or 0.
         device: ``auto``, ``cpu`` or ``cuda:N``.
         precision: ``auto`` (bf16 on GPU if the parity check passes), ``fp32`` or ``bf16``.
         on_event: progress/log callback.
@@ -226,6 +236,9 @@ def generate_series(
     share = float(model.spec.schedule.get("default_share", 0.0) if share is None else share)
     if not (0.0 <= share < 1.0):
         raise InputError(f"share must be at least 0 and below 1 (a fraction of the sampler steps); got {share}.")
+    separation = float(model.spec.schedule.get("default_separation", 0.0) if separation is None else separation)
+    if not (0.0 <= separation <= 20.0):
+        raise InputError(f"separation must be between 0 and 20; got {separation}.")
 
     rep = Reporter(on_event)
     dev = select_device(device)
@@ -245,8 +258,12 @@ def generate_series(
     ts = _timesteps(model, steps)
     k = min(int(round(share * steps)), steps - 1) if n > 1 else 0  # shared steps (the last one never is)
 
-    def model_fn_of(ctx):
-        fn = guided(model.denoiser, ctx, null, guidance)
+    mean = cond.mean(0, keepdim=True)
+    away = separation if n > 1 else 0.0
+
+    def model_fn_of(ctx, away_scale=0.0):
+        fn = guided(model.denoiser, ctx, null, guidance, away_context=mean if away_scale else None,
+                    away_scale=away_scale)
 
         def model_fn(xx, tt):
             with _autocast(dev, precision):
@@ -257,10 +274,10 @@ def generate_series(
     rep.start("sample", steps)
     with torch.inference_mode():
         if k:  # one trajectory under the series' mean prompt
-            x = sample_rflow(model_fn_of(cond.mean(0, keepdim=True)), x, ts[: k + 1],
+            x = sample_rflow(model_fn_of(mean), x, ts[: k + 1],
                              callback=lambda i, tot: rep.step("sample", i, steps), should_cancel=should_cancel)
         x = x.expand(n, *x.shape[1:]).contiguous()
-        z0 = sample_rflow(model_fn_of(cond), x, ts[k:], callback=lambda i, tot: rep.step("sample", k + i, steps),
+        z0 = sample_rflow(model_fn_of(cond, away), x, ts[k:], callback=lambda i, tot: rep.step("sample", k + i, steps),
                           should_cancel=should_cancel)
     rep.end("sample")
 
@@ -271,7 +288,7 @@ def generate_series(
 
     affine = model.spec.grid.affine_ras
     vols = [Volume(model_to_output_intensity(img[i, 0]), affine) for i in range(n)]
-    return GeneratedSeries(prompts, vols, int(seed), steps, guidance, dict(rep.timings_s), str(dev), share)
+    return GeneratedSeries(prompts, vols, int(seed), steps, guidance, dict(rep.timings_s), str(dev), share, away)
 
 
 # =====================================================================================

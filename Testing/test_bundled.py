@@ -169,6 +169,18 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
         mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
     report["settings"]["steps"] = 8
     (ev / "report.json").write_text(json.dumps(report))
+    # and a default separation: recorded in spec, card and registry; an evaluation at another one is refused
+    dest = mod.install(dest, evaluation=None, default=False, expected={}, readme=readme, default_separation=2.0,
+                       separation_note="chosen by the separation sweep")
+    assert load_model(dest).spec.schedule["default_separation"] == 2.0
+    assert "| separation |" in (dest / "MODEL_CARD.md").read_text()
+    assert json.loads((res / "Models.json").read_text())["models"][0]["defaults"]["separation"] == 2.0
+    with pytest.raises(Exception, match="separation"):
+        mod.install(dest, evaluation=ev, default=True, expected={}, readme=readme)
+    with pytest.raises(Exception, match="separation"):
+        mod.install(dest, evaluation=None, default=False, expected={}, readme=readme, default_separation=-1.0)
+    report["settings"]["separation"] = 2.0
+    (ev / "report.json").write_text(json.dumps(report))
     assert mod.install(dest, evaluation=ev, default=False, expected={}, readme=readme) == dest
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched
 

@@ -87,6 +87,30 @@ def test_shared_steps_keep_a_series_closer_and_are_recorded(tiny, tmp_path):
     assert generate_series(model, enc, PROMPTS, seed=3, steps=3).share == 0.34
 
 
+def test_separation_pushes_the_members_apart_and_is_recorded(tiny, tmp_path):
+    """--separation guides each member away from the series' mean prompt: the members end further
+    apart than without it; the setting is recorded; a one-prompt series is unaffected."""
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.pipeline import generate_series
+
+    def spread(a):
+        out = tmp_path / f"a{a}"
+        assert _generate(tiny, out, "--separation", str(a)) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["separation"] == a
+        vols = [read_volume(o["path"]) for o in summary["outputs"]]
+        assert all(float(v.metadata["CounterfactualGen.separation"]) == a for v in vols)
+        return float(np.abs(vols[0].array - vols[1].array).mean())
+
+    assert spread(3.0) > 1.2 * spread(0.0)
+    model, enc = _load(str(tiny), None, Events(json_mode=False))
+    one = [generate_series(model, enc, PROMPTS[:1], seed=3, steps=3, separation=a) for a in (0.0, 3.0)]
+    np.testing.assert_array_equal(one[0].volumes[0].array, one[1].volumes[0].array)
+    assert one[1].separation == 0.0  # nothing to separate from: recorded as off
+    model.spec.schedule["default_separation"] = 1.5  # the model's default applies when none is asked for
+    assert generate_series(model, enc, PROMPTS, seed=3, steps=3).separation == 1.5
+
+
 def test_progress_json_lines(tiny, tmp_path, capsys):
     assert _generate(tiny, tmp_path / "o", "--progress-json") == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -104,6 +128,8 @@ def test_progress_json_lines(tiny, tmp_path, capsys):
         (["--device", "cuda:7"], 3, "cuda|CUDA|GPU"),
         (["--share", "1"], 3, "share"),
         (["--share", "-0.1"], 3, "share"),
+        (["--separation", "-1"], 3, "separation"),
+        (["--separation", "21"], 3, "separation"),
     ],
 )
 def test_bad_arguments_are_clear_and_write_nothing(tiny, tmp_path, capsys, args, code, msg):

@@ -293,11 +293,12 @@ def test_evaluate_quick_end_to_end(tmp_path):
     sw = r["sweep"]
     assert [row["guidance"] for row in sw["guidance"]] == [1.0, 3.0] and [row["steps"] for row in sw["steps"]] == [2, 4]
     assert [row["share"] for row in sw["share"]] == [0.0, 0.3] and rep["settings"]["share"] == 0.0
+    assert [row["separation"] for row in sw["separation"]] == [0.0, 2.0] and rep["settings"]["separation"] == 0.0
     e = r["edits"]
     assert e["n_subjects"] == 1 and set(e["summary"]) >= {"fill", "fill_with_mask", "add", "composition_l1"}
     assert set(e["summary"]["composition_l1"]) == {"1", "2"} and e["seconds_per_edit"] > 0
     assert e["summary"]["fill"]["outside_brain_bit_identical"] == 1.0  # never touched outside the brain
-    assert "exact twins" in md and "Guidance, steps and sharing sweeps" in md and (out / "edits_best_worst.png").exists()
+    assert "exact twins" in md and "Guidance, steps, sharing and separation sweeps" in md and (out / "edits_best_worst.png").exists()
     assert rep["peak_memory_mb"]["cpu_rss"] > 100
     tw = r["twin_reference"]
     assert tw["n_subjects"] == 2 and "exact engine twins" in md

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from CounterfactualGenLib.errors import InputError, ModelError
 from CounterfactualGenLib.evaluation.oracle import (Oracle, OracleSpec, apply_calibration, fit_calibration, load_oracle,
@@ -135,6 +136,15 @@ def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
     assert out["lesion_prob"].shape == (4, 16, 16, 16) and len(out["diagnosis"]) == 4
     # the pool holds the engine's exact truth, in model units
     assert pool["images"].min() >= -1.0 and set(np.unique(pool["lesion"])) <= {0, 1}
+    # a second stage continues from the first oracle's weights; the card says so; a mismatch is refused
+    cfg2 = {**cfg, "init_from": str(folder), "iterations": 1, "lr": 0.0}
+    second = load_oracle(mod.train(cfg2, tmp_path / "run2"))
+    for k, v in oracle.net.state_dict().items():
+        assert torch.equal(second.net.state_dict()[k], v), k  # lr 0: exactly the first oracle
+    assert second.spec.training["init_from"]["iterations"] == 3
+    assert "initialised from" in (tmp_path / "run2" / "oracle" / "ORACLE_CARD.md").read_text()
+    with pytest.raises(Exception, match="init_from"):
+        mod.train({**cfg2, "architecture": {**SMALL, "channels": [4, 8]}}, tmp_path / "run3")
 
 
 @pytest.mark.skipif(not (ROOT / "Resources" / "Models" / "oracle-5mm" / "oracle.json").exists(),

@@ -343,6 +343,27 @@ def test_cfg_identities_and_single_doubled_batch():
     assert torch.allclose(out, out2)
 
 
+def test_cfg_with_an_away_prompt_is_one_tripled_batch():
+    """away_context adds a·(p_cond − p_away) on top of CFG, in one [null; cond; away] batch."""
+    m = _CountingModel()
+    x, t = torch.randn(2, 1, 2, 2, 2), torch.tensor([0.3, 0.7])
+    cond, null, away = torch.full((1, 3, 4), 2.0), torch.full((1, 3, 4), -1.0), torch.full((1, 3, 4), 0.5)
+    p_cond, p_null, p_away = (m(x, t, c.expand(2, -1, -1)) for c in (cond, null, away))
+    m.batches.clear()
+    out = guided(m, cond, null, 3.0, away_context=away, away_scale=2.0)(x, t)
+    assert m.batches == [6]
+    assert torch.allclose(out, p_null + 3.0 * (p_cond - p_null) + 2.0 * (p_cond - p_away), atol=1e-6)
+    m.batches.clear()
+    out = guided(m, cond, null, 1.0, away_context=away, away_scale=2.0)(x, t)  # no null branch at scale 1
+    assert m.batches == [4] and torch.allclose(out, p_cond + 2.0 * (p_cond - p_away), atol=1e-6)
+    # away_scale 0 is plain CFG; a negative scale or a missing context is refused
+    assert torch.allclose(guided(m, cond, null, 3.0, away_context=away, away_scale=0.0)(x, t),
+                          guided(m, cond, null, 3.0)(x, t))
+    for bad in ({"away_scale": -1.0, "away_context": away}, {"away_scale": 1.0}):
+        with pytest.raises(InputError, match="away"):
+            guided(m, cond, null, 3.0, **bad)
+
+
 def test_cfg_with_real_denoiser(tiny_denoiser):
     net = tiny_denoiser
     x, t = torch.randn(2, 4, 8, 8, 8), torch.rand(2)

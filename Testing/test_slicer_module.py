@@ -736,21 +736,21 @@ def test_model_defaults_fill_in_once_per_model(cfg, scene, tmp_path, monkeypatch
     (res / "Models" / "b" / "model.json").write_text(json.dumps({"schedule": {"default_steps": 12,
                                                                             "default_guidance": 3.5}}))
     registry = {"default": "a", "models": [
-        {"id": "a", "path": "a", "defaults": {"steps": 20, "guidance": 4.0, "share": 0.2}},
+        {"id": "a", "path": "a", "defaults": {"steps": 20, "guidance": 4.0, "share": 0.2, "separation": 2.0}},
         {"id": "b", "path": "b"},
         {"id": "o", "kind": "oracle", "path": "o"}]}
     (res / "Models.json").write_text(json.dumps(registry))
     monkeypatch.setattr(cfg.CounterfactualGenLogic, "sharedResourcesDir", staticmethod(lambda: str(res)))
     lg = cfg.CounterfactualGenLogic()
-    assert lg.modelDefaults("") == {"steps": 20, "guidance": 4.0, "share": 0.2}  # "" = the registry default
+    assert lg.modelDefaults("") == {"steps": 20, "guidance": 4.0, "share": 0.2, "separation": 2.0}  # "" = the registry default
     assert lg.modelDefaults("b") == {"steps": 12, "guidance": 3.5}  # from its model.json
     assert lg.modelDefaults("nope") == {} and lg.modelDefaults(str(tmp_path / "missing")) == {}
     p = lg.getParameterNode()
     assert (p.steps, p.guidance, p.share) == (30, 2.0, 0.0)
-    assert lg.applyModelDefaults(p, "a") and (p.steps, p.guidance, p.share) == (20, 4.0, 0.2)
+    assert lg.applyModelDefaults(p, "a") and (p.steps, p.guidance, p.share, p.separation) == (20, 4.0, 0.2, 2.0)
     p.steps = 7  # the user's choice for this model is kept
     assert not lg.applyModelDefaults(p, "a") and p.steps == 7
-    assert lg.applyModelDefaults(p, "b") and (p.steps, p.guidance, p.share) == (12, 3.5, 0.0)
+    assert lg.applyModelDefaults(p, "b") and (p.steps, p.guidance, p.share, p.separation) == (12, 3.5, 0.0, 0.0)
     local = tmp_path / "local"
     local.mkdir()
     (local / "model.json").write_text(json.dumps({"schedule": {"default_steps": 9, "default_share": 0.3}}))
@@ -760,13 +760,18 @@ def test_model_defaults_fill_in_once_per_model(cfg, scene, tmp_path, monkeypatch
 def test_generate_passes_share_and_the_real_cli_accepts_it(logic, scene, slicer_stub, fake_cli):
     from CounterfactualGenLib.cli import build_parser
 
-    logic.generateBlocking(["Subject has no lesions.", "Subject has high lesion load."], steps=2, share=0.25)
+    logic.generateBlocking(["Subject has no lesions.", "Subject has high lesion load."], steps=2, share=0.25,
+                           separation=1.5)
     argv = fake_cli.calls()[-1]["argv"]
-    assert build_parser().parse_args(argv).share == 0.25
+    parsed = build_parser().parse_args(argv)
+    assert parsed.share == 0.25 and parsed.separation == 1.5
     logic.generateBlocking(["Subject has no lesions."], steps=2)
-    assert "--share" not in fake_cli.calls()[-1]["argv"]  # None: the model's own default
+    argv = fake_cli.calls()[-1]["argv"]
+    assert "--share" not in argv and "--separation" not in argv  # None: the model's own default
     with pytest.raises(ValueError, match="Shared steps"):
         logic.startGenerate(["x"], share=1.0)
+    with pytest.raises(ValueError, match="Separation"):
+        logic.startGenerate(["x"], separation=-1.0)
 
 
 def test_install_dependencies_one_confirmation(cfg, slicer_stub, monkeypatch):

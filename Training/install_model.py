@@ -43,7 +43,7 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     m: dict[str, Any] = {
         "command": report["command"], "n_seeds": r["n_seeds"], "steps": report["settings"]["steps"],
         "guidance": report["settings"]["guidance"], "share": report["settings"].get("share", 0.0),
-        "oracle": report["oracle"]["id"],
+        "separation": report["settings"].get("separation", 0.0), "oracle": report["oracle"]["id"],
         "lesion_monotone_fraction": r["lesion_monotone_fraction"],
         "lesion_monotone_with_none_fraction": r["lesion_monotone_with_none_fraction"],
         "alignment_lesion": r["alignment"]["lesion_accuracy"], "alignment_diagnosis": r["alignment"]["diagnosis_accuracy"],
@@ -90,6 +90,7 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
         ("subject MS-SSIM within a series (lesion / diagnosis)", f"{_num(m['subject_ms_ssim_lesion'])} / "
          f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise"
          + (f" and the first {_pct(m['share'])} of the steps" if m.get("share") else "")
+         + (f"; separation {m['separation']:g}" if m.get("separation") else "")
          + "; Imagining Alternatives WDM (MS): 0.968"
          + (f"; exact engine twins: {_num(m['twin_subject_ms_ssim_lesion'])} / {_num(m['twin_subject_ms_ssim_diagnosis'])}"
             if m.get("twin_subject_ms_ssim_lesion") is not None else "")),
@@ -118,7 +119,7 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
     for k, v in expected_time.items():
         rows.append((f"wall time: {k}", v, ""))
     lines = [f"Model `{model_id}`, {m['n_seeds']} seeds, {m['steps']} steps, guidance {m['guidance']}, "
-             f"shared steps {m.get('share', 0.0):g}, oracle "
+             f"shared steps {m.get('share', 0.0):g}, separation {m.get('separation', 0.0):g}, oracle "
              f"`{m['oracle']}`. Recompute: `{m['command']}`.", "",
              "| measure | value | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
@@ -217,7 +218,8 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
             oracle_name: str = "oracle-5mm", readme: Path | None = ROOT / "README.md",
             default_guidance: float | None = None, guidance_note: str = "",
             default_share: float | None = None, share_note: str = "",
-            default_steps: int | None = None, steps_note: str = "") -> Path:
+            default_steps: int | None = None, steps_note: str = "",
+            default_separation: float | None = None, separation_note: str = "") -> Path:
     if (src / "oracle.json").exists():
         from CounterfactualGenLib.evaluation.oracle import load_oracle
 
@@ -263,6 +265,15 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                          f"| series | one shared noise; the first {float(default_share):g} of the sampler steps are shared "
                          f"too before the series branches{f' ({share_note})' if share_note else ''} |")
             print(f"Default share {old:g} → {float(default_share):g}.", file=sys.stderr)
+        if default_separation is not None:
+            if not 0.0 <= float(default_separation) <= 20.0:
+                raise InputError(f"--default-separation must be between 0 and 20; got {default_separation}.")
+            old = spec["schedule"].get("default_separation", 0.0)
+            _set_default(spec, work, "separation", float(default_separation), separation_note,
+                         f"| separation | after the branch each member of a series is guided away from the series' "
+                         f"mean prompt with scale {float(default_separation):g}"
+                         f"{f' ({separation_note})' if separation_note else ''} |")
+            print(f"Default separation {old:g} → {float(default_separation):g}.", file=sys.stderr)
         if default_steps is not None:
             if not 1 <= int(default_steps) <= 1000:
                 raise InputError(f"--default-steps must be between 1 and 1000; got {default_steps}.")
@@ -295,6 +306,11 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
             if abs(float(report["settings"].get("share", 0.0)) - f) > 1e-9:
                 raise InputError(f"The evaluation in {evaluation} shared {report['settings'].get('share', 0.0):g} of the "
                                  f"steps, but the model's default share is {f:g}: evaluate at the default share.")
+            a = float(spec["schedule"].get("default_separation", 0.0))
+            if abs(float(report["settings"].get("separation", 0.0)) - a) > 1e-9:
+                raise InputError(f"The evaluation in {evaluation} ran at separation "
+                                 f"{report['settings'].get('separation', 0.0):g}, but the model's default is {a:g}: "
+                                 "evaluate at the default separation.")
             spec["metrics"] = card_metrics(report)
             (work / "model.json").write_text(json.dumps(spec, indent=2))
             card = (work / "MODEL_CARD.md").read_text() if (work / "MODEL_CARD.md").exists() else f"# {model.id}\n"
@@ -312,7 +328,7 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
              "description": model.spec.description, "family": model.spec.family, "contrast": model.spec.contrast,
              "grid": model.spec.grid.to_dict(), "text_encoder": model.spec.text_encoder["id"],
              "licence": model.spec.licence, "files": files, "expected_time": expected,
-             "defaults": {k: spec["schedule"][f"default_{k}"] for k in ("steps", "guidance", "share")
+             "defaults": {k: spec["schedule"][f"default_{k}"] for k in ("steps", "guidance", "share", "separation")
                           if f"default_{k}" in spec["schedule"]}}
     _write_registry(entry, default=default)
     if default and spec.get("metrics", {}).get("command") and readme is not None:
@@ -337,13 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-steps", type=int, default=None,
                     help="set the model's default sampler steps (e.g. from evaluate's steps sweep)")
     ap.add_argument("--steps-note", default="", help="how the default steps were chosen (recorded in spec and card)")
+    ap.add_argument("--default-separation", type=float, default=None,
+                    help="set the model's default series separation (e.g. from evaluate's separation sweep)")
+    ap.add_argument("--separation-note", default="",
+                    help="how the default separation was chosen (recorded in spec and card)")
     args = ap.parse_args(argv)
     expected = dict(kv.split("=", 1) for kv in args.expected_time)
     dest = install(Path(args.folder), evaluation=Path(args.evaluation) if args.evaluation else None,
                    default=args.default, expected=expected, oracle_name=args.name,
                    default_guidance=args.default_guidance, guidance_note=args.guidance_note,
                    default_share=args.default_share, share_note=args.share_note,
-                   default_steps=args.default_steps, steps_note=args.steps_note)
+                   default_steps=args.default_steps, steps_note=args.steps_note,
+                   default_separation=args.default_separation, separation_note=args.separation_note)
     print(f"Installed {args.folder} → {dest} and registered it in {RESOURCES / 'Models.json'}.", file=sys.stderr)
     return 0
 

@@ -47,6 +47,7 @@ from CounterfactualGenLib.evaluation.oracle import (  # noqa: E402
     fit_calibration,
     save_oracle,
 )
+from CounterfactualGenLib.errors import InputError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
@@ -255,6 +256,15 @@ def revalidate(folder: Path, run: Path) -> Path:
 # ---------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------
+def _init_line(i: dict | None) -> str:
+    """The card row of an oracle that continued from another one (``init_from``), or nothing."""
+    if not i:
+        return ""
+    return (f"| initialised from | oracle `{i.get('id')}` ({i.get('oracle')}): {i.get('iterations')} iterations on "
+            f"{i.get('train_subjects')} subjects, {i.get('train_minutes')} min (config {i.get('config_path')}); "
+            "fresh optimiser and learning-rate schedule |\n")
+
+
 def _calibration_line(c: dict | None) -> str:
     if not c:
         return "none"
@@ -279,7 +289,7 @@ evaluate`); it is a measuring instrument for *synthetic* images, not a clinical 
 | validation data | {m.get('n_subjects')} held-out synthetic subjects (other seeds) |
 | training | {summary['iterations']} iterations × batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (cosine), loss Dice + BCE (lesions) + CE (diagnosis) + MSE (atrophy level) + MSE (log(1 + lesion ml)) |
 | hardware / time | {summary['hardware']}, {summary['train_minutes']:.1f} min (+ {summary['pool_minutes']:.1f} min making subjects) |
-
+{_init_line(summary.get('init_from'))}
 ## Validation (held-out synthetic subjects)
 | metric | value |
 |---|---|
@@ -322,6 +332,19 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     spec = OracleSpec(id=cfg["id"], grid=grid, architecture={**DEFAULT_ARCHITECTURE, **cfg["architecture"]},
                       contrast=cfg["contrast"], description=cfg.get("description", ""))
     oracle = Oracle(spec)
+    init_info = None
+    if cfg.get("init_from"):  # continue from an installed oracle: its weights, a fresh optimiser and schedule
+        from CounterfactualGenLib.evaluation.oracle import load_oracle
+
+        prev = load_oracle(Path(cfg["init_from"]))
+        if prev.grid.to_dict() != grid.to_dict() or prev.spec.architecture != spec.architecture:
+            raise InputError(f"init_from {cfg['init_from']}: its grid or architecture differs from this config's.")
+        oracle.net.load_state_dict({k: v.float() for k, v in prev.net.state_dict().items()}, strict=True)
+        t_prev = prev.spec.training or {}
+        init_info = {"oracle": str(cfg["init_from"]), "id": prev.id, "iterations": t_prev.get("iterations"),
+                     "train_minutes": t_prev.get("train_minutes_total", t_prev.get("train_minutes")),
+                     "train_subjects": t_prev.get("train_subjects"), "config_path": t_prev.get("config_path")}
+        print(f"Initialised from oracle {cfg['init_from']} ({init_info['iterations']} iterations).", file=sys.stderr)
     net = oracle.net.train()
     n_params = oracle.parameter_count()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -392,6 +415,8 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     summary = {"iterations": step, "batch_size": cfg["batch_size"], "parameters": n_params,
                "train_minutes": round(minutes, 2), "pool_minutes": round(pool_minutes, 2),
                "final_loss": round(run[0], 4) if run else None, "config_path": config_path,
+               **({"init_from": init_info, "train_minutes_total": round(minutes + float(init_info["train_minutes"] or 0), 2)}
+                  if init_info else {}),
                "train_subjects": int(n), "val_subjects": int(len(val_pool["diagnosis"])),
                "hardware": f"{platform.processor() or platform.machine() or 'CPU'}, "
                            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",

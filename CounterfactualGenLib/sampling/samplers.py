@@ -342,6 +342,9 @@ def guided(
     cond_context: torch.Tensor,
     null_context: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     scale: float,
+    *,
+    away_context: torch.Tensor | None = None,
+    away_scale: float = 0.0,
 ) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a ``model_fn``: ``p = p_null + s·(p_cond − p_null)``.
 
@@ -350,12 +353,20 @@ def guided(
     conditional prediction and ``scale = 0`` the unconditional one; those two cases
     skip the unused branch (half the compute).
 
+    With ``away_context`` and ``away_scale = a > 0`` a third branch adds a negative-prompt
+    term: ``p = p_null + s·(p_cond − p_null) + a·(p_cond − p_away)``. A counterfactual
+    series passes its mean prompt here, which pushes every member away from what the
+    members share and towards what tells it apart (the lesion load, the diagnosis);
+    the batch becomes ``[null; cond; away]``.
+
     Args:
         model: network ``model(x, t, context)``.
         cond_context: prompt embedding (1 or B, L, D).
         null_context: null/empty-prompt embedding (1 or B, L, D), or a function of the
             time batch returning it (for null-text inversion's per-step embeddings).
         scale: guidance scale s.
+        away_context: embedding to guide away from (1 or B, L, D), or None.
+        away_scale: its scale a ≥ 0 (0: no third branch).
 
     Returns:
         ``model_fn(x, t_batch)``.
@@ -369,6 +380,31 @@ def guided(
         if ctx.shape[0] == 1:
             return ctx.expand(b, -1, -1)
         raise InputError(f"context batch {ctx.shape[0]} matches neither 1 nor the sample batch {b}.")
+
+    if away_scale < 0 or (away_scale > 0 and away_context is None):
+        raise InputError(f"away_scale must be ≥ 0 and needs away_context; got {away_scale}.")
+    if away_scale > 0:
+
+        def model_fn_away(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            cond, away = expand(cond_context, b), expand(away_context, b)
+            if away.shape[1:] != cond.shape[1:]:
+                raise InputError(f"away and prompt embeddings must have the same (L, D); got "
+                                 f"{tuple(away.shape[1:])} and {tuple(cond.shape[1:])}.")
+            if scale == 1.0:  # no null branch: [cond; away]
+                p_cond, p_away = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, away.to(cond.dtype)])
+                                       ).float().chunk(2)
+                return p_cond + away_scale * (p_cond - p_away)
+            null = expand(null_context(t) if callable(null_context) else null_context, b)
+            if null.shape[1:] != cond.shape[1:]:
+                raise InputError(f"null and prompt embeddings must have the same (L, D); got "
+                                 f"{tuple(null.shape[1:])} and {tuple(cond.shape[1:])}.")
+            out = model(torch.cat([x, x, x]), torch.cat([t, t, t]),
+                        torch.cat([null.to(cond.dtype), cond, away.to(cond.dtype)]))
+            p_null, p_cond, p_away = out.float().chunk(3)
+            return p_null + scale * (p_cond - p_null) + away_scale * (p_cond - p_away)
+
+        return model_fn_away
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
