@@ -74,8 +74,8 @@ PUBLISHED_TABLE1 = [
 #: and the lesion alignment of the bundled model read 92.5 % on seeds 0-9 but 81.9 % on seeds 200-239.
 EVAL_SEEDS = 40
 #: Exact twin subjects the evaluation reads with the oracle (seeds 5000 …): its measurement ceiling. With the
-#: oracle of Dec 2026 the first ten (10 members per lesion class) read 97.5 % correctly, all forty 86.9 %:
-#: ten twins overstated the ceiling.
+#: first-stage oracle (Training/configs/oracle_5mm.json) the first ten (10 members per lesion class) read
+#: 97.5 % correctly, all forty 86.9 %: ten twins overstated the ceiling.
 TWIN_SUBJECTS = 40
 
 Generator = Callable[[Sequence[str], int], np.ndarray]
