@@ -166,7 +166,7 @@ class CounterfactualGenParameterNode:
     modelId - registry id ("" = bundled default); modelFolder - a local model folder (used when modelId == LOCAL_MODEL).
     device - "auto", "cpu" or "cuda:N"; steps, guidance, seed - sampler settings.
     share - fraction of the sampler steps a generated series shares before it branches.
-    separation - how strongly each member of a generated series is guided away from the series' mean prompt.
+    separation - how strongly each member of a generated series is guided away from the member before it (the first from the second).
     samplerDefaultsFor - the model whose recommended steps/guidance/share/separation were last filled in
         (choosing another model fills in its own; a saved scene keeps the user's values).
     """
@@ -989,7 +989,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         """Start generating ``count`` series (seeds seed..seed+count-1), one volume per prompt.
 
         ``share``: fraction of the sampler steps each series shares before it branches (``None``: the model's).
-        ``separation``: how strongly each member is guided away from the series' mean prompt (``None``: the model's)."""
+        ``separation``: how strongly each member is guided away from the member before it (``None``: the model's)."""
         prompts = [p.strip() for p in prompts if p and p.strip()]
         if not prompts:
             raise ValueError(_("Enter at least one description (one per line)."))

@@ -191,10 +191,13 @@ def generate_series(
     series sharing changes nothing.
 
     With ``separation`` = a > 0 every member is, after the branch, also guided away from the
-    series' mean prompt (the one the shared steps ran under):
-    ``v = v_null + s·(v_cond − v_null) + a·(v_cond − v_mean)``. That strengthens what tells
-    the members apart (lesion load, diagnosis) and costs a third network pass per step.
-    For a one-prompt series the term is zero and is skipped.
+    member before it in the series (the first member away from the second):
+    ``v_i = v_null + s·(v_i − v_null) + a·(v_i − v_{i−1})``. That exaggerates each step of the
+    series in its own direction (none → minimal → moderate → high, CN → MCI → AD) and costs a
+    third network pass per step. Guiding away from the series' mean prompt instead pulled an
+    interior member such as "minimal" towards the low end (probe seeds 200–239: minimal read
+    correctly 65 % with the mean, 85 % with the previous member). For a one-prompt series the
+    term does not exist and is skipped.
 
     Args:
         model: a loaded model.
@@ -260,9 +263,12 @@ def generate_series(
 
     mean = cond.mean(0, keepdim=True)
     away = separation if n > 1 else 0.0
+    # member i is guided away from member i−1 (the first from the second): each step of the series is
+    # exaggerated in its own direction, so an interior member (minimal) is not pulled towards an end
+    away_ctx = torch.cat([cond[1:2], cond[:-1]]) if n > 1 else None
 
     def model_fn_of(ctx, away_scale=0.0):
-        fn = guided(model.denoiser, ctx, null, guidance, away_context=mean if away_scale else None,
+        fn = guided(model.denoiser, ctx, null, guidance, away_context=away_ctx if away_scale else None,
                     away_scale=away_scale)
 
         def model_fn(xx, tt):

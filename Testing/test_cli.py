@@ -88,7 +88,7 @@ def test_shared_steps_keep_a_series_closer_and_are_recorded(tiny, tmp_path):
 
 
 def test_separation_pushes_the_members_apart_and_is_recorded(tiny, tmp_path):
-    """--separation guides each member away from the series' mean prompt: the members end further
+    """--separation guides each member away from the member before it: the members end further
     apart than without it; the setting is recorded; a one-prompt series is unaffected."""
     from CounterfactualGenLib.cli import Events, _load
     from CounterfactualGenLib.pipeline import generate_series
@@ -109,6 +109,33 @@ def test_separation_pushes_the_members_apart_and_is_recorded(tiny, tmp_path):
     assert one[1].separation == 0.0  # nothing to separate from: recorded as off
     model.spec.schedule["default_separation"] = 1.5  # the model's default applies when none is asked for
     assert generate_series(model, enc, PROMPTS, seed=3, steps=3).separation == 1.5
+
+
+def test_separation_guides_each_member_away_from_the_one_before_it(tiny, monkeypatch):
+    """The away prompt of member i is member i−1's (the first member's is the second's), not the series' mean."""
+    import torch
+
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.pipeline import generate_series
+    from CounterfactualGenLib.sampling import samplers
+
+    seen, real = [], samplers.guided
+
+    def spy(model, cond, null, scale, *, away_context=None, away_scale=0.0):
+        if away_scale:
+            seen.append((cond.clone(), away_context.clone()))
+        return real(model, cond, null, scale, away_context=away_context, away_scale=away_scale)
+
+    monkeypatch.setattr(samplers, "guided", spy)
+    model, enc = _load(str(tiny), None, Events(json_mode=False))
+    prompts = ["Subject has no lesions.", "Subject has minimal lesion load.", "Subject has high lesion load."]
+    generate_series(model, enc, prompts, seed=3, steps=3, share=0.0, separation=2.0)
+    assert seen
+    cond, away = seen[0]
+    assert cond.shape[0] == 3 and away.shape == cond.shape
+    for i, j in ((0, 1), (1, 0), (2, 1)):
+        assert torch.equal(away[i], cond[j]), (i, j)
+    assert not torch.allclose(away[1], cond.mean(0))
 
 
 def test_progress_json_lines(tiny, tmp_path, capsys):

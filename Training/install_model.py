@@ -270,8 +270,8 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                 raise InputError(f"--default-separation must be between 0 and 20; got {default_separation}.")
             old = spec["schedule"].get("default_separation", 0.0)
             _set_default(spec, work, "separation", float(default_separation), separation_note,
-                         f"| separation | after the branch each member of a series is guided away from the series' "
-                         f"mean prompt with scale {float(default_separation):g}"
+                         f"| separation | after the branch each member of a series is guided away from the member "
+                         f"before it with scale {float(default_separation):g}"
                          f"{f' ({separation_note})' if separation_note else ''} |")
             print(f"Default separation {old:g} → {float(default_separation):g}.", file=sys.stderr)
         if default_steps is not None:

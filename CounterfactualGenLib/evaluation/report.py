@@ -567,7 +567,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["## Guidance, steps, sharing and separation sweeps (Imagining Alternatives Table 2)", "",
                   f"{sw['n_seeds']} seeds per setting (seeds {sw['seeds']}). Share: the fraction of sampler steps "
                   "a series runs as one trajectory before it branches (0 = only the noise is shared). Separation: "
-                  "the scale that guides each member away from the series' mean prompt after the branch (0 = off).", "",
+                  "the scale that guides each member away from the member before it after the branch (0 = off).", "",
                   "| steps | guidance | share | separation | alignment lesion | alignment CN/MCI/AD | alignment all | "
                   "monotone | subject MS-SSIM lesion / dx | subject PSNR dB (lesion) | s per series |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -669,8 +669,8 @@ def add_share_argument(p: argparse.ArgumentParser) -> None:
                         "(more = the members stay the same subject more closely; 0 = only the noise is shared; "
                         "default: the model's)")
     p.add_argument("--separation", type=float, default=None, metavar="A",
-                   help="after the branch, guide each member of a series away from the series' mean prompt with "
-                        "scale A, 0 ≤ A ≤ 20 (more = the members differ more in what their prompts name, e.g. "
+                   help="after the branch, guide each member of a series away from the member before it (the first "
+                        "away from the second) with scale A, 0 ≤ A ≤ 20 (more = the members differ more in what their prompts name, e.g. "
                         "lesion load; 0 = off; costs a third network pass per step; default: the model's)")
 
 

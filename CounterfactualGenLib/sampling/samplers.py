@@ -355,9 +355,9 @@ def guided(
 
     With ``away_context`` and ``away_scale = a > 0`` a third branch adds a negative-prompt
     term: ``p = p_null + s·(p_cond − p_null) + a·(p_cond − p_away)``. A counterfactual
-    series passes its mean prompt here, which pushes every member away from what the
-    members share and towards what tells it apart (the lesion load, the diagnosis);
-    the batch becomes ``[null; cond; away]``.
+    series passes, per member, the prompt of the member before it, which exaggerates each
+    step of the series (the lesion load, the diagnosis); the batch becomes
+    ``[null; cond; away]``.
 
     Args:
         model: network ``model(x, t, context)``.
