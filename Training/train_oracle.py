@@ -309,7 +309,7 @@ artefacts); flips, shifts, gain and noise augmentation narrow but do not close t
 MCI vs its neighbours is the hardest call (atrophy levels 0.35–0.65 vs CN ≤ 0.15 and AD ≥ 0.85,
 a ventricle change of about one 5 mm voxel).
 
-Reproduce: `nice -n 10 env OMP_NUM_THREADS=1 python Training/train_oracle.py --config {summary['config_path']} --out runs/{spec.id}`
+Reproduce: `nice -n 10 env OMP_NUM_THREADS=1 python Training/train_oracle.py --config {summary['config_path']} --out {summary.get('out') or 'runs/' + spec.id}`
 """
 
 
@@ -414,7 +414,7 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     metrics = choose_lesion_estimate(oracle, val_pool, calibration_pool(cfg, grid, out))
     summary = {"iterations": step, "batch_size": cfg["batch_size"], "parameters": n_params,
                "train_minutes": round(minutes, 2), "pool_minutes": round(pool_minutes, 2),
-               "final_loss": round(run[0], 4) if run else None, "config_path": config_path,
+               "final_loss": round(run[0], 4) if run else None, "config_path": config_path, "out": str(out),
                **({"init_from": init_info, "train_minutes_total": round(minutes + float(init_info["train_minutes"] or 0), 2)}
                   if init_info else {}),
                "train_subjects": int(n), "val_subjects": int(len(val_pool["diagnosis"])),
