@@ -192,3 +192,35 @@ def test_calibration_is_saved_checked_and_applied(tmp_path):
     assert not np.allclose(out["lesion_ml"], out["lesion_ml_raw"])
     with pytest.raises(ModelError, match="calibration"):
         OracleSpec(id="t", grid=GRID, architecture=SMALL, lesion_ml_calibration={"x": [1.0, 0.0], "y": [0.0, 1.0]})
+
+
+def test_compare_oracles_reads_each_runs_own_validation_subjects_and_the_twins(tmp_path):
+    """Training/compare_oracles.py measures every oracle on the same ground truth the runs held out."""
+    spec = importlib.util.spec_from_file_location("compare_oracles", ROOT / "Training" / "compare_oracles.py")
+    cmp_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp_mod)
+    mod = _train_module()
+    cfg = json.loads(json.dumps(mod.DEFAULTS))
+    cfg.update({"grid": {"shape": [16, 16, 16], "spacing_mm": 8.0, "center_ras": [0.0, -18.0, 8.0]},
+                "architecture": SMALL, "seed": 3, "weights_dtype": None,
+                "data": {"train_subjects": 4, "val_subjects": 4, "calibration_subjects": 8, "pool_workers": 1},
+                "iterations": 2, "batch_size": 2, "log_every": 1})
+    trained = mod.train(cfg, tmp_path / "run")
+    torch.manual_seed(1)
+    untrained = save_oracle(Oracle(OracleSpec(id="u", grid=GRID, architecture=SMALL)), tmp_path / "untrained")
+    c = cmp_mod.compare([trained, untrained], val_seeds=[3], val_subjects=4, twins=1, twin_seed=5000,
+                        cache=tmp_path / "cmp")
+    own = load_oracle(trained).spec.metrics
+    got = c["oracles"][0]["validation"]["3"]
+    # the seed-3 run's own held-out subjects: the comparison reproduces the run's validation figures
+    assert got["lesion_ml_mae"] == pytest.approx(own["lesion_ml_mae"], abs=1e-3)
+    assert got["lesion_class_accuracy"] == own["lesion_class_accuracy"] and got["n_subjects"] == 4
+    assert c["oracles"][0]["trained_on_seed"] == 3
+    for r in c["oracles"]:
+        assert r["twins"]["n_subjects"] == 1 and 0.0 <= r["twins"]["lesion_accuracy"] <= 1.0
+    md = cmp_mod.comparison_markdown(c)
+    assert "seed-3 run" in md and "exact twins" in md and str(untrained) in md
+    other = save_oracle(Oracle(OracleSpec(id="o", grid=ModelGrid((16, 16, 16), 6.0), architecture=SMALL)),
+                        tmp_path / "other")
+    with pytest.raises(InputError, match="another grid"):
+        cmp_mod.compare([trained, other], val_seeds=[3], val_subjects=4, twins=0, twin_seed=5000, cache=tmp_path / "c2")
