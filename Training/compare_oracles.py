@@ -41,8 +41,9 @@ ROWS = (("lesion_class_accuracy", "lesion-class accuracy"), ("lesion_ml_mae", "l
 def _train_oracle_module():
     spec = importlib.util.spec_from_file_location("train_oracle", Path(__file__).with_name("train_oracle.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_oracle", mod)  # the pool's worker processes look its functions up by name
     spec.loader.exec_module(mod)
-    return mod
+    return sys.modules["train_oracle"]
 
 
 def compare(folders: Sequence[Path], *, val_seeds: Sequence[int], val_subjects: int, twins: int,
