@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from CounterfactualGenLib.errors import InputError  # noqa: E402
+from CounterfactualGenLib.evaluation.report import TWIN_SUBJECTS  # noqa: E402
 
 ROWS = (("lesion_class_accuracy", "lesion-class accuracy"), ("lesion_ml_mae", "lesion MAE (ml)"),
         ("dice_mean", "Dice"), ("diagnosis_accuracy", "diagnosis accuracy"))
@@ -61,9 +62,7 @@ def compare(folders: Sequence[Path], *, val_seeds: Sequence[int], val_subjects: 
         if o.grid.to_dict() != grid.to_dict():
             raise InputError(f"{f} reads another grid ({o.grid.to_dict()}) than {folders[0]} ({grid.to_dict()}); "
                              "only oracles of one grid can be compared.")
-    tag = "x".join(map(str, grid.shape))
-    pools = {int(s): mod.synthetic_pool(grid, contrast, int(s) + 10_000, int(val_subjects), workers,
-                                        cache / f"pool_val_{int(s)}_{tag}.npz") for s in val_seeds}
+    pools = {int(s): mod.validation_pool(grid, contrast, int(s), int(val_subjects), workers, cache) for s in val_seeds}
     results = []
     for f, o in zip(folders, oracles):
         entry: dict[str, Any] = {"oracle": str(f), "id": o.spec.id,
@@ -105,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-seeds", type=int, nargs="+", default=[0, 1],
                     help="seeds of the oracle training runs whose validation subjects to read (default 0 1)")
     ap.add_argument("--val-subjects", type=int, default=192, help="subjects per validation pool (default 192)")
-    ap.add_argument("--twins", type=int, default=40, help="exact twin subjects, as evaluate reads (default 40; 0 = none)")
+    ap.add_argument("--twins", type=int, default=TWIN_SUBJECTS,
+                    help=f"exact twin subjects, as evaluate reads (default {TWIN_SUBJECTS}; 0 = none)")
     ap.add_argument("--twin-seed", type=int, default=5000, help="first twin subject seed (default 5000, as evaluate)")
     ap.add_argument("--workers", type=int, default=1, help="processes making the pools")
     ap.add_argument("--out", required=True, help="folder for comparison.json / comparison.md and the cached pools")

@@ -122,6 +122,17 @@ def synthetic_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers
     return pool
 
 
+def validation_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers: int,
+                    folder: Path) -> dict[str, np.ndarray]:
+    """The held-out subjects of the oracle run with ``seed`` (seeds from seed + 10000), cached in ``folder``.
+
+    Deterministic: a run folder that lost its pool, or another stage's comparison
+    (``Training/compare_oracles.py``), remakes exactly the subjects the run held out.
+    """
+    tag = "x".join(map(str, grid.shape))
+    return synthetic_pool(grid, contrast, int(seed) + 10_000, int(size), workers, folder / f"pool_val_{int(seed)}_{tag}.npz")
+
+
 def augment(img: torch.Tensor, seg: torch.Tensor, cfg: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right flips, ±1-voxel shifts, a gain on (x+1) and Gaussian noise (generated images are not engine-clean)."""
     a = cfg["augment"]
@@ -236,13 +247,11 @@ def revalidate(folder: Path, run: Path) -> Path:
     from CounterfactualGenLib.evaluation.oracle import load_oracle
 
     oracle = load_oracle(folder)
-    tag = "x".join(map(str, oracle.grid.shape))
     cfg = {**DEFAULTS, **oracle.spec.training.get("config", {})}
     cfg["data"] = {**DEFAULTS["data"], **cfg.get("data", {})}
-    seed = int(cfg["seed"])
     # the run's validation pool; remade from its seeds (deterministic) when the run folder no longer has it
-    pool = synthetic_pool(oracle.grid, cfg["contrast"], seed + 10_000, int(cfg["data"]["val_subjects"]),
-                          int(cfg["data"].get("pool_workers") or 1), run / f"pool_val_{seed}_{tag}.npz")
+    pool = validation_pool(oracle.grid, cfg["contrast"], int(cfg["seed"]), int(cfg["data"]["val_subjects"]),
+                           int(cfg["data"].get("pool_workers") or 1), run)
     metrics = choose_lesion_estimate(oracle, pool, calibration_pool(cfg, oracle.grid, run))
     oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
     summary = {k: v for k, v in oracle.spec.training.items() if k != "config"}
@@ -323,8 +332,7 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     workers = int(cfg["data"].get("pool_workers") or 1)
     train_pool = synthetic_pool(grid, cfg["contrast"], cfg["seed"], int(cfg["data"]["train_subjects"]), workers,
                                 out / f"pool_train_{cfg['seed']}_{shape_tag}.npz")
-    val_pool = synthetic_pool(grid, cfg["contrast"], cfg["seed"] + 10_000, int(cfg["data"]["val_subjects"]), workers,
-                              out / f"pool_val_{cfg['seed']}_{shape_tag}.npz")
+    val_pool = validation_pool(grid, cfg["contrast"], cfg["seed"], int(cfg["data"]["val_subjects"]), workers, out)
     pool_minutes = (time.perf_counter() - t_pool) / 60
     print(f"Pools: {len(train_pool['diagnosis'])} train, {len(val_pool['diagnosis'])} validation subjects "
           f"({pool_minutes:.1f} min).", file=sys.stderr)
