@@ -454,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--from", dest="source", default=None,
                        help="source prompt describing the scan (default: the opposite end of the target's scale)")
         e.add_argument("--mask", default=None, help="brain mask on the scan's grid (default: the template's, carried back)")
-        e.add_argument("--lesion-mask", default=None, help="lesion mask on the scan's grid (restricts lesion filling)")
+        e.add_argument("--lesion-mask", default=None,
+                       help="lesion mask on the scan's grid: lesion filling (--to 'no lesions') regenerates only these "
+                            "voxels; without one it fills the oracle's lesion segmentation (--oracle none: by the text alone)")
         e.add_argument("--strength", type=float, default=0.6, help="how far to invert towards noise, 0..1 (default 0.6)")
         e.add_argument("--registration", default="affine", choices=["affine", "none"],
                        help="affine (default) or none when the scan is already on the model's grid/world")

@@ -324,6 +324,9 @@ MIN_REGISTRATION_CORRELATION = 0.3
 CHANGE_EPS = 0.02
 #: |change| in model units above which a FLAIR brightening/darkening is called a lesion added/removed.
 LESION_DELTA = 0.12
+#: Lesion filling without a mask fills the oracle's segmentation: voxels of at least this lesion
+#: probability (:func:`oracle_lesion_region`).
+AUTO_MASK_PROBABILITY = 0.5
 
 
 def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 2.0) -> float:
@@ -351,6 +354,7 @@ def edit_scan(
     oracle: Any | None = None,
     null_text_iterations: int = 0,
     fill_samples: int = 4,
+    auto_lesion_mask: bool = True,
     device: str = "auto",
     precision: str = "auto",
     on_event: EventCallback | None = None,
@@ -389,6 +393,13 @@ def edit_scan(
     39.6 dB) and 37.7 / 39.1 / 39.5 / 39.3 dB (high; unedited 32.7 dB)
     (``Testing/Benchmarks/bench_lesion_filling.py``). ``strength``, attention control and null-text
     optimisation do not apply; the report says ``"method": "inpainting"``.
+
+    Lesion filling without a mask, with an ``oracle`` and ``auto_lesion_mask`` (the default),
+    fills the oracle's lesion segmentation the same way (:func:`oracle_lesion_region`; the
+    report says ``"lesion_mask": "oracle"``; an empty segmentation leaves the scan unchanged).
+    By the text alone (the inversion path) filling rewrote healthy tissue too: on 6 held-out
+    engine subjects it scored PSNR 25.3 dB against the exact lesion-free twin, below the
+    unedited scan's 36.2 dB; ``counterfactualgen evaluate`` measures both.
 
     With an ``oracle`` (:class:`~CounterfactualGenLib.evaluation.oracle.Oracle`), the
     report carries its lesion volume and diagnosis of the scan before and after the edit
@@ -481,13 +492,19 @@ def edit_scan(
         rep.log(f"Oracle '{oracle.id}' reads the scan as {before['lesion_ml']:.2f} ml of lesions "
                 f"({before['lesion_load']}), {before['diagnosis']}.")
 
-    inpaint = lesion_mask is not None and target_class.get("lesion_load") == "none"
-    lesion_region = None
-    if inpaint:
+    filling = target_class.get("lesion_load") == "none"
+    lesion_region, mask_source = None, None
+    if filling and lesion_mask is not None:
         lm = mapping.to_model((np.asarray(lesion_mask) > 0).astype(np.float32), interpolation="linear") > 0.01
-        lesion_region = lm & brain_model
+        lesion_region, mask_source = lm & brain_model, "given"
         if not lesion_region.any():
             raise InputError("The lesion mask has no voxels inside the brain; there is nothing to fill.")
+    elif filling and auto_lesion_mask and before is not None:
+        lesion_region, mask_source = oracle_lesion_region(before["lesion_prob"], brain_model), "oracle"
+        rep.log(f"Lesion filling without a lesion mask: filling the oracle's segmentation "
+                f"({float(lesion_region.sum()) * grid.spacing_mm ** 3 / 1000.0:.2f} ml on the model grid, lesion probability "
+                f"≥ {AUTO_MASK_PROBABILITY}). Give --lesion-mask to choose the voxels.")
+    inpaint = lesion_region is not None
 
     # -- 2. inversion ------------------------------------------------------------------
     source_origin = "given"
@@ -517,7 +534,12 @@ def edit_scan(
         return model_fn
 
     null_text = None
-    if inpaint:
+    if inpaint and not lesion_region.any():  # only an oracle's segmentation can be empty (a given mask is checked)
+        rep.log("The oracle finds no lesion voxels in the scan: nothing to fill, the counterfactual equals the scan. "
+                "Give --lesion-mask to fill chosen voxels.")
+        with torch.inference_mode():
+            pair = model.decode(z0.float()).float().cpu().numpy()[:, 0].repeat(2, axis=0)
+    elif inpaint:
         rep.log("Lesion filling inside the mask: the masked lesions are regenerated from noise under the target "
                 "prompt (inpainting); strength and attention control do not apply.")
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -617,6 +639,7 @@ def edit_scan(
         "attention_keep": attention_keep, "registration": registration,
         "registration_score": None if score is None else round(float(score), 4),
         "method": "inpainting" if inpaint else "inversion",
+        **({"lesion_mask": mask_source} if filling else {}),
         **({"fill_samples": int(fill_samples)} if inpaint else {}),
         "reconstruction_psnr_db": None if inpaint else round(_psnr(recon, x_model, brain_model), 3),
         "null_text": null_text,
@@ -640,13 +663,29 @@ def edit_scan(
 
 
 def _oracle_reading(oracle: Any, image_model: np.ndarray, grid: Any) -> dict[str, Any]:
-    """The oracle's lesion volume (ml, on its grid), lesion class and diagnosis of one model-space image."""
+    """The oracle's lesion volume (ml, on its grid), lesion class and diagnosis of one model-space image,
+    and its lesion probability map carried onto the model grid (``"lesion_prob"``, not for reports)."""
     from .evaluation.metrics import lesion_class_of_ml
+    from .evaluation.oracle import to_grid
 
     pred = oracle.read(np.clip(image_model, -1.0, 1.5)[None], grid)
     ml = float(pred["lesion_ml"][0])
+    prob = np.clip(to_grid(pred["lesion_prob"][:1], oracle.grid, grid)[0], 0.0, 1.0)  # outside the oracle's grid → 0
     return {"lesion_ml": ml, "lesion_load": lesion_class_of_ml(ml), "diagnosis": pred["diagnosis"][0],
-            "diagnosis_probs": [round(float(p), 4) for p in pred["diagnosis_probs"][0]]}
+            "diagnosis_probs": [round(float(p), 4) for p in pred["diagnosis_probs"][0]], "lesion_prob": prob}
+
+
+def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The voxels lesion filling regenerates when no lesion mask is given: the oracle's segmentation
+    (lesion probability ≥ :data:`AUTO_MASK_PROBABILITY`) inside the brain.
+
+    Not grown: on 6 held-out engine subjects (seeds 200–205, moderate/high load, the demo model)
+    filling this region scored PSNR 38.3 dB against the exact lesion-free twin (unedited 35.2 dB),
+    with the region grown by one voxel 32.2 dB and by two 28.4 dB, because every healthy voxel the
+    fill regenerates moves away from the subject's own tissue. Thresholds 0.2 / 0.3 / 0.7 gave
+    38.0 / 38.1 / 38.4 dB (0.7 left lesions the oracle still reads in half of the subjects).
+    """
+    return (np.asarray(prob) >= AUTO_MASK_PROBABILITY) & np.asarray(brain, bool)
 
 
 def _oracle_report(oracle: Any, before: dict | None, after_image: np.ndarray, grid: Any, rep: Reporter) -> dict:

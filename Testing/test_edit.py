@@ -238,6 +238,49 @@ def test_null_text_optimisation_reconstructs_the_scan_better(tiny):
     assert all(p.grad is None for p in m.denoiser.parameters())
 
 
+class _SegmentationOracle:
+    """An oracle stand-in whose lesion segmentation is a fixed mask on the model grid."""
+
+    id = "segmentation-oracle"
+
+    def __init__(self, grid, mask):
+        self.grid, self.mask = grid, np.asarray(mask, bool)
+
+    def read(self, images, grid=None):
+        n = len(images)
+        ml = float(self.mask.sum()) * self.grid.spacing_mm ** 3 / 1000.0
+        return {"lesion_ml": np.full(n, ml), "diagnosis": ["CN"] * n, "diagnosis_probs": np.tile([1.0, 0.0, 0.0], (n, 1)),
+                "lesion_prob": np.repeat(self.mask[None].astype(np.float32), n, axis=0)}
+
+
+def test_lesion_filling_without_a_mask_fills_the_oracle_segmentation(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    seg = np.zeros(g.shape, bool)
+    seg[6:9, 7:10, 6:8] = True
+    kw = dict(target_prompt=NONE, source_prompt=HIGH, brain_mask=scan.array > 0, registration="none", steps=4)
+    r = edit_scan(m, tiny_encoder(), scan, oracle=_SegmentationOracle(g, seg), **kw)
+    assert r.report["method"] == "inpainting" and r.report["lesion_mask"] == "oracle"
+    changed = r.counterfactual.array != scan.array
+    assert changed.any() and not changed[~seg].any()  # the scan is on the model grid: only the segmentation
+    # the same fill as with that mask given
+    given = edit_scan(m, tiny_encoder(), scan, lesion_mask=seg, **kw)
+    assert given.report["lesion_mask"] == "given"
+    np.testing.assert_array_equal(r.counterfactual.array, given.counterfactual.array)
+    # by the text alone (no segmentation asked for, or no oracle): the inversion path
+    for extra in ({"oracle": _SegmentationOracle(g, seg), "auto_lesion_mask": False}, {}):
+        t = edit_scan(m, tiny_encoder(), scan, **extra, **kw)
+        assert t.report["method"] == "inversion" and t.report["lesion_mask"] is None
+    # nothing segmented: nothing to fill, the scan comes back unchanged
+    e = edit_scan(m, tiny_encoder(), scan, oracle=_SegmentationOracle(g, np.zeros(g.shape)), **kw)
+    assert e.report["method"] == "inpainting" and e.report["changed_ml"] == 0.0
+    np.testing.assert_array_equal(e.counterfactual.array, scan.array)
+    # other targets never fill
+    assert "lesion_mask" not in edit_scan(m, tiny_encoder(), scan, oracle=_SegmentationOracle(g, seg),
+                                          **{**kw, "target_prompt": HIGH, "source_prompt": NONE}).report
+
+
 def test_null_text_iterations_are_checked(tiny):
     m = load_model(tiny)
     g = m.spec.grid

@@ -322,7 +322,7 @@ class _Result:
         self.report = report
 
 
-def _identity_editor(scan, *, target, source, brain_mask, lesion_mask=None):
+def _identity_editor(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
     return _Result(scan, np.zeros(scan.shape), {"timings_s": {"sample": 0.0}})
 
 
@@ -335,7 +335,7 @@ def _twin_editor(grid, n, seed=0):
         table[TruthOracle.key(subj.image.array)] = (twin, subj.attributes["lesion_ml"])
         table[TruthOracle.key(twin.image.array)] = (subj, 0.0)
 
-    def edit(scan, *, target, source, brain_mask, lesion_mask=None):
+    def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
         if target == source or TruthOracle.key(scan.array) not in table:
             return _Result(scan, np.zeros(scan.shape), {"timings_s": {}})
         other, _ = table[TruthOracle.key(scan.array)]

@@ -5,9 +5,10 @@ never observed. The synthetic engine (:mod:`CounterfactualGenLib.synth`) makes i
 observable: :func:`~CounterfactualGenLib.synth.make_twin` gives the same person with the
 lesions removed (or added), bit-identical everywhere else. For each held-out subject:
 
-* **lesion filling** — the subject with lesions, edited to "Subject has no lesions.",
-  without and with the true lesion mask (``--lesion-mask``, the MS-pipeline use), is
-  compared with its lesion-free twin: PSNR / MAE in the brain (model units, range 2),
+* **lesion filling** — the subject with lesions, edited to "Subject has no lesions."
+  without a mask (the editor's default: with an oracle, the oracle's lesion segmentation is
+  filled), by text alone (``auto_lesion_mask=False``), and with the true lesion mask
+  (``--lesion-mask``, the MS-pipeline use), is compared with its lesion-free twin: PSNR / MAE in the brain (model units, range 2),
   the same for the unedited scan (the "do nothing" baseline the edit must beat), Dice
   of the change labelmap's "lesion removed" voxels against the true lesions, the
   oracle's lesion volume after the edit against the truth (0 ml), and the fraction of
@@ -40,7 +41,7 @@ __all__ = ["EDIT_SIZES", "best_worst_montage", "evaluate_edits", "held_out_pairs
 EDIT_SIZES = (1, 2, 10)
 NONE_PROMPT = "Subject has no lesions."
 
-Editor = Callable[..., Any]  # (scan Volume, target, source, lesion_mask, brain_mask) -> result with .counterfactual etc.
+Editor = Callable[..., Any]  # (scan Volume, target, source, brain_mask, lesion_mask, auto_lesion_mask) -> result
 
 
 def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | None = None,
@@ -49,10 +50,12 @@ def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | N
     """An editor for :func:`evaluate_edits` that runs :func:`~CounterfactualGenLib.pipeline.edit_scan`."""
     from ..pipeline import edit_scan
 
-    def edit(scan, *, target: str, source: str, brain_mask: np.ndarray, lesion_mask: np.ndarray | None = None):
+    def edit(scan, *, target: str, source: str, brain_mask: np.ndarray, lesion_mask: np.ndarray | None = None,
+             auto_lesion_mask: bool = True):
         return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
                          lesion_mask=lesion_mask, strength=strength, steps=steps, guidance=guidance, seed=seed,
-                         registration="none", oracle=oracle, device=device, should_cancel=should_cancel)
+                         registration="none", oracle=oracle, auto_lesion_mask=auto_lesion_mask, device=device,
+                         should_cancel=should_cancel)
 
     return edit
 
@@ -146,18 +149,19 @@ def evaluate_edits(
         row: dict[str, Any] = {"subject_seed": int(spec.seed), "lesion_class": subj.attributes["lesion_load"],
                                "true_lesion_ml": round(true_ml, 3), "diagnosis": subj.attributes["diagnosis"]}
 
-        def run(name: str, image, *, target: str, source: str, lesion_mask=None):
+        def run(name: str, image, *, target: str, source: str, lesion_mask=None, **kw):
             t = time.perf_counter()
-            res = edit(image, target=target, source=source, brain_mask=brain, lesion_mask=lesion_mask)
+            res = edit(image, target=target, source=source, brain_mask=brain, lesion_mask=lesion_mask, **kw)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
             for stage, s in (res.report.get("timings_s") or {}).items():
                 timings[f"stage:{stage}"] = timings.get(f"stage:{stage}", 0.0) + float(s)
             timings["n_edits"] = timings.get("n_edits", 0) + 1
             return res
 
-        # -- lesion filling, without and with the true lesion mask ----------------------------
-        for name, lmask in (("fill", None), ("fill_with_mask", subj.lesion_mask)):
-            res = run(name, scan, target=NONE_PROMPT, source=src, lesion_mask=lmask)
+        # -- lesion filling: no mask (the editor's default: the oracle's segmentation), text only, true mask --
+        for name, lmask, kw in (("fill", None, {}), ("fill_text_only", None, {"auto_lesion_mask": False}),
+                                ("fill_with_mask", subj.lesion_mask, {})):
+            res = run(name, scan, target=NONE_PROMPT, source=src, lesion_mask=lmask, **kw)
             cf = res.counterfactual.array
             if name == "fill":
                 examples.append({"input": scan, "filled": res.counterfactual, "twin": clean})
@@ -254,13 +258,16 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return round(float(np.mean(vals)), 4) if vals else None
 
     out: dict[str, Any] = {}
-    for task, keys in (("fill", ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae", "dice_removed_vs_true",
-                                 "oracle_ml_error_vs_twin", "outside_brain_bit_identical", "changed_ml")),
+    fill_keys = ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae", "dice_removed_vs_true",
+                 "oracle_ml_error_vs_twin", "outside_brain_bit_identical", "changed_ml")
+    for task, keys in (("fill", fill_keys), ("fill_text_only", fill_keys),
                        ("fill_with_mask", ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae",
                                            "dice_removed_vs_true", "oracle_ml_error_vs_twin",
                                            "outside_brain_bit_identical")),
                        ("add", ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae", "dice_added_vs_true",
                                 "oracle_ml_error_vs_twin", "outside_brain_bit_identical"))):
+        if not any(task in r for r in rows):
+            continue
         out[task] = {k: mean((task, k)) for k in keys}
         hits = [r[task]["oracle_class_after"] == ("none" if task != "add" else r["lesion_class"])
                 for r in rows if r[task].get("oracle_class_after") is not None]

@@ -459,14 +459,16 @@ def plot_report(results: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7)
     if ed:
         ax = axes[-1]
-        for x, task in enumerate(("fill", "fill_with_mask", "add")):
+        tasks = [t for t in ("fill", "fill_text_only", "fill_with_mask", "add") if t in ed["per_subject"][0]]
+        for x, task in enumerate(tasks):
             for r in ed["per_subject"]:
                 a, b = r[task]["baseline_psnr_db"], r[task]["psnr_db"]
                 b = b if np.isfinite(b) else a + 10
                 ax.plot([x - 0.15, x + 0.15], [a, b], color="grey", alpha=0.5)
                 ax.scatter([x - 0.15], [a], color="tab:red", s=12)
                 ax.scatter([x + 0.15], [b], color="tab:blue", s=12)
-        ax.set_xticks(range(3), ["fill", "fill + mask", "add"])
+        ax.set_xticks(range(len(tasks)), [{"fill": "fill", "fill_text_only": "fill,\ntext only",
+                                           "fill_with_mask": "fill +\ntrue mask", "add": "add"}[t] for t in tasks])
         ax.set_ylabel("PSNR vs exact twin, brain (dB)")
         ax.set_title("per subject: unedited (red) → edited (blue)")
     fig.suptitle("SYNTHETIC volumes: oracle readings of counterfactual series")
@@ -596,9 +598,13 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
              "| task | PSNR dB (baseline) | MAE (baseline) | Dice vs true lesions | oracle ml error vs twin | "
              "effectiveness (oracle class = target) | outside brain bit-identical |",
              "|---|---|---|---|---|---|---|"]
-    names = {"fill": "lesion filling → 'no lesions'", "fill_with_mask": "lesion filling with the true lesion mask",
+    names = {"fill": "lesion filling → 'no lesions' (no mask: the oracle's segmentation is filled)",
+             "fill_text_only": "lesion filling → 'no lesions' by the text alone (no mask, no oracle segmentation)",
+             "fill_with_mask": "lesion filling with the true lesion mask",
              "add": "lesion addition (clean twin → its class)"}
     for task, label in names.items():
+        if task not in sm:
+            continue
         t = sm[task]
         d = t.get("dice_removed_vs_true", t.get("dice_added_vs_true"))
         lines.append(f"| {label} | {_fmt(t['psnr_db'], 2)} ({_fmt(t['baseline_psnr_db'], 2)}) | {_fmt(t['mae'])} "
@@ -782,7 +788,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
 
             sizes = (1, 2) if args.quick else (1, 2, 10)
             ev.log(f"Editing {n_edits} held-out engine subject(s) and comparing with their exact twins "
-                   f"(lesion filling, filling with the true mask, addition; composition m={list(sizes)}, "
+                   f"(lesion filling with the oracle's segmentation, by text alone and with the true mask, addition; composition m={list(sizes)}, "
                    "reversibility)…")
             editor = model_editor(model, encoder, oracle, steps=used_steps, guidance=args.guidance,
                                   seed=int(args.seed), device=args.device, should_cancel=ev.should_cancel)
