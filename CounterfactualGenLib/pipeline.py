@@ -683,7 +683,8 @@ def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray) -> np.ndarray:
     filling this region scored PSNR 38.3 dB against the exact lesion-free twin (unedited 35.2 dB),
     with the region grown by one voxel 32.2 dB and by two 28.4 dB, because every healthy voxel the
     fill regenerates moves away from the subject's own tissue. Thresholds 0.2 / 0.3 / 0.7 gave
-    38.0 / 38.1 / 38.4 dB (0.7 left lesions the oracle still reads in half of the subjects).
+    38.0 / 38.1 / 38.4 dB (0.7 left lesions the oracle still reads in half of the subjects);
+    ``Testing/Benchmarks/bench_oracle_fill_mask.py`` recomputes these.
     """
     return (np.asarray(prob) >= AUTO_MASK_PROBABILITY) & np.asarray(brain, bool)
 
