@@ -675,9 +675,9 @@ def _oracle_reading(oracle: Any, image_model: np.ndarray, grid: Any) -> dict[str
             "diagnosis_probs": [round(float(p), 4) for p in pred["diagnosis_probs"][0]], "lesion_prob": prob}
 
 
-def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray) -> np.ndarray:
+def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray, threshold: float = AUTO_MASK_PROBABILITY) -> np.ndarray:
     """The voxels lesion filling regenerates when no lesion mask is given: the oracle's segmentation
-    (lesion probability ≥ :data:`AUTO_MASK_PROBABILITY`) inside the brain.
+    (lesion probability ≥ ``threshold``, default :data:`AUTO_MASK_PROBABILITY`) inside the brain.
 
     Not grown: on 6 held-out engine subjects (seeds 200–205, moderate/high load, the demo model)
     filling this region scored PSNR 38.3 dB against the exact lesion-free twin (unedited 35.2 dB),
@@ -686,7 +686,7 @@ def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray) -> np.ndarray:
     38.0 / 38.1 / 38.4 dB (0.7 left lesions the oracle still reads in half of the subjects);
     ``Testing/Benchmarks/bench_oracle_fill_mask.py`` recomputes these.
     """
-    return (np.asarray(prob) >= AUTO_MASK_PROBABILITY) & np.asarray(brain, bool)
+    return (np.asarray(prob) >= threshold) & np.asarray(brain, bool)
 
 
 def _oracle_report(oracle: Any, before: dict | None, after_image: np.ndarray, grid: Any, rep: Reporter) -> dict:

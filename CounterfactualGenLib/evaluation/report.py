@@ -788,7 +788,8 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
 
             sizes = (1, 2) if args.quick else (1, 2, 10)
             ev.log(f"Editing {n_edits} held-out engine subject(s) and comparing with their exact twins "
-                   f"(lesion filling with the oracle's segmentation, by text alone and with the true mask, addition; composition m={list(sizes)}, "
+                   "(lesion filling with the oracle's segmentation, by text alone and with the true mask, addition; "
+                   f"composition m={list(sizes)}, "
                    "reversibility)…")
             editor = model_editor(model, encoder, oracle, steps=used_steps, guidance=args.guidance,
                                   seed=int(args.seed), device=args.device, should_cancel=ev.should_cancel)

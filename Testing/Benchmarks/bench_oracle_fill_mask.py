@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from CounterfactualGenLib.cli import Events, _load
     from CounterfactualGenLib.evaluation.edits import NONE_PROMPT, _units, held_out_pairs
     from CounterfactualGenLib.evaluation.metrics import dice, lesion_class_of_ml, psnr
-    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle, to_grid
+    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
     from CounterfactualGenLib.intensity import IntensityNormalizer
-    from CounterfactualGenLib.pipeline import edit_scan
+    from CounterfactualGenLib.pipeline import _oracle_reading, edit_scan, oracle_lesion_region
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
     if args.threads:
@@ -61,16 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         true = (subj.lesion_mask > 0) & ~(twin.lesion_mask > 0)
         # the oracle's reading of the scan as edit_scan makes it (model units, brain only; on the model grid)
         x = IntensityNormalizer.fit(subj.image.array, brain, upper_percentile=up).forward(subj.image.array)
-        prob = np.clip(to_grid(oracle.read(np.clip(np.where(brain, x, -1.0), -1.0, 1.5)[None], grid)["lesion_prob"][:1],
-                               oracle.grid, grid)[0], 0.0, 1.0)
+        prob = _oracle_reading(oracle, np.where(brain, x, -1.0), grid)["lesion_prob"]
         row = {"subject_seed": int(subj.spec.seed), "lesion_class": subj.attributes["lesion_load"],
                "true_ml": round(float(subj.attributes["lesion_ml"]), 2),
                "unedited_psnr_db": round(psnr(u(subj.image.array), u(twin.image.array), brain, data_range=2.0), 3)}
         for t, g in variants:
-            region = prob >= t
+            region = oracle_lesion_region(prob, brain, threshold=t)
             if g and region.any():
-                region = ndi.binary_dilation(region, iterations=g)
-            region &= brain
+                region = ndi.binary_dilation(region, iterations=g) & brain
             if not region.any():
                 row[f"{t}:{g}"] = None
                 continue
