@@ -174,3 +174,40 @@ def test_fine_tuning_from_another_run_with_lesion_weighting(tmp_path, config):
     assert [r["step"] for r in csv.DictReader((tmp_path / "d" / "log.csv").open())] == ["5", "6"]
     card = (tmp_path / "d" / "model" / "MODEL_CARD.md").read_text()
     assert "model folder" in card and "at iteration 4" in card and "at iteration 2" in card
+    reproduce = next(ln for ln in card.splitlines() if ln.startswith("Reproduce: "))
+    assert reproduce.count("train_diffusion.py") == 3  # every stage, the model-folder one included
+    assert f"install it to `{tmp_path / 'b' / 'model'}`" in reproduce
+
+
+def test_average_models_writes_the_weighted_mean_and_refuses_other_layouts(tmp_path):
+    sys.path.insert(0, str(ROOT / "Training"))
+    sys.path.insert(0, str(ROOT / "Testing"))
+    import average_models
+    import torch
+    from tiny_model import build_tiny_model
+
+    from CounterfactualGenLib.errors import InputError, ModelError
+    from CounterfactualGenLib.models import load_model
+
+    a = build_tiny_model(tmp_path / "a", seed=0)
+    b = build_tiny_model(tmp_path / "b", seed=1)
+    out = average_models.average_models([a, b], tmp_path / "soup", weights=[0.25, 0.75])
+    m, ma, mb = load_model(out), load_model(a), load_model(b)
+    sa, sb, sm = ma.denoiser.state_dict(), mb.denoiser.state_dict(), m.denoiser.state_dict()
+    k = next(k for k in sa if sa[k].is_floating_point() and not torch.equal(sa[k], sb[k]))
+    assert torch.allclose(sm[k], 0.25 * sa[k] + 0.75 * sb[k], atol=1e-6)
+    assert not torch.equal(sm[k], sa[k]) and not torch.equal(sm[k], sb[k])
+    src = m.spec.training["averaged_from"]
+    assert [s["weight"] for s in src] == [0.25, 0.75] and src[0]["folder"] == str(a)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| weights | element-wise mean of 0.25" in card and "average_models.py" in card
+    # the inputs are untouched
+    assert torch.equal(load_model(a).denoiser.state_dict()[k], sa[k])
+    # bad weights and other layouts are refused, and nothing is written
+    with pytest.raises(InputError, match="sum to 1"):
+        average_models.average_models([a, b], tmp_path / "bad1", weights=[0.5, 0.6])
+    other = build_tiny_model(tmp_path / "c", seed=2, shape=(16, 16, 24))
+    with pytest.raises(ModelError, match="grid"):
+        average_models.average_models([a, other], tmp_path / "bad2")
+    assert not (tmp_path / "bad1").exists() and not (tmp_path / "bad2").exists()
+    assert average_models.main([str(a), str(other), "--out", str(tmp_path / "bad3")]) == 2

@@ -415,15 +415,20 @@ def _stage_row(t: dict) -> str:
 
 
 def _reproduce(t: dict, model_id: str) -> str:
+    """The commands that train every stage in order (a stage that started from a model folder
+    needs the stage before it installed there)."""
     stages = _stages(t)
     if not stages:
         return f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}`"
-    cmds = [f"`python Training/train_diffusion.py --config {s.get('config_path') or '…'} --out {s['run']}`"
-            for s in stages if not s.get("model_folder")]
+    cmds = []
+    for k, s in enumerate(stages):
+        out = s["run"] if not s.get("model_folder") else f"runs/{model_id}-stage{k + 1}"
+        cmd = f"`python Training/train_diffusion.py --config {s.get('config_path') or '…'} --out {out}`"
+        if s.get("model_folder"):
+            cmd += f" and install it to `{s['run']}` (`Training/install_model.py {out}/model`)"
+        cmds.append(cmd)
     cmds.append(f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}-ft`")
-    return ", then ".join(cmds) + " (each stage's `init_from` names the one before" + \
-        ("; a stage that started from a model folder needs that folder: install the stage before it there" 
-         if any(s.get("model_folder") for s in stages) else "") + ")."
+    return ", then ".join(cmds) + " (each stage's `init_from` names the one before)."
 
 
 def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
