@@ -177,6 +177,15 @@ def test_fine_tuning_from_another_run_with_lesion_weighting(tmp_path, config):
     reproduce = next(ln for ln in card.splitlines() if ln.startswith("Reproduce: "))
     assert reproduce.count("train_diffusion.py") == 3  # every stage, the model-folder one included
     assert f"install it to `{tmp_path / 'b' / 'model'}`" in reproduce
+    # a stage may start from an averaged model (Training/average_models.py): its card says so
+    _run([sys.executable, str(ROOT / "Training" / "average_models.py"), str(tmp_path / "b" / "model"),
+          str(tmp_path / "d" / "model"), "--out", str(tmp_path / "soup")], tmp_path)
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "e"),
+          "--set", f'init_from="{tmp_path / "soup"}"', "--set", "iterations=8"], tmp_path)
+    t = load_model(tmp_path / "e" / "model").spec.training
+    assert [a["weight"] for a in t["init_from"]["averaged_from"]] == [0.5, 0.5]
+    card = (tmp_path / "e" / "model" / "MODEL_CARD.md").read_text()
+    assert "its weights are the mean of 2 models" in card and "average_models.py" in card
 
 
 def test_average_models_writes_the_weighted_mean_and_refuses_other_layouts(tmp_path):

@@ -392,7 +392,8 @@ def init_from_model_folder(src: Path, net, ema: EMA) -> tuple[int, dict]:
     step = int(prev.get("iterations", 0))
     return step, {"run": str(src), "step": step, "config_path": prev.get("config_path"), "model_folder": True,
                   "train_minutes": prev.get("train_minutes_total", prev.get("train_minutes")),
-                  **({"init_from": prev["init_from"]} if prev.get("init_from") else {})}
+                  **({"init_from": prev["init_from"]} if prev.get("init_from") else {}),
+                  **({"averaged_from": prev["averaged_from"]} if prev.get("averaged_from") else {})}
 
 
 def _stages(t: dict) -> list[dict]:
@@ -410,7 +411,9 @@ def _stage_row(t: dict) -> str:
         what = f"model folder `{s['run']}`" if s.get("model_folder") else f"run `{s['run']}`"
         rows += (f"| started from | {what} at iteration {s['step']}"
                  + (f" (config `{s['config_path']}`, {s['train_minutes']:.1f} min recorded for it)"
-                    if s.get("config_path") and s.get("train_minutes") is not None else "") + " |\n")
+                    if s.get("config_path") and s.get("train_minutes") is not None else "")
+                 + (f"; its weights are the mean of {len(s['averaged_from'])} models (`Training/average_models.py`, "
+                    "see its card)" if s.get("averaged_from") else "") + " |\n")
     return rows
 
 
@@ -424,6 +427,9 @@ def _reproduce(t: dict, model_id: str) -> str:
     for k, s in enumerate(stages):
         out = s["run"] if not s.get("model_folder") else f"runs/{model_id}-stage{k + 1}"
         cmd = f"`python Training/train_diffusion.py --config {s.get('config_path') or '…'} --out {out}`"
+        if s.get("averaged_from"):
+            cmd = ("the steps in the card of the averaged model (`Training/average_models.py` of "
+                   + " and ".join(f"`{a['folder']}`" for a in s["averaged_from"]) + f") making `{out}/model`")
         if s.get("model_folder"):
             cmd += f" and install it to `{s['run']}` (`Training/install_model.py {out}/model`)"
         cmds.append(cmd)
