@@ -310,3 +310,47 @@ def test_lesion_filling_with_a_mask_inpaints_only_the_masked_lesions(tiny):
     with pytest.raises(InputError, match="nothing to fill"):
         edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, lesion_mask=np.zeros(g.shape, bool),
                   registration="none", steps=4)
+
+
+def test_change_labels_need_the_oracle_segmentation_when_an_oracle_is_given():
+    from CounterfactualGenLib.pipeline import LESION_DELTA, ORACLE_LESION_DELTA, change_labels
+
+    change = np.zeros((4, 4, 4), np.float32)
+    change[0] = 0.3     # bright, inside the oracle's segmentation after the edit → added
+    change[1] = 0.3     # bright, outside any segmentation → other change
+    change[2] = -0.3    # dark where the oracle segmented a lesion before → removed
+    change[3, :2] = 0.06  # small brightening inside the after-segmentation: added with an oracle only
+    touched = change != 0
+    before = np.zeros_like(change)
+    before[2] = 0.9
+    after = np.zeros_like(change)
+    after[0] = after[3] = 0.8
+    assert LESION_DELTA > 0.06 > ORACLE_LESION_DELTA
+    lab, rule = change_labels(change, touched, lesion_prompt=True, oracle_before=before, oracle_after=after)
+    assert (lab[0] == 1).all() and (lab[1] == 3).all() and (lab[2] == 2).all()
+    assert (lab[3, :2] == 1).all() and (lab[3, 2:] == 0).all() and "oracle" in rule
+    # without an oracle: |change| alone, at the larger threshold
+    lab, rule = change_labels(change, touched, lesion_prompt=True)
+    assert (lab[0] == 1).all() and (lab[1] == 1).all() and (lab[2] == 2).all() and (lab[3, :2] == 3).all()
+    assert "oracle" not in rule
+    # not a lesion-load edit: every change is "other"
+    lab, _ = change_labels(change, touched, lesion_prompt=False, oracle_before=before, oracle_after=after)
+    assert set(np.unique(lab[touched])) == {3.0}
+
+
+def test_prompt_edit_labels_lesions_only_where_the_oracle_segments_them(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    seg = np.zeros(g.shape, bool)
+    seg[6:9, 7:10, 6:8] = True
+    kw = dict(target_prompt=HIGH, source_prompt=NONE, brain_mask=scan.array > 0, registration="none", steps=4,
+              guidance=4.0)
+    r = edit_scan(m, tiny_encoder(), scan, oracle=_SegmentationOracle(g, seg), **kw)
+    lab = r.change_labels.array  # the scan is on the model grid
+    assert r.report["method"] == "inversion" and "oracle" in r.report["change_labels_rule"]
+    assert not np.isin(lab[~seg], (1, 2)).any()
+    plain = edit_scan(m, tiny_encoder(), scan, **kw)
+    np.testing.assert_array_equal(plain.counterfactual.array, r.counterfactual.array)  # only the labels differ
+    assert "oracle" not in plain.report["change_labels_rule"]
+    assert np.isin(plain.change_labels.array[~seg], (1, 2)).any()  # |change| alone labels lesions anywhere

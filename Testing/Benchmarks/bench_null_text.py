@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model id or folder (default: the default model)")
     ap.add_argument("--input", default=str(ROOT / "Resources" / "SampleData" / "longitudinal_patient04_study1_FLAIR.nii.gz"))
-    ap.add_argument("--settings", nargs="+", default=["10:0.01", "10:0.1", "20:0.1"], help="ITERATIONS:LR pairs")
+    ap.add_argument("--settings", nargs="+", default=["10:0.01", "10:0.03", "10:0.1", "20:0.01", "20:0.03", "20:0.1"], help="ITERATIONS:LR pairs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)

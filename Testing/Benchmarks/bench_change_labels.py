@@ -1,0 +1,109 @@
+"""Lesion labels of a prompt edit's change labelmap, measured against the exact twins.
+
+A prompt edit (the inversion path of ``edit_scan``) regenerates the whole brain, so its
+change is small but non-zero nearly everywhere. ``pipeline.change_labels`` calls a voxel
+"lesion added" / "lesion removed" (labels 1 / 2; the report's ``lesion_ml_added`` /
+``lesion_ml_removed``) when it brightens / darkens by a threshold, and, with an oracle, only
+where the oracle segments a lesion after / before the edit. This benchmark edits held-out
+engine subjects (moderate / high load, on the model grid) twice: lesion addition (the clean
+twin → the subject's class) and filling by the text alone (the subject → "no lesions", no
+segmentation filled), and prints, for |change| alone at ``LESION_DELTA`` and for the oracle
+gate at several thresholds, the labelled ml against the oracle's own Δml and the true lesion
+ml, and the Dice of the "removed" voxels against the true lesions. Choose on subjects other
+than the evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default here is 200).
+
+    python Testing/Benchmarks/bench_change_labels.py --threads 1 --seed 200 --subjects 6 \\
+        --deltas 0.04 0.08 0.12      # ≈1.5 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model id or folder (default: the default model)")
+    ap.add_argument("--subjects", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=200, help="first held-out subject seed (evaluate uses 0…)")
+    ap.add_argument("--deltas", nargs="+", type=float, default=[0.04, 0.08, 0.12],
+                    help="oracle-gated |change| thresholds (model units)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    import CounterfactualGenLib.pipeline as P
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.evaluation.edits import NONE_PROMPT, held_out_pairs
+    from CounterfactualGenLib.evaluation.metrics import dice
+    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
+    from CounterfactualGenLib.text.prompts import canonical_prompt
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, encoder = _load(args.model, None, Events(json_mode=False, quiet=True))
+    oracle = load_oracle(default_oracle_path())
+    grid = model.spec.grid
+    rules = [("change", None)] + [("oracle", d) for d in args.deltas]
+    rows = []
+    for subj, twin in held_out_pairs(grid, args.subjects, seed=args.seed):
+        brain = subj.brain_mask > 0
+        true = (subj.lesion_mask > 0) & ~(twin.lesion_mask > 0)
+        vox = subj.image.voxel_volume_ml
+        cls = canonical_prompt(lesion_load=subj.attributes["lesion_load"])
+        row = {"subject_seed": int(subj.spec.seed), "true_ml": round(float(subj.attributes["lesion_ml"]), 2)}
+        for task, image, target, source in (("add", twin.image, cls, NONE_PROMPT),
+                                            ("fill_text_only", subj.image, NONE_PROMPT, cls)):
+            r = P.edit_scan(model, encoder, image, target_prompt=target, source_prompt=source, brain_mask=brain,
+                            registration="none", oracle=oracle, auto_lesion_mask=False, seed=0)
+            ms = r.model_space  # the subject is on the model grid: model space is the scan's grid
+            before = P._oracle_reading(oracle, np.where(ms["brain"], ms["input"], -1.0), grid)
+            after = P._oracle_reading(oracle, np.where(ms["brain"], ms["input"] + ms["change"], -1.0), grid)
+            touched = ms["change"] != 0
+            out = {"oracle_delta_ml": round(after["lesion_ml"] - before["lesion_ml"], 2)}
+            for kind, d in rules:
+                if kind == "change":
+                    lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True)
+                else:
+                    saved = P.ORACLE_LESION_DELTA
+                    P.ORACLE_LESION_DELTA = d
+                    try:
+                        lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True,
+                                                 oracle_before=before["lesion_prob"], oracle_after=after["lesion_prob"])
+                    finally:
+                        P.ORACLE_LESION_DELTA = saved
+                want = 1 if task == "add" else 2
+                key = "change" if kind == "change" else f"oracle:{d}"
+                out[key] = {"ml": round(float((lab == want).sum()) * vox, 2),
+                            **({"dice": round(dice(lab == 2, true), 4)} if task != "add" else {})}
+            row[task] = out
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\nmodel {model.id}, oracle {oracle.id}, {len(rows)} subjects from seed {args.seed}; "
+          f"true lesion ml {', '.join(str(r['true_ml']) for r in rows)}")
+    print("| rule | addition: labelled ml (oracle Δml) | text-only filling: labelled ml | Dice removed vs true |")
+    print("|---|---|---|---|")
+    for kind, d in rules:
+        key = "change" if kind == "change" else f"oracle:{d}"
+        name = f"|change| ≥ {P.LESION_DELTA}" if kind == "change" else f"|change| ≥ {d} and oracle segmentation"
+        add = ", ".join(f"{r['add'][key]['ml']:g} ({r['add']['oracle_delta_ml']:+g})" for r in rows)
+        rem = ", ".join(f"{r['fill_text_only'][key]['ml']:g}" for r in rows)
+        dc = [r["fill_text_only"][key]["dice"] for r in rows]
+        print(f"| {name} | {add} | {rem} | {min(dc):.2f}–{max(dc):.2f} (mean {np.mean(dc):.2f}) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model.id, "oracle": oracle.id, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
