@@ -213,6 +213,8 @@ def test_average_models_writes_the_weighted_mean_and_refuses_other_layouts(tmp_p
     # the inputs are untouched
     assert torch.equal(load_model(a).denoiser.state_dict()[k], sa[k])
     # bad weights and other layouts are refused, and nothing is written
+    with pytest.raises(InputError, match="already exists"):
+        average_models.average_models([a, b], out)
     with pytest.raises(InputError, match="sum to 1"):
         average_models.average_models([a, b], tmp_path / "bad1", weights=[0.5, 0.6])
     other = build_tiny_model(tmp_path / "c", seed=2, shape=(16, 16, 24))

@@ -32,6 +32,8 @@ from CounterfactualGenLib.errors import CounterfactualGenError, InputError, Mode
 
 #: Spec fields that must agree for two models' weights to be averaged.
 MUST_AGREE = ("family", "contrast", "grid", "text_encoder", "denoiser", "autoencoder", "wavelet", "intensity")
+#: Schedule fields the networks were trained with (the sampler defaults may differ; the first model's are kept).
+SCHEDULE_MUST_AGREE = ("kind", "shift", "base_numel")
 
 
 def _source_record(folder: Path, spec: Any, weight: float) -> dict[str, Any]:
@@ -122,11 +124,14 @@ def average_models(folders: Sequence[Path], out: Path, *, weights: Sequence[floa
         raise InputError(f"Give one weight per model: {len(folders)} models, {len(w)} weights.")
     if any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
         raise InputError(f"The weights must be ≥ 0 and sum to 1; got {w}.")
+    if Path(out).exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it.")
     models = [load_model(f) for f in folders]  # each verifies sizes, hashes, strict load
     a = models[0].spec.to_dict()
     for f, m in zip(folders[1:], models[1:]):
         b = m.spec.to_dict()
         bad = [k for k in MUST_AGREE if a.get(k) != b.get(k)]
+        bad += [f"schedule.{k}" for k in SCHEDULE_MUST_AGREE if a["schedule"].get(k) != b["schedule"].get(k)]
         if bad:
             raise ModelError(f"{f} differs from {folders[0]} in {', '.join(bad)}; only models of one layout "
                              "(fine-tuned from one another) can be averaged.")
