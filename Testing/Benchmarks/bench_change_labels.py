@@ -18,40 +18,26 @@ than the evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the de
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from _bench import load, parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model id or folder (default: the default model)")
-    ap.add_argument("--subjects", type=int, default=6)
-    ap.add_argument("--seed", type=int, default=200, help="first held-out subject seed (evaluate uses 0…)")
+    ap = parser(__doc__, subjects=6, seed=200)
     ap.add_argument("--deltas", nargs="+", type=float, default=[0.04, 0.08, 0.12],
                     help="oracle-gated |change| thresholds (model units)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import numpy as np
-    import torch
 
     import CounterfactualGenLib.pipeline as P
-    from CounterfactualGenLib.cli import Events, _load
     from CounterfactualGenLib.evaluation.edits import NONE_PROMPT, held_out_pairs
     from CounterfactualGenLib.evaluation.metrics import dice
-    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, encoder = _load(args.model, None, Events(json_mode=False, quiet=True))
-    oracle = load_oracle(default_oracle_path())
+    model, encoder, oracle = load(args, oracle=True)
     grid = model.spec.grid
     rules = [("change", None)] + [("oracle", d) for d in args.deltas]
     rows = []

@@ -10,38 +10,23 @@ and the oracle's lesion ml after filling.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from _bench import load, parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model id or folder (default: the default model)")
-    ap.add_argument("--subjects", type=int, default=2)
+    ap = parser(__doc__, subjects=2, seed=0)
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    import torch
-
-    from CounterfactualGenLib.cli import Events, _load
     from CounterfactualGenLib.evaluation.edits import NONE_PROMPT, _units, held_out_pairs
     from CounterfactualGenLib.evaluation.metrics import dice, psnr
-    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
     from CounterfactualGenLib.pipeline import edit_scan
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, encoder = _load(args.model, None, Events(json_mode=False, quiet=True))
-    oracle = load_oracle(default_oracle_path())
+    model, encoder, oracle = load(args, oracle=True)
     rows = []
     for subj, twin in held_out_pairs(model.spec.grid, args.subjects, seed=args.seed):
         brain = subj.brain_mask > 0

@@ -10,36 +10,26 @@ source branch's reconstruction PSNR in the brain (model space) and the seconds t
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from _bench import ROOT, load, parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model id or folder (default: the default model)")
+    ap = parser(__doc__)
     ap.add_argument("--input", default=str(ROOT / "Resources" / "SampleData" / "longitudinal_patient04_study1_FLAIR.nii.gz"))
-    ap.add_argument("--settings", nargs="+", default=["10:0.01", "10:0.03", "10:0.1", "20:0.01", "20:0.03", "20:0.1"], help="ITERATIONS:LR pairs")
+    ap.add_argument("--settings", nargs="+", default=["10:0.01", "10:0.03", "10:0.1", "20:0.01", "20:0.03", "20:0.1"],
+                    help="ITERATIONS:LR pairs")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    import torch
-
     import CounterfactualGenLib.sampling.editing as editing
-    from CounterfactualGenLib.cli import Events, _load
     from CounterfactualGenLib.pipeline import edit_scan
     from CounterfactualGenLib.volume import read_volume
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, encoder = _load(args.model, None, Events(json_mode=False, quiet=True))
+    model, encoder, _ = load(args)
     scan = read_volume(args.input)
     optimise = editing.optimise_null_text
     rows = []

@@ -15,43 +15,29 @@ the evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from _bench import load, parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model id or folder (default: the default model)")
-    ap.add_argument("--subjects", type=int, default=6)
-    ap.add_argument("--seed", type=int, default=200, help="first held-out subject seed (evaluate uses 0…)")
+    ap = parser(__doc__, subjects=6, seed=200)
     ap.add_argument("--variants", nargs="+", default=["0.5:0", "0.5:1", "0.5:2"], metavar="THRESHOLD:GROW",
                     help="segmentation probability threshold and voxels grown (6-connected)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import numpy as np
-    import torch
     from scipy import ndimage as ndi
 
-    from CounterfactualGenLib.cli import Events, _load
     from CounterfactualGenLib.evaluation.edits import NONE_PROMPT, _units, held_out_pairs
     from CounterfactualGenLib.evaluation.metrics import dice, lesion_class_of_ml, psnr
-    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.pipeline import _oracle_reading, edit_scan, oracle_lesion_region
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     variants = [(float(v.split(":")[0]), int(v.split(":")[1])) for v in args.variants]
-    model, encoder = _load(args.model, None, Events(json_mode=False, quiet=True))
-    oracle = load_oracle(default_oracle_path())
+    model, encoder, oracle = load(args, oracle=True)
     grid = model.spec.grid
     up = float(model.spec.intensity.get("upper_percentile", 99.5))
     rows = []
