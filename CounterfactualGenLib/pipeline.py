@@ -641,10 +641,11 @@ def edit_scan(
         after = _oracle_reading(oracle, np.where(brain_model, x_model + change, -1.0), grid)
         rep.end("oracle")
     lesion_prompt = target_class.get("lesion_load") is not None and model.spec.contrast.upper() == "FLAIR"
-    labels, label_rule = change_labels(
-        change_src, touched, lesion_prompt=lesion_prompt,
-        oracle_before=None if inpaint or after is None else mapping.to_source(before["lesion_prob"], interpolation="linear", default=0.0),
-        oracle_after=None if inpaint or after is None else mapping.to_source(after["lesion_prob"], interpolation="linear", default=0.0))
+    gate = {}
+    if lesion_prompt and not inpaint and after is not None:  # a prompt edit: lesions only where the oracle segments them
+        gate = {f"oracle_{k}": mapping.to_source(r["lesion_prob"], interpolation="linear", default=0.0)
+                for k, r in (("before", before), ("after", after))}
+    labels, label_rule = change_labels(change_src, touched, lesion_prompt=lesion_prompt, **gate)
 
     vox_ml = scan.voxel_volume_ml
     report = {
@@ -673,7 +674,9 @@ def edit_scan(
         change_labels=Volume(labels, scan.affine_ras.copy(), source_dtype="uint8"),
         report=report,
         model_space={"input": x_model, "reconstruction": recon, "counterfactual": cf, "change": change,
-                     "brain": brain_model},
+                     "brain": brain_model,
+                     **({"lesion_prob_before": before["lesion_prob"], "lesion_prob_after": after["lesion_prob"]}
+                        if after is not None else {})},
     )
 
 
@@ -705,8 +708,8 @@ def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray, threshold: float =
 
 
 def change_labels(change: np.ndarray, touched: np.ndarray, *, lesion_prompt: bool,
-                  oracle_before: np.ndarray | None = None, oracle_after: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, str]:
+                  oracle_before: np.ndarray | None = None, oracle_after: np.ndarray | None = None,
+                  oracle_delta: float = ORACLE_LESION_DELTA) -> tuple[np.ndarray, str]:
     """The change labelmap (1 lesion added, 2 lesion removed, 3 other change) on the scan's grid.
 
     Args:
@@ -715,8 +718,9 @@ def change_labels(change: np.ndarray, touched: np.ndarray, *, lesion_prompt: boo
         lesion_prompt: a lesion-load edit of a FLAIR model (otherwise every change is 3).
         oracle_before, oracle_after: the oracle's lesion probability of the scan and of the
             counterfactual, on the scan's grid; when both are given (a prompt edit with an
-            oracle) lesion labels need the oracle's segmentation too (:data:`ORACLE_LESION_DELTA`),
+            oracle) lesion labels need the oracle's segmentation too and |change| ≥ ``oracle_delta``,
             otherwise |change| ≥ :data:`LESION_DELTA` alone decides.
+        oracle_delta: the |change| threshold with the oracle (default :data:`ORACLE_LESION_DELTA`).
 
     Returns:
         (labels as float32, the rule used, for the report).
@@ -727,9 +731,9 @@ def change_labels(change: np.ndarray, touched: np.ndarray, *, lesion_prompt: boo
         return labels, "every change is 3 (not a lesion-load edit of a FLAIR model)"
     if oracle_before is not None and oracle_after is not None:
         p = AUTO_MASK_PROBABILITY
-        labels[(change >= ORACLE_LESION_DELTA) & (oracle_after >= p) & touched] = 1
-        labels[(change <= -ORACLE_LESION_DELTA) & (oracle_before >= p) & touched] = 2
-        return labels, (f"1/2: brightened/darkened by ≥ {ORACLE_LESION_DELTA} (model units) where the oracle segments "
+        labels[(change >= oracle_delta) & (oracle_after >= p) & touched] = 1
+        labels[(change <= -oracle_delta) & (oracle_before >= p) & touched] = 2
+        return labels, (f"1/2: brightened/darkened by ≥ {oracle_delta:g} (model units) where the oracle segments "
                         f"a lesion (probability ≥ {p}) after/before the edit")
     labels[change >= LESION_DELTA] = 1
     labels[change <= -LESION_DELTA] = 2

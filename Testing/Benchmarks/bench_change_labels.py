@@ -38,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
     model, encoder, oracle = load(args, oracle=True)
-    grid = model.spec.grid
     rules = [("change", None)] + [("oracle", d) for d in args.deltas]
     rows = []
-    for subj, twin in held_out_pairs(grid, args.subjects, seed=args.seed):
+    for subj, twin in held_out_pairs(model.spec.grid, args.subjects, seed=args.seed):
         brain = subj.brain_mask > 0
         true = (subj.lesion_mask > 0) & ~(twin.lesion_mask > 0)
         vox = subj.image.voxel_volume_ml
@@ -52,21 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             r = P.edit_scan(model, encoder, image, target_prompt=target, source_prompt=source, brain_mask=brain,
                             registration="none", oracle=oracle, auto_lesion_mask=False, seed=0)
             ms = r.model_space  # the subject is on the model grid: model space is the scan's grid
-            before = P._oracle_reading(oracle, np.where(ms["brain"], ms["input"], -1.0), grid)
-            after = P._oracle_reading(oracle, np.where(ms["brain"], ms["input"] + ms["change"], -1.0), grid)
             touched = ms["change"] != 0
-            out = {"oracle_delta_ml": round(after["lesion_ml"] - before["lesion_ml"], 2)}
+            out = {"oracle_delta_ml": round(r.report["lesion_ml_after"] - r.report["lesion_ml_before"], 2)}
             for kind, d in rules:
-                if kind == "change":
-                    lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True)
-                else:
-                    saved = P.ORACLE_LESION_DELTA
-                    P.ORACLE_LESION_DELTA = d
-                    try:
-                        lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True,
-                                                 oracle_before=before["lesion_prob"], oracle_after=after["lesion_prob"])
-                    finally:
-                        P.ORACLE_LESION_DELTA = saved
+                gate = {} if kind == "change" else {"oracle_before": ms["lesion_prob_before"],
+                                                    "oracle_after": ms["lesion_prob_after"], "oracle_delta": d}
+                lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True, **gate)
                 want = 1 if task == "add" else 2
                 key = "change" if kind == "change" else f"oracle:{d}"
                 out[key] = {"ml": round(float((lab == want).sum()) * vox, 2),
