@@ -310,6 +310,25 @@ def test_evaluate_quick_end_to_end(tmp_path):
     assert 0.0 <= tw["alignment"]["lesion_accuracy"] <= 1.0 and "read by the oracle" in md
 
 
+def test_evaluate_without_twins_sweeps_or_edits(tmp_path):
+    """The lean run a short GPU lease affords (Training/gpu_lease.sh): --twins 0 skips the twin ceiling."""
+    from tiny_model import build_tiny_model
+    from CounterfactualGenLib.cli import main
+    from CounterfactualGenLib.evaluation.oracle import Oracle, OracleSpec, save_oracle
+
+    model = build_tiny_model(tmp_path / "tiny")
+    oracle = save_oracle(Oracle(OracleSpec(id="tiny-oracle", grid=ModelGrid((16, 16, 16), 8.0, (0.0, -18.0, 8.0)),
+                                           architecture={"channels": [4, 8, 16], "head_hidden": 8})),
+                         tmp_path / "oracle")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model), "--oracle", str(oracle), "--out", str(out), "--seeds", "1",
+                 "--steps", "2", "--edits", "0", "--sweep", "none", "--reference", "0", "--twins", "0",
+                 "--device", "cpu"]) == 0
+    r = json.loads((out / "report.json").read_text())["results"]
+    assert r["n_seeds"] == 1 and "twin_reference" not in r and "sweep" not in r and "edits" not in r
+    assert "exact engine twins" not in (out / "report.md").read_text()
+
+
 # ---------------------------------------------------------------------------------
 # edits against exact twins, and the axioms: the numbers must respond
 # ---------------------------------------------------------------------------------

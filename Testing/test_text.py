@@ -478,3 +478,53 @@ def test_biomedclip_bad_folder(tmp_path):
     pytest.importorskip("open_clip")
     with pytest.raises(ModelError, match="open_clip_config.json"):
         load_text_encoder("biomedclip", path=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Precomputed embedding tables (training where the encoder is not installed)
+# ---------------------------------------------------------------------------------------
+
+
+def test_embedding_table_replays_the_encoder_and_refuses_what_it_lacks(tmp_path):
+    from CounterfactualGenLib.text import EmbeddingTableEncoder, write_embedding_table
+
+    enc = load_text_encoder("tiny-hash", dim=16, max_tokens=8, seed=3)
+    path = write_embedding_table(enc, PROMPTS, tmp_path / "t.safetensors")
+    assert not list(tmp_path.glob(".partial-*"))
+    table = load_text_encoder("tiny-hash", path=path, dim=16, max_tokens=8, seed=3)
+    assert isinstance(table, EmbeddingTableEncoder) and table.describe()["encoder_id"] == "tiny-hash"
+    asked = ["  Subject has no   lesions. ", PROMPTS[0], ""]  # whitespace-normalised like the encoder
+    got, want = table.encode(asked), enc.encode(asked)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.mask, want.mask)
+    assert torch.equal(got.pooled, want.pooled) and torch.equal(table.null(2).tokens, enc.null(2).tokens)
+    assert table.token_strings(PROMPTS[1]) == enc.token_strings(PROMPTS[1])
+    with pytest.raises(InputError, match="not in the precomputed"):
+        table.encode(["Subject has moderate lesion load."])
+    # a table of another encoder, width, length or seed is refused
+    with pytest.raises(ModelError, match="holds 'tiny-hash'"):
+        load_text_encoder("minilm-l6-v2", path=path)
+    with pytest.raises(ModelError, match="tokens per prompt"):
+        load_text_encoder("tiny-hash", path=path, dim=16, max_tokens=16, seed=3)
+    with pytest.raises(ModelError, match="width"):
+        load_text_encoder("tiny-hash", path=path, dim=32, max_tokens=8, seed=3)
+    with pytest.raises(ModelError, match="seed"):
+        load_text_encoder("tiny-hash", path=path, dim=16, max_tokens=8, seed=4)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(ModelError, match="not a readable"):
+        load_text_encoder("tiny-hash", path=bad, dim=16, max_tokens=8, seed=3)
+
+
+@needs_minilm
+def test_minilm_table_stands_in_for_the_model_and_passes_the_weights_check(minilm, tmp_path):
+    from CounterfactualGenLib.text import write_embedding_table
+
+    path = write_embedding_table(minilm, PROMPTS, tmp_path / "minilm.safetensors")
+    table = load_text_encoder("minilm-l6-v2", path=path, max_tokens=minilm.max_tokens)
+    assert torch.equal(table.encode(PROMPTS).tokens, minilm.encode(PROMPTS).tokens)
+    assert table.token_strings(PROMPTS[0]) == minilm.token_strings(PROMPTS[0])
+    # a model trained with the table records the real encoder: reloading from that record works both ways
+    desc = table.describe()
+    assert desc["weights_sha256"] == MINILM_SAFETENSORS_SHA256
+    assert load_text_encoder_from_description(desc).describe()["weights_sha256"] == MINILM_SAFETENSORS_SHA256
+    assert load_text_encoder_from_description(minilm.describe(), path=path).dim == 384

@@ -111,6 +111,8 @@ def test_shipped_diffusion_configs_build(name):
     model = mod.build_model({**mod.DEFAULTS, **cfg}, 384)  # MiniLM width
     assert model.spec.grid.shape == tuple(cfg["grid"]["shape"])
     assert model.diffusion_shape(1)[2:] == tuple(s // 2 for s in cfg["grid"]["shape"])
+    # what it trains must fit the extension's model budget: 60 MiB of fp16 weights
+    assert model.parameter_count() * 2 <= 60 * 2**20
 
 
 def _train_module():
@@ -222,3 +224,40 @@ def test_average_models_writes_the_weighted_mean_and_refuses_other_layouts(tmp_p
         average_models.average_models([a, other], tmp_path / "bad2")
     assert not (tmp_path / "bad1").exists() and not (tmp_path / "bad2").exists()
     assert average_models.main([str(a), str(other), "--out", str(tmp_path / "bad3")]) == 2
+
+
+def test_pool_prompt_set_holds_every_training_prompt():
+    import random
+
+    mod = _train_module()
+    prompts = set(mod.pool_prompt_set())
+    rng = random.Random(0)
+    cfg = {"data": {"paraphrase_prob": 0.5, "both_clauses_prob": 0.3}}
+    drawn = {mod.pool_prompt(rng.choice(["none", "minimal", "moderate", "high"]), rng.choice(["CN", "MCI", "AD"]),
+                             rng, cfg)[0] for _ in range(5000)}
+    assert drawn <= prompts and len(drawn) > 0.8 * len(prompts)
+
+
+def test_training_from_an_embedding_table_gives_the_same_model(tmp_path, config):
+    """Training with a precomputed table (a GPU machine without the encoder) = training with the encoder."""
+    import torch
+
+    table = tmp_path / "prompts.safetensors"
+    _run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config", str(config), "--out", str(table)],
+         tmp_path)
+    te = json.dumps({**TINY["text_encoder"], "path": str(table)})
+    script = str(ROOT / "Training" / "train_diffusion.py")
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "enc")], tmp_path)
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "tab"), "--set", f"text_encoder={te}"],
+         tmp_path)
+    from CounterfactualGenLib.models import load_model
+
+    a, b = load_model(tmp_path / "enc" / "model"), load_model(tmp_path / "tab" / "model")
+    assert a.spec.text_encoder == b.spec.text_encoder and "path" not in b.spec.text_encoder
+    for (k, v), (k2, w) in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().items()):
+        assert k == k2 and torch.equal(v, w), k
+    # an existing table is never overwritten
+    p = subprocess.run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config", str(config),
+                        "--out", str(table)], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode != 0 and "exists" in p.stderr

@@ -183,6 +183,21 @@ def pool_prompt(lesion: str, diagnosis: str, rng: random.Random, cfg: dict) -> t
     return prompt, r < both + (1 - both) / 2
 
 
+def pool_prompt_set() -> list[str]:
+    """Every prompt :func:`pool_prompt` can return (canonical and paraphrased clauses, alone or paired).
+
+    Paraphrasing replaces each canonical sentence by one of its class's templates (the
+    canonical wording is one of them), so this product covers every outcome; the test
+    suite checks it against many random draws. Training/embed_prompts.py embeds this set.
+    """
+    from CounterfactualGenLib.text.prompts import (DIAGNOSIS_CLASSES, DIAGNOSIS_PARAPHRASES, LESION_LOAD_CLASSES,
+                                                   LESION_PARAPHRASES)
+
+    lesion = [t for c in LESION_LOAD_CLASSES for t in LESION_PARAPHRASES[c]]
+    dx = [t for c in DIAGNOSIS_CLASSES for t in DIAGNOSIS_PARAPHRASES[c]]
+    return list(dict.fromkeys(lesion + dx + [f"{a} {b}" for a in lesion for b in dx]))
+
+
 def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
     """(image, prompt, lesion mask) from a manifest CSV, each mapped onto the model grid.
 
@@ -549,6 +564,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             print(f"Lesion prior: {int(prior.sum())} voxels where the pool has lesions.", file=sys.stderr)
     use_bf16 = device.type == "cuda"
     gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 31 + rank)
+    # On a GPU the noise is drawn there: a 128³ batch of CPU noise costs more than the step itself.
+    gen_noise = torch.Generator(device=device).manual_seed(cfg["seed"] * 37 + rank) if device.type == "cuda" else gen
+    if prior is not None:
+        prior = prior.to(device)
 
     log_path = out / "log.csv"
     writer = None
@@ -583,13 +602,13 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 ctx = encoder.encode(list(prompts)).tokens.to(device)
                 drop = torch.rand(len(prompts), generator=gen) < cfg["cond_dropout"]
                 ctx[drop.to(device)] = null_tokens[0]
-            noise = torch.randn(z0.shape, generator=gen).to(device)
+            noise = torch.randn(z0.shape, generator=gen_noise, device=gen_noise.device).to(device)
             t = sample_rflow_train_t(z0.shape[0], shift=shift, generator=gen).to(device)
             x_t, v = rflow_training_target(z0, noise, t)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 pred = ddp_net(x_t, t.float(), ctx)
-            w = lesion_weights(lesions, names_lesions & ~drop, z0.shape[2:], float(cfg.get("lesion_weight") or 0.0),
-                               prior, float(cfg.get("lesion_prior_weight") or 0.0))
+            w = lesion_weights(lesions.to(device), (names_lesions & ~drop).to(device), z0.shape[2:],
+                               float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0))
             loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
             loss = loss / cfg["grad_accum"]
             loss.backward()
@@ -634,7 +653,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
         save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True,
                    templates=edit_templates(cfg, grid))
-        _sample_montage(final, None, encoder, out / "samples_final.png", torch.device("cpu"))
+        _sample_montage(final, None, encoder, out / "samples_final.png", device)
         logf.close()
         if writer:
             writer.close()

@@ -662,7 +662,10 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
                         "over 1 seed) or 'none'")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, ≤ 4 steps, 4 reference subjects, "
                                                         "1 edited subject, a 2×2 sweep")
-    p.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP)")
+    p.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed embedding table (.safetensors)")
+    p.add_argument("--twins", type=int, default=None, metavar="N",
+                   help=f"exact engine twin series read as the ceiling (default {TWIN_SUBJECTS}; --quick 2; 0 = skip, "
+                        "e.g. on a large grid where making twins on the CPU dominates)")
     add_share_argument(p)
     common(p)
     return p
@@ -756,9 +759,12 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         seeds = [int(args.seed) + i for i in range(n_seeds)]
         results = evaluate_generator(generate, oracle, seeds=seeds, grid=model.spec.grid, reference=reference,
                                      text_pooled=text_pooled, fid=fid, on_event=ev.emit)
-        ev.log("Exact engine twin series (the ceiling for subject MS-SSIM, and what the oracle reads on them)…")
-        results["twin_reference"] = twin_series_reference(model.spec.grid, 2 if args.quick else TWIN_SUBJECTS, oracle,
-                                                          contrast=model.spec.contrast)
+        n_twins = int(args.twins if args.twins is not None else (2 if args.quick else TWIN_SUBJECTS))
+        if n_twins > 0:
+            ev.log(f"{n_twins} exact engine twin series (the ceiling for subject MS-SSIM, and what the oracle reads "
+                   "on them)…")
+            results["twin_reference"] = twin_series_reference(model.spec.grid, n_twins, oracle,
+                                                              contrast=model.spec.contrast)
         used_steps = int(steps if steps is not None else model.spec.schedule.get("default_steps", 30))
         used_guidance = float(args.guidance if args.guidance is not None else model.spec.schedule.get("default_guidance", 1.0))
         used_share = float(args.share if args.share is not None else model.spec.schedule.get("default_share", 0.0))

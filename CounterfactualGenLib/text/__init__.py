@@ -11,6 +11,7 @@ from .encoders import (
     ENCODER_IDS,
     MINILM_SAFETENSORS_SHA256,
     BiomedCLIPEncoder,
+    EmbeddingTableEncoder,
     MiniLMEncoder,
     TextEmbedding,
     TextEncoder,
@@ -19,6 +20,7 @@ from .encoders import (
     load_text_encoder,
     load_text_encoder_from_description,
     sha256_file,
+    write_embedding_table,
 )
 from .prompts import (
     ADNI_PROMPT_CONFIG,
@@ -45,6 +47,7 @@ __all__ = [
     "ENCODER_IDS",
     "MINILM_SAFETENSORS_SHA256",
     "BiomedCLIPEncoder",
+    "EmbeddingTableEncoder",
     "MiniLMEncoder",
     "TextEmbedding",
     "TextEncoder",
@@ -53,6 +56,7 @@ __all__ = [
     "load_text_encoder",
     "load_text_encoder_from_description",
     "sha256_file",
+    "write_embedding_table",
     "ADNI_PROMPT_CONFIG",
     "DIAGNOSIS_ALIASES",
     "DIAGNOSIS_CLASSES",

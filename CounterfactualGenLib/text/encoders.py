@@ -52,6 +52,8 @@ __all__ = [
     "TinyHashEncoder",
     "MiniLMEncoder",
     "BiomedCLIPEncoder",
+    "EmbeddingTableEncoder",
+    "write_embedding_table",
     "ENCODER_IDS",
     "MINILM_SAFETENSORS_SHA256",
     "BIOMEDCLIP_REPO_ID",
@@ -574,6 +576,112 @@ class MiniLMEncoder(TextEncoder):
 
 
 # ---------------------------------------------------------------------------------------
+# Precomputed embedding table (a frozen encoder's outputs for a known prompt set)
+# ---------------------------------------------------------------------------------------
+
+TABLE_FORMAT = "counterfactualgen-text-table"
+
+
+def write_embedding_table(encoder: TextEncoder, prompts: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """Write ``encoder``'s outputs for ``prompts`` (and the empty prompt) to one safetensors file.
+
+    A frozen encoder is a fixed function, so for a finite prompt set its outputs *are*
+    the encoder. Training on a machine without the encoder's weights (a rented GPU with
+    no network and a transfer limit) reads this table instead; the model it writes
+    records the real encoder's description, weights SHA-256 included, so at inference
+    the real encoder is loaded and checked as always.
+
+    The file holds ``tokens`` (n, L, D) float32, ``mask`` (n, L) uint8, ``pooled`` (n, D)
+    float32, and in its header the prompts, their token strings and the encoder's
+    :meth:`TextEncoder.describe`. Written atomically (temporary file, then rename).
+
+    Returns:
+        The path written.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    keys = list(dict.fromkeys([""] + [" ".join(str(p).split()) for p in prompts]))
+    emb = encoder.encode(keys)
+    meta = {"format": TABLE_FORMAT, "encoder": encoder.describe(), "prompts": keys,
+            "token_strings": [encoder.token_strings(k) for k in keys]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".partial-" + path.name)
+    save_file({"tokens": emb.tokens.float().contiguous(), "mask": emb.mask.to(torch.uint8).contiguous(),
+               "pooled": emb.pooled.float().contiguous()}, str(tmp), metadata={"table": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+class EmbeddingTableEncoder(TextEncoder):
+    """A frozen encoder replayed from a table written by :func:`write_embedding_table`.
+
+    It answers exactly what the real encoder answered for the prompts in the table, and
+    refuses any other prompt with a clear error (it cannot encode new text). It takes
+    the real encoder's id, and :meth:`describe` returns the real encoder's description,
+    so models trained with it name the real encoder.
+
+    Args:
+        path: the ``.safetensors`` table.
+        encoder_id: the id the caller expects; a table of another encoder is refused.
+        max_tokens: the token length the caller expects (None: the table's).
+        device: where outputs live.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, encoder_id: str, max_tokens: int | None = None,
+                 device: str = "cpu") -> None:
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ModelError(f"No text-embedding table at {path}.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("table", "{}"))
+                tensors = {k: f.get_tensor(k) for k in ("tokens", "mask", "pooled")}
+        except Exception as exc:  # safetensors raises its own error type; a bad header is a bad table
+            raise ModelError(f"{path} is not a readable text-embedding table: {exc}") from exc
+        if meta.get("format") != TABLE_FORMAT:
+            raise ModelError(f"{path} is not a text-embedding table (written by write_embedding_table).")
+        desc = dict(meta["encoder"])
+        if desc.get("encoder_id") != encoder_id:
+            raise ModelError(f"The table {path} holds {desc.get('encoder_id')!r} embeddings, not {encoder_id!r}.")
+        n, L, D = tensors["tokens"].shape
+        if max_tokens is not None and int(max_tokens) != L:
+            raise ModelError(f"The table {path} has {L} tokens per prompt; {max_tokens} were asked for.")
+        prompts = list(meta["prompts"])
+        if len(prompts) != n or tuple(tensors["pooled"].shape) != (n, D) or tuple(tensors["mask"].shape) != (n, L):
+            raise ModelError(f"The table {path} is inconsistent: {len(prompts)} prompts, tensors of {n}.")
+        self.encoder_id = encoder_id
+        super().__init__(dim=D, max_tokens=L, device=device)
+        self._index = {p: i for i, p in enumerate(prompts)}
+        self._tokens, self._mask, self._pooled = tensors["tokens"], tensors["mask"].bool(), tensors["pooled"]
+        self._token_strings = list(meta.get("token_strings") or [])
+        self._description = {**desc, "source": desc.get("source"), "table": str(path)}
+
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        unknown = [p for p in prompts if p not in self._index]
+        if unknown:
+            raise InputError(
+                f"{len(unknown)} prompt(s) are not in the precomputed {self.encoder_id} table, e.g. {unknown[0]!r}; "
+                "a table can only replay the prompts it was built for (Training/embed_prompts.py)."
+            )
+        idx = [self._index[p] for p in prompts]
+        dev = _torch_device(self.device)
+        return self._tokens[idx].to(dev), self._mask[idx].to(dev), self._pooled[idx].to(dev)
+
+    def token_strings(self, prompt: str) -> list[str]:
+        key = " ".join(str(prompt).split())
+        if key in self._index and self._token_strings:
+            return list(self._token_strings[self._index[key]])
+        return super().token_strings(prompt)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._description)
+
+
+# ---------------------------------------------------------------------------------------
 # BiomedCLIP (open_clip)
 # ---------------------------------------------------------------------------------------
 
@@ -885,6 +993,8 @@ def load_text_encoder(
         encoder_id: "minilm-l6-v2", "biomedclip" or "tiny-hash".
         path: minilm-l6-v2: model folder (default: the installed wheel); biomedclip:
             folder with open_clip_config.json + safetensors (default: the HF cache).
+            Either: a ``.safetensors`` embedding table of that encoder
+            (:func:`write_embedding_table`), which replays the prompts it holds.
         allow_download: biomedclip only: fetch missing files with huggingface_hub.
         device: "cpu", "cuda", "cuda:1", "mps".
         max_tokens: token length L (defaults: minilm 32, biomedclip 32, tiny-hash 16).
@@ -904,6 +1014,14 @@ def load_text_encoder(
     """
     if encoder_id not in ENCODER_IDS:
         raise InputError(f"Unknown text encoder {encoder_id!r}; choose one of {list(ENCODER_IDS)}.")
+    if path is not None and str(path).endswith(".safetensors") and Path(path).expanduser().is_file():
+        # A precomputed table of this encoder's outputs (Training/embed_prompts.py).
+        table = EmbeddingTableEncoder(path, encoder_id=encoder_id, max_tokens=max_tokens, device=device)
+        recorded = table.describe()
+        if (dim is not None and table.dim != int(dim)) or (encoder_id == "tiny-hash" and int(recorded.get("seed", 0)) != int(seed)):
+            raise ModelError(f"The table {path} holds {encoder_id} embeddings of width {table.dim} "
+                             f"(seed {recorded.get('seed')}), not the requested width {dim} / seed {seed}.")
+        return table
     if dim is not None and encoder_id != "tiny-hash":
         raise InputError(f"dim= only applies to tiny-hash; {encoder_id} has a fixed dimension.")
     if encoder_id == "tiny-hash":

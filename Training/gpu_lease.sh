@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Train, evaluate and benchmark the 128³ model (Training/configs/wdm_128.json) on one GPU
+# machine that has no network and no text-encoder weights: a rented or lent GPU.
+#
+# Prepare, where the package is installed:
+#   python Training/embed_prompts.py --config Training/configs/wdm_128.json --out .gpu/prompts.safetensors
+#   pip download --no-deps ... -d .whl monai==X nibabel==Y   (only what the GPU machine lacks)
+# Then, on the GPU machine, from the repository root:
+#   OUT=/somewhere MINUTES=4 bash Training/gpu_lease.sh [--set KEY=JSON ...]
+#
+# Writes to $OUT: model.tar.part-* (the model folder; cat the parts | tar x), run.tar
+# (logs, sample montages, evaluation report), bench_generate.json. Each step that can
+# overrun has its own time limit, so the trained model always comes back.
+set -uo pipefail
+: "${OUT:?set OUT to the folder that comes back}"
+MINUTES=${MINUTES:-4}
+EVAL_SEEDS=${EVAL_SEEDS:-24}
+EVAL_TIMEOUT=${EVAL_TIMEOUT:-120}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
+RUN=${RUN:-runs/wdm128}
+TABLE=${TABLE:-.gpu/prompts.safetensors}
+DEVICE=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import monai, nibabel" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+[ -f "$TABLE" ] || { echo "No embedding table at $TABLE (Training/embed_prompts.py)"; exit 1; }
+mkdir -p "$OUT" "$(dirname "$RUN")"
+TE="{\"id\": \"minilm-l6-v2\", \"max_tokens\": 24, \"path\": \"$TABLE\"}"
+start=$(date +%s)
+python3 Training/train_diffusion.py --config Training/configs/wdm_128.json --out "$RUN" \
+  --set max_minutes="$MINUTES" --set text_encoder="$TE" "$@" > "$RUN.train.log" 2>&1
+train_rc=$?
+tr '\r' '\n' < "$RUN.train.log" | grep -v '^\s*$' | tail -n 25
+echo "train rc=$train_rc in $(( $(date +%s) - start )) s"
+if [ -f "$RUN/model/model.json" ]; then
+  tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
+fi
+# The oracle reads on its own 5 mm grid; resampling onto it needs SimpleITK (a 50 MB wheel).
+if [ -f "$RUN/model/model.json" ] && python3 -c "import SimpleITK" 2>/dev/null; then
+  start=$(date +%s)
+  timeout "$EVAL_TIMEOUT" python3 -m CounterfactualGenLib.cli evaluate --model "$RUN/model" --out "$RUN/eval" \
+    --seed 0 --seeds "$EVAL_SEEDS" --edits 0 --sweep none --reference 0 --twins 0 \
+    --text-encoder-path "$TABLE" --device "$DEVICE" > "$RUN.eval.log" 2>&1
+  echo "evaluate rc=$? in $(( $(date +%s) - start )) s"; tail -n 15 "$RUN.eval.log"
+else
+  echo "evaluation skipped: no model, or SimpleITK missing (carry its wheel in .whl)"
+fi
+if [ "$DEVICE" != cpu ]; then
+  timeout "$BENCH_TIMEOUT" python3 Testing/Benchmarks/bench_generate.py --device "$DEVICE" --steps 30 --grids 128 \
+    --size small --precision auto --json "$OUT/bench_generate.json" > "$RUN.bench.log" 2>&1
+  echo "bench rc=$?"; tail -n 12 "$RUN.bench.log"
+fi
+tar -cf "$OUT/run.tar" --exclude='*.safetensors' --exclude='*.npz' "$RUN" "$RUN".*.log 2>/dev/null
+ls -la "$OUT"
+exit "$train_rc"
