@@ -327,8 +327,9 @@ def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
         oracle_txt = (f"; oracle lesion ml {r['lesion_ml_before']} → {r['lesion_ml_after']}"
                       if r.get("lesion_ml_before") is not None else "")
         region = "the oracle's lesion segmentation" if r.get("lesion_mask") == "oracle" else "the mask"
-        print(f"Edited '{inp.name}' → {args.out}/ (SYNTHETIC): changed {r['changed_ml']} ml; lesion +"
-              f"{r['lesion_ml_added']} / −{r['lesion_ml_removed']} ml{oracle_txt}; "
+        lesion_txt = (f"lesion +{r['lesion_ml_added']} / −{r['lesion_ml_removed']} ml"
+                      if r.get("lesion_ml_added") is not None else "lesion ml not measured (no oracle)")
+        print(f"Edited '{inp.name}' → {args.out}/ (SYNTHETIC): changed {r['changed_ml']} ml; {lesion_txt}{oracle_txt}; "
               + (f"lesions inpainted inside {region}." if r.get("method") == "inpainting"
                  else f"reconstruction PSNR {r['reconstruction_psnr_db']} dB."), file=sys.stderr)
     return summary

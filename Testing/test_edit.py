@@ -313,7 +313,7 @@ def test_lesion_filling_with_a_mask_inpaints_only_the_masked_lesions(tiny):
 
 
 def test_change_labels_need_the_oracle_segmentation_when_an_oracle_is_given():
-    from CounterfactualGenLib.pipeline import LESION_DELTA, ORACLE_LESION_DELTA, change_labels
+    from CounterfactualGenLib.pipeline import LESION_DELTA, NO_ORACLE_RULE, ORACLE_LESION_DELTA, change_labels
 
     change = np.zeros((4, 4, 4), np.float32)
     change[0] = 0.3     # bright, inside the oracle's segmentation after the edit → added
@@ -329,10 +329,13 @@ def test_change_labels_need_the_oracle_segmentation_when_an_oracle_is_given():
     lab, rule = change_labels(change, touched, lesion_prompt=True, oracle_before=before, oracle_after=after)
     assert (lab[0] == 1).all() and (lab[1] == 3).all() and (lab[2] == 2).all()
     assert (lab[3, :2] == 1).all() and (lab[3, 2:] == 0).all() and "oracle" in rule
-    # without an oracle: |change| alone, at the larger threshold
-    lab, rule = change_labels(change, touched, lesion_prompt=True)
+    # inside a filled region (inpainting): |change| alone, at the larger threshold
+    lab, rule = change_labels(change, touched, lesion_prompt=True, inpainting=True)
     assert (lab[0] == 1).all() and (lab[1] == 1).all() and (lab[2] == 2).all() and (lab[3, :2] == 3).all()
-    assert "oracle" not in rule
+    assert "filled region" in rule
+    # a prompt edit without an oracle: no lesion labels at all
+    lab, rule = change_labels(change, touched, lesion_prompt=True)
+    assert set(np.unique(lab[touched])) == {3.0} and (lab[~touched] == 0).all() and rule == NO_ORACLE_RULE
     # not a lesion-load edit: every change is "other"
     lab, _ = change_labels(change, touched, lesion_prompt=False, oracle_before=before, oracle_after=after)
     assert set(np.unique(lab[touched])) == {3.0}
@@ -352,5 +355,7 @@ def test_prompt_edit_labels_lesions_only_where_the_oracle_segments_them(tiny):
     assert not np.isin(lab[~seg], (1, 2)).any()
     plain = edit_scan(m, tiny_encoder(), scan, **kw)
     np.testing.assert_array_equal(plain.counterfactual.array, r.counterfactual.array)  # only the labels differ
-    assert "oracle" not in plain.report["change_labels_rule"]
-    assert np.isin(plain.change_labels.array[~seg], (1, 2)).any()  # |change| alone labels lesions anywhere
+    # without an oracle a prompt edit labels no lesions and reports no lesion ml
+    assert plain.report["lesion_ml_added"] is None and plain.report["lesion_ml_removed"] is None
+    assert not np.isin(plain.change_labels.array, (1, 2)).any() and (plain.change_labels.array == 3).any()
+    assert r.report["lesion_ml_added"] is not None

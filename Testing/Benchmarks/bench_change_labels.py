@@ -8,12 +8,15 @@ where the oracle segments a lesion after / before the edit. This benchmark edits
 engine subjects (moderate / high load, on the model grid) twice: lesion addition (the clean
 twin → the subject's class) and filling by the text alone (the subject → "no lesions", no
 segmentation filled), and prints, for |change| alone at ``LESION_DELTA`` and for the oracle
-gate at several thresholds, the labelled ml against the oracle's own Δml and the true lesion
-ml, and the Dice of the "removed" voxels against the true lesions. Choose on subjects other
-than the evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default here is 200).
+gate at several thresholds, and for a gate by FLAIR hyperintensity (``--ratios``: ≥ ratio ×
+the scan's white-matter median, in or next to white matter; tried for edits without an
+oracle and rejected, see ``pipeline.ORACLE_LESION_DELTA``), the labelled ml against the
+oracle's own Δml and the true lesion ml, and the Dice of the "removed" voxels against the
+true lesions. Choose on subjects other than the evaluation's (``counterfactualgen evaluate``
+edits seeds from 0; the default here is 200).
 
     python Testing/Benchmarks/bench_change_labels.py --threads 1 --seed 200 --subjects 6 \\
-        --deltas 0.04 0.08 0.12      # ≈1.5 min on 2 CPU cores
+        --deltas 0.04 0.08 0.12 --ratios 1.1 1.2 1.3   # ≈2 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -26,19 +29,38 @@ from _bench import load, parser
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, subjects=6, seed=200)
-    ap.add_argument("--deltas", nargs="+", type=float, default=[0.04, 0.08, 0.12],
+    ap.add_argument("--deltas", nargs="*", type=float, default=[0.04, 0.08, 0.12],
                     help="oracle-gated |change| thresholds (model units)")
+    ap.add_argument("--ratios", nargs="*", type=float, default=[1.1, 1.2, 1.3],
+                    help="without an oracle: FLAIR-hyperintensity ratios (× white-matter median) gating |change| ≥ "
+                         "--hyper-delta")
+    ap.add_argument("--hyper-delta", type=float, default=0.08,
+                    help="the |change| threshold of the hyperintensity gate (default 0.08)")
     args = ap.parse_args(argv)
 
     import numpy as np
+    from scipy.ndimage import binary_dilation
 
     import CounterfactualGenLib.pipeline as P
     from CounterfactualGenLib.evaluation.edits import NONE_PROMPT, held_out_pairs
     from CounterfactualGenLib.evaluation.metrics import dice
+    from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
     model, encoder, oracle = load(args, oracle=True)
-    rules = [("change", None)] + [("oracle", d) for d in args.deltas]
+    upper = float(model.spec.intensity.get("upper_percentile", 99.5))
+
+    def hyperintense(img, white_matter, signal_zero, ratio):
+        """≥ ratio × the white-matter median signal, with signal_zero the model units of no signal."""
+        ref = float(np.median(img[white_matter]))
+        return img >= signal_zero + ratio * (ref - signal_zero)
+
+    rules = [("change", None)] + [("oracle", d) for d in args.deltas] + [("hyper", r) for r in args.ratios]
+    wm = model.template("white_matter").array > 0.5
+
+    def key_of(kind, v):
+        return "change" if kind == "change" else f"{kind}:{v}"
+
     rows = []
     for subj, twin in held_out_pairs(model.spec.grid, args.subjects, seed=args.seed):
         brain = subj.brain_mask > 0
@@ -54,11 +76,26 @@ def main(argv: list[str] | None = None) -> int:
             touched = ms["change"] != 0
             out = {"oracle_delta_ml": round(r.report["lesion_ml_after"] - r.report["lesion_ml_before"], 2)}
             for kind, d in rules:
-                gate = {} if kind == "change" else {"oracle_before": ms["lesion_prob_before"],
-                                                    "oracle_after": ms["lesion_prob_after"], "oracle_delta": d}
-                lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True, **gate)
+                gate = {}
+                zero = float(IntensityNormalizer.fit(image.array, brain, upper_percentile=upper).forward(
+                    np.array(min(0.0, float(image.array.min())))))  # model units of "no signal", as edit_scan maps
+                if kind == "oracle":
+                    gate = {"oracle_before": ms["lesion_prob_before"], "oracle_after": ms["lesion_prob_after"],
+                            "oracle_delta": d}
+                if kind == "hyper":  # tried for edits without an oracle, and rejected (see pipeline)
+                    w = wm & ms["brain"]
+                    near = binary_dilation(w, iterations=1)
+                    hd = args.hyper_delta
+                    bright = {k: hyperintense(img, w, zero, d) & near
+                              for k, img in (("before", ms["input"]), ("after", ms["input"] + ms["change"]))}
+                    lab = np.where(touched, 3.0, 0.0)
+                    lab[(ms["change"] >= hd) & bright["after"] & touched] = 1
+                    lab[(ms["change"] <= -hd) & bright["before"] & touched] = 2
+                else:  # "change": the rule inside a filled region, |change| ≥ LESION_DELTA alone
+                    lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True, inpainting=kind == "change",
+                                             **gate)
                 want = 1 if task == "add" else 2
-                key = "change" if kind == "change" else f"oracle:{d}"
+                key = key_of(kind, d)
                 out[key] = {"ml": round(float((lab == want).sum()) * vox, 2),
                             **({"dice": round(dice(lab == 2, true), 4)} if task != "add" else {})}
             row[task] = out
@@ -70,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| rule | addition: labelled ml (oracle Δml) | text-only filling: labelled ml | Dice removed vs true |")
     print("|---|---|---|---|")
     for kind, d in rules:
-        key = "change" if kind == "change" else f"oracle:{d}"
-        name = f"|change| ≥ {P.LESION_DELTA}" if kind == "change" else f"|change| ≥ {d} and oracle segmentation"
+        key = key_of(kind, d)
+        name = {"change": f"|change| ≥ {P.LESION_DELTA}", "oracle": f"|change| ≥ {d} and oracle segmentation",
+                "hyper": f"|change| ≥ {args.hyper_delta} and ≥ {d}× white-matter median, near white matter"}[kind]
         add = ", ".join(f"{r['add'][key]['ml']:g} ({r['add']['oracle_delta_ml']:+g})" for r in rows)
         rem = ", ".join(f"{r['fill_text_only'][key]['ml']:g}" for r in rows)
         dc = [r["fill_text_only"][key]["dice"] for r in rows]
