@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="synthesise a counterfactual series: one volume per prompt from one noise")
     g.add_argument("--prompt", action="append", help="a sentence; repeat for a series")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed embedding table (.safetensors)")
+    g.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed "
+                        "embedding table (.safetensors, Training/embed_prompts.py)")
     add_share_argument(g)
     _common(g)
 
@@ -471,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--oracle", default="auto",
                        help="oracle folder for lesion ml before/after; auto = the bundled one if installed, none = skip")
         e.add_argument("--max-voxels", type=int, default=512**3, help="refuse larger inputs (default 512³)")
-        e.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed embedding table (.safetensors)")
+        e.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed "
+                        "embedding table (.safetensors, Training/embed_prompts.py)")
         e.add_argument("--out", required=True, help="output folder")
 
     e = sub.add_parser("edit", help="counterfactual of a scan: --input scan --to 'prompt' --out DIR")

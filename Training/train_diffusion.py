@@ -563,9 +563,11 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         if is_main(rank):
             print(f"Lesion prior: {int(prior.sum())} voxels where the pool has lesions.", file=sys.stderr)
     use_bf16 = device.type == "cuda"
-    gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 31 + rank)
+    # A resumed run draws new noise and times (seeded by its start step), not the first run's again.
+    gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 31 + rank + 7919 * start)
     # On a GPU the noise is drawn there: a 128³ batch of CPU noise costs more than the step itself.
-    gen_noise = torch.Generator(device=device).manual_seed(cfg["seed"] * 37 + rank) if device.type == "cuda" else gen
+    gen_noise = (torch.Generator(device=device).manual_seed(cfg["seed"] * 37 + rank + 7919 * start)
+                 if device.type == "cuda" else gen)
     if prior is not None:
         prior = prior.to(device)
 
