@@ -261,3 +261,36 @@ def test_training_from_an_embedding_table_gives_the_same_model(tmp_path, config)
                         "--out", str(table)], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode != 0 and "exists" in p.stderr
+
+
+def test_gpu_lease_script_end_to_end_on_cpu(tmp_path):
+    """Training/gpu_lease.sh, as a bare GPU machine runs it, on a tiny grid: model parts, logs and evaluation come back."""
+    import tarfile
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    table = tmp_path / "prompts.safetensors"
+    _run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config",
+          str(ROOT / "Training" / "configs" / "wdm_128.json"), "--out", str(table)], tmp_path)
+    out, run = tmp_path / "out", tmp_path / "runs" / "wdm128"  # runs/ does not exist yet, as on a bare machine
+    env = {"OUT": str(out), "RUN": str(run), "TABLE": str(table), "DEVICE": "cpu", "MINUTES": "5", "EVAL_SEEDS": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    data = {"kind": "synthetic", "pool_size": 4, "pool_workers": 1, "paraphrase_prob": 0.25, "both_clauses_prob": 0.2}
+    grid = {"shape": [16, 16, 16], "spacing_mm": 10.0, "center_ras": [0.0, -18.0, 8.0]}
+    p = _run(["bash", str(ROOT / "Training" / "gpu_lease.sh"), "--set", 'size="tiny"', "--set", f"grid={json.dumps(grid)}",
+              "--set", f"data={json.dumps(data)}", "--set", "iterations=2", "--set", "sample_every=0",
+              "--set", "checkpoint_every=1", "--set", "num_workers=0", "--set", "ema_start=0"], ROOT, env)
+    assert "train rc=0" in p.stdout and "evaluate rc=0" in p.stdout, p.stdout[-2000:]
+    parts = sorted(out.glob("model.tar.part-*"))
+    assert parts and all(f.stat().st_size <= 15 * 2**20 for f in parts)
+    whole = tmp_path / "model.tar"
+    whole.write_bytes(b"".join(f.read_bytes() for f in parts))
+    with tarfile.open(whole) as tf:
+        tf.extractall(tmp_path / "back", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    from CounterfactualGenLib.models import load_model
+
+    m = load_model(tmp_path / "back" / "model")
+    assert m.spec.text_encoder["id"] == "minilm-l6-v2" and m.spec.training["iterations"] == 2
+    with tarfile.open(out / "run.tar") as tf:
+        names = tf.getnames()
+    assert any(n.endswith("eval/report.json") for n in names) and any(n.endswith("log.csv") for n in names)
