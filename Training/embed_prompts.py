@@ -11,8 +11,8 @@ limit too small for the 83 MB MiniLM wheel) trains from this table instead:
     python Training/train_diffusion.py --config Training/configs/wdm_128.json --out runs/wdm128 \\
         --set text_encoder='{"id": "minilm-l6-v2", "max_tokens": 24, "path": ".gpu/prompts.safetensors"}'
 
-The model written records the real encoder (id, width, tokens, weights SHA-256), so at
-inference the real encoder is loaded and checked as always. A prompt missing from the
+The model written records the real encoder (id, width, token length), so at inference
+the real encoder is loaded and checked (weights SHA-256) as always. A prompt missing from the
 table is refused with a clear error, never guessed.
 """
 

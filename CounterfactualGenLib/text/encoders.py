@@ -588,8 +588,8 @@ def write_embedding_table(encoder: TextEncoder, prompts: Sequence[str], path: st
     A frozen encoder is a fixed function, so for a finite prompt set its outputs *are*
     the encoder. Training on a machine without the encoder's weights (a rented GPU with
     no network and a transfer limit) reads this table instead; the model it writes
-    records the real encoder's description, weights SHA-256 included, so at inference
-    the real encoder is loaded and checked as always.
+    names the real encoder, so at inference the real encoder is loaded and checked as
+    always. The table keeps the encoder's description, weights SHA-256 included.
 
     The file holds ``tokens`` (n, L, D) float32, ``mask`` (n, L) uint8, ``pooled`` (n, D)
     float32, and in its header the prompts, their token strings and the encoder's
