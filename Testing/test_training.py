@@ -264,7 +264,8 @@ def test_training_from_an_embedding_table_gives_the_same_model(tmp_path, config)
 
 
 def test_gpu_lease_script_end_to_end_on_cpu(tmp_path):
-    """Training/gpu_lease.sh, as a bare GPU machine runs it, on a tiny grid: model parts, logs and evaluation come back."""
+    """Training/gpu_lease.sh as a bare GPU machine runs it (no runs/, no SimpleITK), on a tiny grid:
+    model parts, logs and the evaluation come back."""
     import tarfile
 
     if shutil.which("bash") is None:
@@ -273,8 +274,12 @@ def test_gpu_lease_script_end_to_end_on_cpu(tmp_path):
     _run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config",
           str(ROOT / "Training" / "configs" / "wdm_128.json"), "--out", str(table)], tmp_path)
     out, run = tmp_path / "out", tmp_path / "runs" / "wdm128"  # runs/ does not exist yet, as on a bare machine
+    blocked = tmp_path / "no_sitk"  # as on the GPU machine: SimpleITK is not installed there
+    blocked.mkdir()
+    (blocked / "SimpleITK.py").write_text("raise ImportError('SimpleITK is not installed here')\n")
     env = {"OUT": str(out), "RUN": str(run), "TABLE": str(table), "DEVICE": "cpu", "MINUTES": "5", "EVAL_SEEDS": "1",
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}"}
     data = {"kind": "synthetic", "pool_size": 4, "pool_workers": 1, "paraphrase_prob": 0.25, "both_clauses_prob": 0.2}
     grid = {"shape": [16, 16, 16], "spacing_mm": 10.0, "center_ras": [0.0, -18.0, 8.0]}
     p = _run(["bash", str(ROOT / "Training" / "gpu_lease.sh"), "--set", 'size="tiny"', "--set", f"grid={json.dumps(grid)}",
