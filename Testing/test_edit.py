@@ -253,12 +253,17 @@ class _SegmentationOracle:
                 "lesion_prob": np.repeat(self.mask[None].astype(np.float32), n, axis=0)}
 
 
-def test_lesion_filling_without_a_mask_fills_the_oracle_segmentation(tiny):
-    m = load_model(tiny)
-    g = m.spec.grid
-    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+def _scan_on_grid_with_segmentation(model):
+    """The model grid, a phantom scan on it and a small lesion segmentation for _SegmentationOracle."""
+    g = model.spec.grid
     seg = np.zeros(g.shape, bool)
     seg[6:9, 7:10, 6:8] = True
+    return g, Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras), seg
+
+
+def test_lesion_filling_without_a_mask_fills_the_oracle_segmentation(tiny):
+    m = load_model(tiny)
+    g, scan, seg = _scan_on_grid_with_segmentation(m)
     kw = dict(target_prompt=NONE, source_prompt=HIGH, brain_mask=scan.array > 0, registration="none", steps=4)
     r = edit_scan(m, tiny_encoder(), scan, oracle=_SegmentationOracle(g, seg), **kw)
     assert r.report["method"] == "inpainting" and r.report["lesion_mask"] == "oracle"
@@ -343,10 +348,7 @@ def test_change_labels_need_the_oracle_segmentation_when_an_oracle_is_given():
 
 def test_prompt_edit_labels_lesions_only_where_the_oracle_segments_them(tiny):
     m = load_model(tiny)
-    g = m.spec.grid
-    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
-    seg = np.zeros(g.shape, bool)
-    seg[6:9, 7:10, 6:8] = True
+    g, scan, seg = _scan_on_grid_with_segmentation(m)
     kw = dict(target_prompt=HIGH, source_prompt=NONE, brain_mask=scan.array > 0, registration="none", steps=4,
               guidance=4.0)
     r = edit_scan(m, tiny_encoder(), scan, oracle=_SegmentationOracle(g, seg), **kw)

@@ -658,7 +658,7 @@ class EmbeddingTableEncoder(TextEncoder):
         self._index = {p: i for i, p in enumerate(prompts)}
         self._tokens, self._mask, self._pooled = tensors["tokens"], tensors["mask"].bool(), tensors["pooled"]
         self._token_strings = list(meta.get("token_strings") or [])
-        self._description = {**desc, "source": desc.get("source"), "table": str(path)}
+        self._description = {**desc, "table": str(path)}
 
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         unknown = [p for p in prompts if p not in self._index]

@@ -75,23 +75,24 @@ def main(argv: list[str] | None = None) -> int:
             ms = r.model_space  # the subject is on the model grid: model space is the scan's grid
             touched = ms["change"] != 0
             out = {"oracle_delta_ml": round(r.report["lesion_ml_after"] - r.report["lesion_ml_before"], 2)}
+            # for the hyperintensity gate: model units of "no signal" (as edit_scan maps) and the white matter
+            zero = float(IntensityNormalizer.fit(image.array, brain, upper_percentile=upper).forward(
+                np.array(min(0.0, float(image.array.min())))))
+            w = wm & ms["brain"]
+            near = binary_dilation(w, iterations=1)
             for kind, d in rules:
                 gate = {}
-                zero = float(IntensityNormalizer.fit(image.array, brain, upper_percentile=upper).forward(
-                    np.array(min(0.0, float(image.array.min())))))  # model units of "no signal", as edit_scan maps
                 if kind == "oracle":
                     gate = {"oracle_before": ms["lesion_prob_before"], "oracle_after": ms["lesion_prob_after"],
                             "oracle_delta": d}
                 if kind == "hyper":  # tried for edits without an oracle, and rejected (see pipeline)
-                    w = wm & ms["brain"]
-                    near = binary_dilation(w, iterations=1)
                     hd = args.hyper_delta
                     bright = {k: hyperintense(img, w, zero, d) & near
                               for k, img in (("before", ms["input"]), ("after", ms["input"] + ms["change"]))}
                     lab = np.where(touched, 3.0, 0.0)
                     lab[(ms["change"] >= hd) & bright["after"] & touched] = 1
                     lab[(ms["change"] <= -hd) & bright["before"] & touched] = 2
-                else:  # "change": the rule inside a filled region, |change| ≥ LESION_DELTA alone
+                else:  # "change": |change| ≥ LESION_DELTA alone (the filled-region rule); "oracle": the gate
                     lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True, inpainting=kind == "change",
                                              **gate)
                 want = 1 if task == "add" else 2
