@@ -121,6 +121,30 @@ def test_lesion_class_and_alignment():
         M.alignment_accuracy(["A sunny day."], ["CN"], "diagnosis")
 
 
+def test_seed_interval_covers_the_estimate_counts_seeds_as_clusters_and_stays_honest_at_100_percent():
+    rng = np.random.default_rng(0)
+    few = [list(rng.random(4) < 0.88) for _ in range(10)]
+    many = [list(rng.random(4) < 0.88) for _ in range(200)]
+    for hits in (few, many):
+        p = np.mean([h for row in hits for h in row])
+        lo, hi = M.seed_interval(hits)
+        assert lo <= p <= hi
+    assert np.diff(M.seed_interval(many)) < np.diff(M.seed_interval(few))
+    # Wilson at the boundary: 40 of 40 is not certainty (textbook value 91.24 %)
+    assert M.seed_interval([[True]] * 40) == [0.9124, 1.0]
+    assert M.seed_interval([[False]] * 40) == [0.0, 0.0876]
+    # members that always agree within a seed are 40 draws, not 160: the interval widens to the 40-seed one
+    corr = [[bool(v)] * 4 for v in rng.random(40) < 0.5]
+    indep = [list(rng.random(4) < 0.5) for _ in range(40)]
+    assert np.diff(M.seed_interval(corr)) > 1.8 * np.diff(M.seed_interval(indep))
+    np.testing.assert_allclose(M.seed_interval(corr), M.seed_interval([[r[0]] for r in corr]), atol=2e-3)
+    for bad in ([], [[]]):
+        with pytest.raises(InputError):
+            M.seed_interval(bad)
+    with pytest.raises(InputError):
+        M.seed_interval(few, level=1.0)
+
+
 def test_diversity_is_one_for_copies_and_lower_for_different_volumes():
     x = _vol(0)
     assert M.pairwise_ms_ssim([x, x, x]) == pytest.approx(1.0)
@@ -229,6 +253,11 @@ def test_a_prompt_blind_generator_scores_chance():
     oracle = TruthOracle(TEST_GRID)
     r = evaluate_generator(_blind_generator(oracle), oracle, seeds=list(range(6)))
     assert r["alignment"]["lesion_accuracy"] == pytest.approx(0.25)  # exactly one of 4 prompts matches
+    iv = r["intervals_95"]  # every seed scores exactly 1 of 4: a plain Wilson interval on 24 members
+    z, n, p = 1.959964, 24, 0.25  # Wilson (1927) for 6 of 24, written out
+    c, h = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    np.testing.assert_allclose(iv["lesion_accuracy"], [c - h, c + h], atol=1e-4)
+    assert iv["lesion_monotone_fraction"][0] == 0.0 and 0.3 < iv["lesion_monotone_fraction"][1] < 0.5
     assert r["alignment"]["diagnosis_accuracy"] == pytest.approx(1 / 3, abs=1e-3)
     assert r["lesion_monotone_fraction"] == 0.0
     assert r["subject_ms_ssim"]["lesion_series"] == pytest.approx(1.0)  # identical members
@@ -245,6 +274,7 @@ def test_report_files_and_resampling(tmp_path):
     assert json.loads(paths["json"].read_text())["results"]["lesion_monotone_fraction"] == 1.0
     md = paths["markdown"].read_text()
     assert "Imagining Alternatives" in md and "94.58" in md and "| 4 | " in md
+    assert "100.0% [" in md and "Wilson, seeds as clusters" in md  # the 95 % intervals
     assert paths["plot"].stat().st_size > 1000
     # resampling between grids of one world: identity on the same grid, right shape on another
     x = np.random.default_rng(0).uniform(-1, 1, (2, *TEST_GRID.shape)).astype(np.float32)

@@ -145,6 +145,20 @@ def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
     assert "initialised from" in (tmp_path / "run2" / "oracle" / "ORACLE_CARD.md").read_text()
     with pytest.raises(Exception, match="init_from"):
         mod.train({**cfg2, "architecture": {**SMALL, "channels": [4, 8]}}, tmp_path / "run3")
+    # re-calibration on a larger pool (the same seeds, extended): recorded in spec, config and card
+    small = np.load(next((tmp_path / "run").glob("pool_cal_*.npz")))
+    mod.revalidate(folder, tmp_path / "run", calibration_subjects=12)
+    recal = load_oracle(folder)
+    assert recal.spec.metrics["calibration"]["subjects"] == 12
+    assert recal.spec.training["config"]["data"]["calibration_subjects"] == 12
+    assert recal.spec.training["recalibrated"] == {"calibration_subjects": 12}
+    big = np.load(next((tmp_path / "run").glob("pool_cal_*.npz")))
+    np.testing.assert_array_equal(big["images"][:8], small["images"])  # the larger pool extends the smaller
+    assert "--calibration-subjects 12" in (folder / "ORACLE_CARD.md").read_text()
+    for k, v in oracle.net.state_dict().items():
+        assert torch.equal(recal.net.state_dict()[k], v), k  # weights untouched
+    with pytest.raises(InputError, match="at least 8"):
+        mod.revalidate(folder, tmp_path / "run", calibration_subjects=3)
 
 
 @pytest.mark.skipif(not (ROOT / "Resources" / "Models" / "oracle-5mm" / "oracle.json").exists(),

@@ -53,12 +53,16 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "subject_psnr_db_lesion": r["subject_psnr_db"]["lesion_series"],
         "diversity_pairwise_ms_ssim": r["diversity_pairwise_ms_ssim"]["value"],
     }
+    if r.get("intervals_95"):
+        m["intervals_95"] = {k: v for k, v in r["intervals_95"].items() if k != "method"}
     if r.get("twin_reference"):
         m["twin_subject_ms_ssim_lesion"] = r["twin_reference"]["subject_ms_ssim"]["lesion"]
         m["twin_subject_ms_ssim_diagnosis"] = r["twin_reference"]["subject_ms_ssim"]["diagnosis"]
         if r["twin_reference"].get("alignment"):
             m["twin_alignment_lesion"] = r["twin_reference"]["alignment"]["lesion_accuracy"]
             m["twin_alignment_diagnosis"] = r["twin_reference"]["alignment"]["diagnosis_accuracy"]
+            if r["twin_reference"].get("intervals_95"):
+                m["twin_alignment_lesion_interval_95"] = r["twin_reference"]["intervals_95"]["lesion_accuracy"]
     if r.get("oracle_feature_fd"):
         m["oracle_feature_fd"] = r["oracle_feature_fd"]["value"]
     if r.get("edits"):
@@ -78,15 +82,24 @@ def _num(v: Any, nd: int = 3) -> str:
     return "—" if v is None else f"{float(v):.{nd}f}"
 
 
+def _interval(iv: Any) -> str:
+    """``" (95 % interval a–b %)"`` for a recorded interval over seeds, or nothing."""
+    return f" (95 % interval {100 * iv[0]:.0f}–{100 * iv[1]:.0f} %)" if iv else ""
+
+
 def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[str, str]) -> str:
     """The README's numbers table, made from the bundled model's recorded metrics (a test keeps them equal)."""
     m = metrics
+    iv = m.get("intervals_95") or {}
     rows = [
         ("lesion-load series monotone, oracle ml minimal < moderate < high", _pct(m["lesion_monotone_fraction"]),
-         f"of {m['n_seeds']} seeds (with *none* in front: {_pct(m['lesion_monotone_with_none_fraction'])})"),
+         f"of {m['n_seeds']} seeds{_interval(iv.get('lesion_monotone_fraction'))} (with *none* in front: "
+         f"{_pct(m['lesion_monotone_with_none_fraction'])})"),
         ("text alignment: lesion load / CN-MCI-AD / all", f"{_pct(m['alignment_lesion'])} / "
          f"{_pct(m['alignment_diagnosis'])} / {_pct(m['alignment_overall'])}", "oracle class = prompt class; chance 25 % / 33 %"
-         + (f"; exact engine twins read by the same oracle: {_pct(m['twin_alignment_lesion'])} / "
+         + (f"; lesion load{_interval(iv['lesion_accuracy'])}, seeds as clusters" if iv.get("lesion_accuracy") else "")
+         + (f"; exact engine twins read by the same oracle: {_pct(m['twin_alignment_lesion'])}"
+            f"{_interval(m.get('twin_alignment_lesion_interval_95'))} / "
             f"{_pct(m['twin_alignment_diagnosis'])}" if m.get("twin_alignment_lesion") is not None else "")),
         ("subject MS-SSIM within a series (lesion / diagnosis)", f"{_num(m['subject_ms_ssim_lesion'])} / "
          f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise"

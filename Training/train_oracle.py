@@ -242,22 +242,34 @@ def calibration_pool(cfg: dict, grid: ModelGrid, out: Path) -> dict[str, np.ndar
                           out / f"pool_cal_{cfg['seed']}_{tag}.npz")
 
 
-def revalidate(folder: Path, run: Path) -> Path:
-    """Re-calibrate and re-validate a trained oracle on its run's pools and re-save it with the chosen estimate."""
+def revalidate(folder: Path, run: Path, *, calibration_subjects: int | None = None) -> Path:
+    """Re-calibrate and re-validate a trained oracle on its run's pools and re-save it with the chosen estimate.
+
+    ``calibration_subjects`` changes the size of the calibration pool (same seeds: a larger
+    pool extends the smaller one) and is recorded in the oracle's training config.
+    """
     from CounterfactualGenLib.evaluation.oracle import load_oracle
 
     oracle = load_oracle(folder)
     cfg = {**DEFAULTS, **oracle.spec.training.get("config", {})}
     cfg["data"] = {**DEFAULTS["data"], **cfg.get("data", {})}
+    if calibration_subjects is not None:
+        if int(calibration_subjects) < 8:
+            raise InputError("--calibration-subjects must be at least 8.")
+        cfg["data"]["calibration_subjects"] = int(calibration_subjects)
+        if "config" in oracle.spec.training:
+            oracle.spec.training["config"] = {**oracle.spec.training["config"], "data": dict(cfg["data"])}
+        oracle.spec.training["recalibrated"] = {"calibration_subjects": int(calibration_subjects)}
     # the run's validation pool; remade from its seeds (deterministic) when the run folder no longer has it
     pool = validation_pool(oracle.grid, cfg["contrast"], int(cfg["seed"]), int(cfg["data"]["val_subjects"]),
                            int(cfg["data"].get("pool_workers") or 1), run)
     metrics = choose_lesion_estimate(oracle, pool, calibration_pool(cfg, oracle.grid, run))
     oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
-    summary = {k: v for k, v in oracle.spec.training.items() if k != "config"}
+    summary = {"out": str(run), **{k: v for k, v in oracle.spec.training.items() if k != "config"}}
     import torch
 
-    out = save_oracle(oracle, folder, dtype=torch.float16, card=oracle_card(oracle.spec, summary, cfg), overwrite=True)
+    dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None  # as the run saved it
+    out = save_oracle(oracle, folder, dtype=dtype, card=oracle_card(oracle.spec, summary, cfg), overwrite=True)
     print(json.dumps(metrics, indent=1), file=sys.stderr)
     return out
 
@@ -318,8 +330,18 @@ artefacts); flips, shifts, gain and noise augmentation narrow but do not close t
 MCI vs its neighbours is the hardest call (atrophy levels 0.35–0.65 vs CN ≤ 0.15 and AD ≥ 0.85,
 a ventricle change of about one 5 mm voxel).
 
-Reproduce: `nice -n 10 env OMP_NUM_THREADS=1 python Training/train_oracle.py --config {summary['config_path']} --out {summary.get('out') or 'runs/' + spec.id}`
+Reproduce: `nice -n 10 env OMP_NUM_THREADS=1 python Training/train_oracle.py --config {summary['config_path']} --out {summary.get('out') or 'runs/' + spec.id}`{_recalibrated_line(summary)}
 """
+
+
+def _recalibrated_line(summary: dict) -> str:
+    """The re-calibration step of the card's Reproduce line, for an oracle re-calibrated after training."""
+    r = summary.get("recalibrated")
+    if not r:
+        return ""
+    out = summary.get("out") or "RUN"
+    return (f", then `python Training/train_oracle.py --revalidate --out {out} --calibration-subjects "
+            f"{r['calibration_subjects']}` (re-calibrated on a larger pool after training)")
 
 
 def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
@@ -445,12 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revalidate", action="store_true",
                     help="no training: re-calibrate and re-validate OUT/oracle on OUT's pools, choose the lesion "
                          "estimate, re-save")
+    ap.add_argument("--calibration-subjects", type=int, default=None, metavar="N",
+                    help="with --revalidate: calibrate on N subjects (the run's calibration seeds; default the "
+                         "oracle's config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config value, e.g. --set iterations=10")
     args = ap.parse_args(argv)
     if args.revalidate:
-        revalidate(Path(args.out) / "oracle", Path(args.out))
+        revalidate(Path(args.out) / "oracle", Path(args.out), calibration_subjects=args.calibration_subjects)
         return 0
+    if args.calibration_subjects is not None:
+        ap.error("--calibration-subjects goes with --revalidate (in training, set data.calibration_subjects)")
     if not args.config:
         ap.error("--config is required (except with --revalidate)")
     cfg = copy.deepcopy(DEFAULTS)

@@ -168,7 +168,8 @@ def twin_series_reference(grid: Any, n: int, oracle: Any, *, seed: int = 5000, c
                                 "diagnosis": r["subject_psnr_db"]["diagnosis_series"]},
             "lesion_monotone_fraction": r["lesion_monotone_fraction"],
             "alignment": {k: r["alignment"][k] for k in ("lesion_accuracy", "diagnosis_accuracy",
-                                                         "overall_accuracy", "lesion_by_prompt_class")}}
+                                                         "overall_accuracy", "lesion_by_prompt_class")},
+            "intervals_95": r["intervals_95"]}
 
 
 # ---------------------------------------------------------------------------------
@@ -222,6 +223,7 @@ def evaluate_generator(
         lesion_class_of_ml,
         pairwise_ms_ssim,
         prompt_classes,
+        seed_interval,
     )
 
     seeds = [int(s) for s in seeds]
@@ -269,8 +271,14 @@ def evaluate_generator(
     # -- alignment -------------------------------------------------------------------
     want_l = [c["lesion_load"] for c in prompt_classes(LESION_SERIES)]
     want_d = [c["diagnosis"] for c in prompt_classes(DIAGNOSIS_SERIES)]
-    hits_l = [r["lesion"]["oracle_lesion_class"][i] == want_l[i] for r in per_seed for i in range(len(want_l))]
-    hits_d = [r["diagnosis"]["oracle_diagnosis"][i] == want_d[i] for r in per_seed for i in range(len(want_d))]
+    seed_hits_l = [[r["lesion"]["oracle_lesion_class"][i] == want_l[i] for i in range(len(want_l))] for r in per_seed]
+    seed_hits_d = [[r["diagnosis"]["oracle_diagnosis"][i] == want_d[i] for i in range(len(want_d))] for r in per_seed]
+    hits_l = [h for row in seed_hits_l for h in row]
+    hits_d = [h for row in seed_hits_d for h in row]
+    intervals = {"lesion_accuracy": seed_interval(seed_hits_l),
+                 "diagnosis_accuracy": seed_interval(seed_hits_d),
+                 "overall_accuracy": seed_interval([a + b for a, b in zip(seed_hits_l, seed_hits_d)]),
+                 "lesion_monotone_fraction": seed_interval([[r["lesion_monotone"]] for r in per_seed])}
     per_class_l = {c: float(np.mean([r["lesion"]["oracle_lesion_class"][i] == c for r in per_seed]))
                    for i, c in enumerate(want_l)}
     per_class_d = {c: float(np.mean([r["diagnosis"]["oracle_diagnosis"][i] == c for r in per_seed]))
@@ -337,6 +345,8 @@ def evaluate_generator(
             "lesion_by_prompt_class": per_class_l, "diagnosis_by_prompt_class": per_class_d,
             "lesion_thresholds_ml": {"none": f"< {NONE_MAX_ML}", "minimal": "<= 5", "moderate": "<= 15", "high": "> 15"},
         },
+        "intervals_95": {**intervals, "method": "Wilson score interval on the effective sample size (members / the "
+                                                "seeds' design effect)"},
         "subject_ms_ssim": {"lesion_series": mean_of("subject_ms_ssim", "lesion"),
                             "diagnosis_series": mean_of("subject_ms_ssim", "diagnosis")},
         "subject_psnr_db": {"lesion_series": mean_of("subject_psnr_db", "lesion"),
@@ -478,6 +488,12 @@ def plot_report(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _ci(results: dict[str, Any], key: str) -> str:
+    """`` [lo–hi %]``: the 95 % interval over seeds (:func:`.metrics.seed_interval`) of a fraction, when the results carry one."""
+    iv = (results.get("intervals_95") or {}).get(key)
+    return f" [{iv[0]:.1%}–{iv[1]:.1%}]" if iv else ""
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     r = report["results"]
     a = r["alignment"]
@@ -500,10 +516,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         "| metric | value | note |",
         "|---|---|---|",
-        f"| lesion series monotone (oracle ml minimal < moderate < high) | {r['lesion_monotone_fraction']:.0%} of seeds | each step > {r['lesion_monotone_margin_ml']} ml; with none in front: {r['lesion_monotone_with_none_fraction']:.0%} |",
-        f"| text alignment, lesion load | {a['lesion_accuracy']:.1%} | chance 25 %; oracle ml → class: none < 0.5, minimal ≤ 5, moderate ≤ 15, high > 15 ml |",
-        f"| text alignment, CN/MCI/AD | {a['diagnosis_accuracy']:.1%} | chance 33 %; oracle class |",
-        f"| text alignment, all | {a['overall_accuracy']:.1%} | |",
+        f"| lesion series monotone (oracle ml minimal < moderate < high) | {r['lesion_monotone_fraction']:.0%} of seeds{_ci(r, 'lesion_monotone_fraction')} | each step > {r['lesion_monotone_margin_ml']} ml; with none in front: {r['lesion_monotone_with_none_fraction']:.0%} |",
+        f"| text alignment, lesion load | {a['lesion_accuracy']:.1%}{_ci(r, 'lesion_accuracy')} | chance 25 %; oracle ml → class: none < 0.5, minimal ≤ 5, moderate ≤ 15, high > 15 ml |",
+        f"| text alignment, CN/MCI/AD | {a['diagnosis_accuracy']:.1%}{_ci(r, 'diagnosis_accuracy')} | chance 33 %; oracle class |",
+        f"| text alignment, all | {a['overall_accuracy']:.1%}{_ci(r, 'overall_accuracy')} | [95 % interval: Wilson, seeds as clusters] |",
         f"| subject MS-SSIM (lesion / diagnosis series) | {_fmt(r['subject_ms_ssim']['lesion_series'])} / {_fmt(r['subject_ms_ssim']['diagnosis_series'])} | mean over member pairs; 3D, kernel 7 |",
         *([f"| exact engine twins: subject MS-SSIM (lesion / diagnosis series) | "
            f"{_fmt(r['twin_reference']['subject_ms_ssim']['lesion'])} / "
@@ -512,7 +528,7 @@ def report_markdown(report: dict[str, Any]) -> str:
            f"{_fmt(r['twin_reference']['subject_psnr_db']['lesion'], 2)} / "
            f"{_fmt(r['twin_reference']['subject_psnr_db']['diagnosis'], 2)} dB |"] if r.get("twin_reference") else []),
         *([f"| exact engine twins read by the oracle: alignment lesion / CN/MCI/AD, monotone | "
-           f"{r['twin_reference']['alignment']['lesion_accuracy']:.1%} / "
+           f"{r['twin_reference']['alignment']['lesion_accuracy']:.1%}{_ci(r['twin_reference'], 'lesion_accuracy')} / "
            f"{r['twin_reference']['alignment']['diagnosis_accuracy']:.1%}, "
            f"{r['twin_reference']['lesion_monotone_fraction']:.0%} | what the oracle lets a perfect model score; "
            f"lesion by class {json.dumps(r['twin_reference']['alignment']['lesion_by_prompt_class'])} |"]
