@@ -281,7 +281,7 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
     res = edit_scan(model, encoder, scan, target_prompt=args.to, source_prompt=args.source, brain_mask=brain,
                     lesion_mask=lesions, strength=args.strength, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, registration=args.registration, attention_keep=args.attention_keep,
-                    null_text_iterations=args.null_text,
+                    null_text_iterations=args.null_text, edit_region=args.edit_region,
                     edit_word_weight=args.edit_word_weight, oracle=oracle, device=args.device,
                     precision=args.precision, on_event=ev.emit, should_cancel=ev.should_cancel)
     prompts = [res.report["prompts"]["from"], res.report["prompts"]["to"]]
@@ -469,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--null-text", type=int, default=0, metavar="N",
                        help="null-text optimisation (PRISM): N Adam iterations per step so the guided source "
                             "branch retraces the inversion (0 = off; 10 is the paper's setting; slower)")
+        e.add_argument("--edit-region", default="brain", choices=["brain", "prompt"],
+                       help="where a lesion-load prompt edit may act: brain (default) or prompt = only where the "
+                            "source and target prompts disagree (DiffEdit): much less change to healthy tissue, "
+                            "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py)")
         e.add_argument("--oracle", default="auto",
                        help="oracle folder for lesion ml before/after; auto = the bundled one if installed, none = skip")
         e.add_argument("--max-voxels", type=int, default=512**3, help="refuse larger inputs (default 512³)")

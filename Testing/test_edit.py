@@ -361,3 +361,67 @@ def test_prompt_edit_labels_lesions_only_where_the_oracle_segments_them(tiny):
     assert plain.report["lesion_ml_added"] is None and plain.report["lesion_ml_removed"] is None
     assert not np.isin(plain.change_labels.array, (1, 2)).any() and (plain.change_labels.array == 3).any()
     assert r.report["lesion_ml_added"] is not None
+
+
+def test_prompt_edit_region_confines_a_lesion_edit_to_where_the_prompts_disagree(tiny):
+    """DiffEdit (edit_region="prompt"): the change lies inside the region the prompts disagree on; the
+    default (the whole brain) is what it was; a bad region name or threshold is refused."""
+    from scipy.ndimage import binary_dilation
+
+    from CounterfactualGenLib.pipeline import EDIT_REGION_DRAWS, EDIT_REGION_T
+    from CounterfactualGenLib.sampling.editing import region_from_change_map
+
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    brain = scan.array > 0
+    kw = dict(target_prompt=HIGH, source_prompt=NONE, brain_mask=brain, registration="none", steps=4)
+    whole = edit_scan(m, tiny_encoder(), scan, **kw)
+    assert whole.report["edit_region"] == {"kind": "brain"}
+    np.testing.assert_array_equal(whole.counterfactual.array,
+                                  edit_scan(m, tiny_encoder(), scan, edit_region="brain", **kw).counterfactual.array)
+    local = edit_scan(m, tiny_encoder(), scan, edit_region="prompt", edit_region_threshold=0.6, **kw)
+    rep = local.report["edit_region"]
+    assert rep["kind"] == "prompt" and 0.0 < rep["ml_model_grid"] < brain.sum() * g.spacing_mm ** 3 / 1000.0
+    assert f"{EDIT_REGION_DRAWS} noisings at t = {EDIT_REGION_T}" in rep["rule"]
+    changed = local.counterfactual.array != scan.array
+    assert changed.any() and changed.sum() < (whole.counterfactual.array != scan.array).sum()
+    # every changed voxel lies in the region's 2-voxel wavelet blocks: at most one voxel away, diagonals too
+    region = local.model_space["edit_region"]
+    assert rep["ml_model_grid"] == pytest.approx(region.sum() * g.spacing_mm ** 3 / 1000.0, abs=1e-3)
+    assert not changed[~binary_dilation(region, structure=np.ones((3, 3, 3), bool))].any()
+    assert changed[~region].sum() < changed[region].sum()
+    assert not changed[~brain].any()
+    # the region itself: a map that is high in one corner selects that corner only
+    cmap = np.zeros(g.shape, np.float32)
+    cmap[:4, :4, :4] = 1.0
+    region = region_from_change_map(cmap, np.ones(g.shape, bool), 0.5, smooth_voxels=0)
+    assert region.sum() == 64 and region[:4, :4, :4].all()
+    assert not region_from_change_map(np.zeros(g.shape, np.float32), np.ones(g.shape, bool), 0.5).any()
+    with pytest.raises(InputError, match="edit region"):
+        edit_scan(m, tiny_encoder(), scan, edit_region="lesions", **kw)
+    with pytest.raises(InputError, match="threshold"):
+        edit_scan(m, tiny_encoder(), scan, edit_region="prompt", edit_region_threshold=1.5, **kw)
+
+
+def test_prompt_change_map_lights_up_where_the_two_rows_predict_differently():
+    import torch
+
+    from CounterfactualGenLib.sampling.editing import prompt_change_map
+
+    where = torch.zeros(1, 1, 8, 8, 8)
+    where[..., 2:4, 2:4, 2:4] = 1.0
+
+    def model_fn(x, t):  # row 1 (the target) predicts +1 more clean signal inside `where`
+        assert x.shape[0] == 2 and torch.allclose(t, torch.full((2,), 0.5))
+        v = -x.clone()
+        v[1:] += where[0] / 0.5
+        return v
+
+    cmap = prompt_change_map(model_fn, torch.randn(1, 1, 8, 8, 8), lambda z: z, t=0.5, draws=3, seed=1)
+    assert cmap.shape == (8, 8, 8)
+    np.testing.assert_allclose(cmap[2:4, 2:4, 2:4], 1.0, atol=1e-5)
+    assert cmap.sum() == pytest.approx(8.0, abs=1e-4)
+    for bad in ({"t": 0.0}, {"t": 1.0}, {"draws": 0}):
+        with pytest.raises(InputError):
+            prompt_change_map(model_fn, torch.zeros(1, 1, 8, 8, 8), lambda z: z, **bad)

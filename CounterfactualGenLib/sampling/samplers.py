@@ -100,6 +100,7 @@ def sample_rflow(
     *,
     callback: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler sampler for rectified flow (Liu et al. 2023; MAISI RFlow): ``x ← x + (t − t_next)·v``.
 
@@ -109,6 +110,8 @@ def sample_rflow(
         timesteps: strictly decreasing grid, e.g. :func:`~.schedules.rflow_timesteps`.
         callback: ``callback(step_index, total)`` after each step.
         should_cancel: polled before each step; True raises ``Cancelled``.
+        after_step: applied to the state after every step (e.g. DiffEdit's blending of an
+            edited row with its source row outside a mask).
 
     Returns:
         The sample at ``timesteps[-1]`` (t = 0: data), float32 (float64 for float64 input).
@@ -121,6 +124,8 @@ def sample_rflow(
         t, t_next = float(grid[i]), float(grid[i + 1])
         v = model_fn(x, _t_batch(t, x))
         x = x + (t - t_next) * v.to(x.dtype)
+        if after_step is not None:
+            x = after_step(x)
         if callback is not None:
             callback(i + 1, total)
     return x
