@@ -162,6 +162,7 @@ class CounterfactualGenParameterNode:
     targetPrompt, sourcePrompt - what the scan should show / what it shows now (optional).
     strength - how far the edit may move the scan (0..1).
     nullTextIterations - null-text optimisation iterations per step (0 = off).
+    localEdit - a lesion-load edit changes only where the source and target prompts disagree (DiffEdit).
     prompts - one description per line for generating subjects; count - number of subjects (seeds).
     modelId - registry id ("" = bundled default); modelFolder - a local model folder (used when modelId == LOCAL_MODEL).
     device - "auto", "cpu" or "cuda:N"; steps, guidance, seed - sampler settings.
@@ -178,6 +179,7 @@ class CounterfactualGenParameterNode:
     sourcePrompt: str = ""
     strength: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     nullTextIterations: Annotated[int, WithinRange(0, 100)] = 0
+    localEdit: bool = False
     prompts: str = "Subject has minimal lesion load.\nSubject has moderate lesion load.\nSubject has high lesion load."
     count: Annotated[int, WithinRange(1, 100)] = 1
     modelId: str = ""
@@ -474,7 +476,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._run = self.logic.startEdit(
                     p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
                     brainMask=p.brainMask, lesionMask=p.lesionMask, strength=p.strength,
-                    nullTextIterations=p.nullTextIterations, **common)
+                    nullTextIterations=p.nullTextIterations, localEdit=p.localEdit, **common)
         if self._run is None:
             return
         self.ui.logTextEdit.clear()
@@ -874,7 +876,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
                       strength=0.6, nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0,
-                      device="auto") -> list:
+                      device="auto", localEdit=False) -> list:
         args = ["edit", "--input", inputPath, "--to", targetPrompt]
         if sourcePrompt:
             args += ["--from", sourcePrompt]
@@ -885,6 +887,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         args += ["--strength", f"{float(strength):g}"]
         if int(nullTextIterations) > 0:
             args += ["--null-text", str(int(nullTextIterations))]
+        if localEdit:
+            args += ["--edit-region", "prompt"]
         if model:
             args += ["--model", model]
         args += ["--steps", str(int(steps)), "--guidance", f"{float(guidance):g}", "--seed", str(int(seed)),
@@ -942,7 +946,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
                   nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0, device="auto",
-                  outputDir=None) -> CounterfactualGenRun:
+                  outputDir=None, localEdit=False) -> CounterfactualGenRun:
         """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``."""
         if inputVolume is None:
             raise ValueError(_("Select an input volume."))
@@ -962,7 +966,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             outDir = os.path.join(workDir, "out") if ownsOutputDir else os.path.abspath(outputDir)
             args = self.buildEditArgs(inputPath, outDir, targetPrompt.strip(), sourcePrompt=sourcePrompt,
                                       brainMaskPath=brainPath, lesionMaskPath=lesionPath, strength=strength,
-                                      nullTextIterations=nullTextIterations, model=model, steps=steps, guidance=guidance, seed=seed, device=device)
+                                      nullTextIterations=nullTextIterations, model=model, steps=steps, guidance=guidance, seed=seed, device=device,
+                                      localEdit=bool(localEdit))
 
             def loader(summaries):
                 return self.loadEditOutputs(summaries[0], inputVolume)

@@ -355,8 +355,12 @@ def test_ui_parameter_bindings_match_parameter_node(cfg):
     members = set(cfg.CounterfactualGenParameterNode.allParameters)
     assert set(bound) <= members, f"unknown parameter names in .ui: {set(bound) - members}"
     # each bound widget type must be one the real GUI connectors accept for the member type
-    ok = {"qMRMLNodeComboBox", "QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "QLineEdit", "QTextEdit"}
+    ok = {"qMRMLNodeComboBox", "QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "QLineEdit", "QTextEdit", "QCheckBox"}
     assert all(cls in ok for _, cls in bound.values()), bound
+    if API_FILE is not None:
+        assert "QCheckBoxToBoolConnector" in API_FILE.read_text()  # the real GUI binds a QCheckBox to a bool member
+    members = cfg.CounterfactualGenParameterNode.allParameters  # name -> (type, validators, default) in the stand-in
+    assert all(members[m][0] is bool for m, (_, cls) in bound.items() if cls == "QCheckBox")
     assert widgets["targetPromptComboBox"].find("property[@name='editable']/bool").text == "true"
     tabs = [t.find("attribute/string").text for t in widgets["taskTabWidget"].findall("widget")]
     assert tabs == ["Edit loaded scan", "Generate subjects"]
@@ -895,3 +899,10 @@ def test_logic_edit_passes_null_text_and_the_real_cli_accepts_the_arguments(logi
     assert "--null-text" not in fake_cli.calls()[-1]["argv"]
     with pytest.raises(ValueError, match="Null-text"):
         logic.startEdit(node, "x", nullTextIterations=101)
+    # "only where the prompts disagree" becomes --edit-region prompt, which the real CLI accepts
+    logic.editBlocking(node, "Subject has high lesion load.", localEdit=True, steps=2)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--edit-region") + 1] == "prompt"
+    assert build_parser().parse_args(argv).edit_region == "prompt"
+    logic.editBlocking(node, "Subject has high lesion load.", steps=2)
+    assert "--edit-region" not in fake_cli.calls()[-1]["argv"]  # the CLI's default: the whole brain

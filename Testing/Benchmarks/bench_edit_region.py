@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, subjects=6, seed=200)
     ap.add_argument("--thresholds", nargs="*", type=float, default=[0.3, 0.5, 0.7],
                     help="edit-region thresholds (fraction of the largest prompt disagreement in the brain)")
+    ap.add_argument("--strengths", nargs="*", type=float, default=[0.6],
+                    help="inversion strengths to run each region with (edit's --strength; default 0.6)")
     args = ap.parse_args(argv)
 
     from CounterfactualGenLib.evaluation.edits import evaluate_edits
@@ -38,20 +40,21 @@ def main(argv: list[str] | None = None) -> int:
 
     model, encoder, oracle = load(args, oracle=True)
 
-    def editor(region: str, threshold: float | None):
+    def editor(region: str, threshold: float | None, strength: float):
         def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
             return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
                              lesion_mask=lesion_mask, registration="none", oracle=oracle,
                              auto_lesion_mask=auto_lesion_mask, edit_region=region, edit_region_threshold=threshold,
-                             seed=0)
+                             strength=strength, seed=0)
         return edit
 
-    settings = [("brain", None)] + [("prompt", t) for t in args.thresholds]
+    settings = [(s, "brain", None) for s in args.strengths] + \
+        [(s, "prompt", t) for s in args.strengths for t in args.thresholds]
     results = {}
-    for region, thr in settings:
-        name = region if thr is None else f"prompt:{thr:g}"
-        r = evaluate_edits(editor(region, thr), grid=model.spec.grid, n_subjects=args.subjects, seed=args.seed,
-                           composition_sizes=())
+    for strength, region, thr in settings:
+        name = (region if thr is None else f"prompt:{thr:g}") + ("" if strength == 0.6 else f" strength {strength:g}")
+        r = evaluate_edits(editor(region, thr, strength), grid=model.spec.grid, n_subjects=args.subjects,
+                           seed=args.seed, composition_sizes=())
         r.pop("_examples", None)
         results[name] = {"summary": r["summary"], "changed_ml": {
             t: [row[t].get("changed_ml") for row in r["per_subject"] if t in row] for t in ("fill_text_only",)}}
