@@ -322,8 +322,8 @@ MIN_REGISTRATION_CORRELATION = 0.3
 #: Minimum |change| (model units, i.e. fraction of the brain's intensity range × 2) that counts as an edit;
 #: anything smaller is numerical noise and the voxel keeps its original value bit for bit.
 CHANGE_EPS = 0.02
-#: A lesion-load prompt edit acts only where the two prompts' clean predictions differ by at least
-#: this fraction of their largest difference in the brain (DiffEdit's mask; ``edit_region="prompt"``).
+#: With ``edit_region="prompt"`` a lesion-load prompt edit acts only where the two prompts' clean predictions
+#: differ by at least this fraction of their largest difference in the brain (DiffEdit's mask).
 EDIT_REGION_THRESHOLD = 0.5
 #: DiffEdit's probe noise level and number of noisings averaged.
 EDIT_REGION_T, EDIT_REGION_DRAWS = 0.5, 8
@@ -471,6 +471,11 @@ def edit_scan(
         raise InputError(f"fill_samples must be between 1 and 32; got {fill_samples}.")
     if not 0 <= int(null_text_iterations) <= 100:
         raise InputError(f"null-text iterations must be between 0 and 100 per step; got {null_text_iterations}.")
+    if edit_region not in ("prompt", "brain"):
+        raise InputError(f"Unknown edit region '{edit_region}'; use prompt or brain.")
+    thr = EDIT_REGION_THRESHOLD if edit_region_threshold is None else float(edit_region_threshold)
+    if not 0.0 < thr < 1.0:
+        raise InputError(f"The edit-region threshold must be in (0, 1); got {thr}.")
     for name, m in (("brain mask", brain_mask), ("lesion mask", lesion_mask)):
         if m is not None and tuple(m.shape) != scan.shape:
             raise InputError(f"The {name} has shape {tuple(m.shape)} but the scan has {scan.shape}; "
@@ -563,12 +568,12 @@ def edit_scan(
         return model_fn
 
     # -- where a lesion-load prompt edit may act (DiffEdit): not with a given or oracle mask --
-    if edit_region not in ("prompt", "brain"):
-        raise InputError(f"Unknown edit region '{edit_region}'; use prompt or brain.")
-    thr = EDIT_REGION_THRESHOLD if edit_region_threshold is None else float(edit_region_threshold)
     prompt_region = None
-    lesion_target = target_class.get("lesion_load") is not None and model.spec.contrast.upper() == "FLAIR"
-    if edit_region == "prompt" and lesion_target and lesion_region is None:
+    lesion_prompt = target_class.get("lesion_load") is not None and model.spec.contrast.upper() == "FLAIR"
+    if edit_region == "prompt" and not (lesion_prompt and lesion_region is None):
+        rep.log("--edit-region prompt applies to lesion-load prompt edits of FLAIR models without a lesion mask; "
+                + ("this edit fills the lesion mask." if lesion_region is not None else "this edit uses the whole brain."))
+    if edit_region == "prompt" and lesion_prompt and lesion_region is None:
         rep.start("edit_region")
         with torch.inference_mode():
             cmap = prompt_change_map(fn_of(cond, guidance), z0, lambda z: model.decode(z)[:, :1],
@@ -585,9 +590,8 @@ def edit_scan(
     n_steps = grid_t.numel() - 1
 
     null_text = None
-    if inpaint and not lesion_region.any():  # an oracle's segmentation or a prompt region can be empty
-        rep.log(("The oracle finds no lesion voxels" if mask_source == "oracle" else "The prompts never disagree")
-                + " in the scan: nothing to fill, the counterfactual equals the scan. "
+    if inpaint and not lesion_region.any():  # only an oracle's segmentation can be empty (a given mask is checked)
+        rep.log("The oracle finds no lesion voxels in the scan: nothing to fill, the counterfactual equals the scan. "
                 "Give --lesion-mask to fill chosen voxels.")
         with torch.inference_mode():
             pair = model.decode(z0.float()).float().cpu().numpy()[:, 0].repeat(2, axis=0)
@@ -689,7 +693,6 @@ def edit_scan(
         rep.start("oracle")
         after = _oracle_reading(oracle, np.where(brain_model, x_model + change, -1.0), grid)
         rep.end("oracle")
-    lesion_prompt = target_class.get("lesion_load") is not None and model.spec.contrast.upper() == "FLAIR"
     gate = {}
     if lesion_prompt and not inpaint and after is not None:  # a prompt edit: lesions only where the oracle segments them
         gate = {f"oracle_{k}": mapping.to_source(r["lesion_prob"], interpolation="linear", default=0.0)
