@@ -576,12 +576,13 @@ def edit_scan(
     if edit_region == "prompt" and lesion_prompt and lesion_region is None:
         rep.start("edit_region")
         with torch.inference_mode():
-            cmap = prompt_change_map(fn_of(cond, guidance), z0, lambda z: model.decode(z)[:, :1],
-                                     t=EDIT_REGION_T, draws=EDIT_REGION_DRAWS, seed=seed)
+            cmap = prompt_change_map(fn_of(cond, guidance), z0, model.decode, t=EDIT_REGION_T,
+                                     draws=EDIT_REGION_DRAWS, seed=seed)
         prompt_region = region_from_change_map(cmap, brain_model, thr)
+        region_ml = float(prompt_region.sum()) * grid.spacing_mm ** 3 / 1000.0
         rep.end("edit_region")
         rep.log(f"Edit region: where '{source_prompt}' and '{target_prompt}' disagree "
-                f"({float(prompt_region.sum()) * grid.spacing_mm ** 3 / 1000.0:.2f} ml on the model grid, "
+                f"({region_ml:.2f} ml on the model grid, "
                 f"≥ {thr:g} of the largest disagreement; --edit-region brain edits the whole brain).")
     inpaint = lesion_region is not None
 
@@ -714,7 +715,7 @@ def edit_scan(
         "edit_region": ({"kind": "prompt", "rule": "DiffEdit: the source and target prompts' clean predictions differ by "
                                                   f"≥ {thr:g} of their largest difference in the brain "
                                                   f"({EDIT_REGION_DRAWS} noisings at t = {EDIT_REGION_T})",
-                         "ml_model_grid": round(float(prompt_region.sum()) * grid.spacing_mm ** 3 / 1000.0, 3)}
+                         "ml_model_grid": round(region_ml, 3)}
                         if prompt_region is not None else {"kind": "lesion mask" if inpaint else "brain"}),
         "changed_ml": round(float(touched.sum()) * vox_ml, 3),
         "lesion_ml_added": round(float((labels == 1).sum()) * vox_ml, 3) if lesion_ml_measured else None,

@@ -248,7 +248,7 @@ def prompt_change_map(
             prompt and row 1 under the target prompt (e.g. a guided function of both
             prompts' embeddings).
         z0: the encoded scan (1, C, *spatial) in the model's data space.
-        decode: model space → image (1 or 2, 1, *grid); differences are taken in the image.
+        decode: model space → image (2, 1, *grid) (the model's decoder); differences are taken in the image.
         t: noise level of the probes (DiffEdit uses 0.5).
         draws: number of noises averaged.
         seed: seed of the noises.
