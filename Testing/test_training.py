@@ -299,3 +299,50 @@ def test_gpu_lease_script_end_to_end_on_cpu(tmp_path):
     with tarfile.open(out / "run.tar") as tf:
         names = tf.getnames()
     assert any(n.endswith("eval/report.json") for n in names) and any(n.endswith("log.csv") for n in names)
+
+
+def test_gpu_lease_sweep_trains_side_by_side_from_one_pool(tmp_path):
+    """Training/gpu_lease_sweep.sh (the 5 mm GPU configs, on a tiny grid on CPU): the first run
+    builds the pool and the others link it; every model comes back in parts of ≤ 15 MiB; a
+    failing run is counted in the exit status and does not cost the others theirs."""
+    import tarfile
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    table = tmp_path / "prompts.safetensors"
+    _run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config",
+          str(ROOT / "Training" / "configs" / "wdm_5mm_gpu.json"), "--out", str(table)], tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**json.loads((ROOT / "Training" / "configs" / "wdm_5mm_gpu.json").read_text()),
+                                  "init_from": str(tmp_path / "no_such_run")}))
+    out, runs = tmp_path / "out", tmp_path / "runs" / "sweep"
+    env = dict(os.environ, OUT=str(out), RUNS=str(runs), TABLE=str(table), MINUTES="0.01", OMP_NUM_THREADS="1",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""), PYTHONPATH=str(ROOT))
+    data = {"kind": "synthetic", "pool_size": 4, "pool_workers": 1, "paraphrase_prob": 0.25, "both_clauses_prob": 0.2}
+    grid = {"shape": [16, 16, 16], "spacing_mm": 10.0, "center_ras": [0.0, -18.0, 8.0]}
+    p = subprocess.run(["bash", str(ROOT / "Training" / "gpu_lease_sweep.sh"),
+                        str(ROOT / "Training" / "configs" / "wdm_5mm_gpu.json"),
+                        str(ROOT / "Training" / "configs" / "wdm_5mm_gpu_ft.json"), str(broken),
+                        "--", "--set", f"grid={json.dumps(grid)}", "--set", f"data={json.dumps(data)}",
+                        "--set", "batch_size=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stdout[-3000:]
+    assert "== wdm_5mm_gpu: rc=0" in p.stdout and "== wdm_5mm_gpu_ft: rc=0" in p.stdout and "== broken: rc=1" in p.stdout
+    pools = [next((runs / n).glob("pool_*.npz")) for n in ("wdm_5mm_gpu", "wdm_5mm_gpu_ft")]
+    assert pools[0].stat().st_ino == pools[1].stat().st_ino  # one pool, linked
+    parts = sorted(out.glob("runs.tar.part-*"))
+    assert parts and all(f.stat().st_size <= 15 * 2**20 for f in parts)
+    whole = tmp_path / "runs.tar"
+    whole.write_bytes(b"".join(f.read_bytes() for f in parts))
+    with tarfile.open(whole) as tf:
+        names = tf.getnames()
+        tf.extractall(tmp_path / "back", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    assert not any("pool_" in n or "/ckpt" in n for n in names)
+    from CounterfactualGenLib.models import load_model
+
+    fresh = load_model(tmp_path / "back" / "sweep" / "wdm_5mm_gpu" / "model")
+    tuned = load_model(tmp_path / "back" / "sweep" / "wdm_5mm_gpu_ft" / "model")
+    assert fresh.spec.training["iterations"] >= 1 and fresh.spec.text_encoder["id"] == "minilm-l6-v2"
+    # the fine-tuning run starts from the bundled model's weights and counts on from its iterations
+    bundled = load_model(ROOT / "Resources" / "Models" / "cfg-wdm-flair-5mm-cpu")
+    assert tuned.spec.training["iterations"] > bundled.spec.training["iterations"]
+    assert tuned.spec.training["init_from"]["model_folder"] is True

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Train several configs at once on one GPU machine (no network, no text-encoder weights),
+# from one shared synthetic pool: small models (the 5 mm family) leave an H200 mostly idle,
+# so a short lease trains them side by side. Evaluate what comes back where the package
+# is installed (`counterfactualgen evaluate --model ...`).
+#
+# Prepare as for Training/gpu_lease.sh (.gpu/prompts.safetensors from Training/embed_prompts.py,
+# missing wheels in .whl). Then, on the GPU machine, from the repository root:
+#   OUT=/somewhere MINUTES=6 bash Training/gpu_lease_sweep.sh CONFIG.json [CONFIG.json ...] [-- --set KEY=JSON ...]
+# The configs must share seed, grid and data.pool_size (the first run builds the pool; the
+# others link it). Each run trains for MINUTES after its pool is ready.
+#
+# Writes to $OUT: runs.tar.part-* (every run's model folder, log.csv, sample montages and
+# train log; no checkpoints or pools; cat the parts | tar x). Exit status: the number of
+# runs that failed.
+set -uo pipefail
+: "${OUT:?set OUT to the folder that comes back}"
+MINUTES=${MINUTES:-6}
+RUNS=${RUNS:-runs/sweep}
+TABLE=${TABLE:-.gpu/prompts.safetensors}
+POOL_WAIT=${POOL_WAIT:-600}
+export PYTHONUNBUFFERED=1
+configs=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+[ ${#configs[@]} -gt 0 ] || { echo "usage: OUT=... bash Training/gpu_lease_sweep.sh CONFIG.json [...] [-- --set KEY=JSON ...]"; exit 2; }
+if ! python3 -c "import monai, nibabel" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+[ -f "$TABLE" ] || { echo "No embedding table at $TABLE (Training/embed_prompts.py)"; exit 1; }
+mkdir -p "$OUT" "$RUNS"
+TE="{\"id\": \"minilm-l6-v2\", \"max_tokens\": 24, \"path\": \"$TABLE\"}"
+start=$(date +%s)
+launch() {  # config -> background training run in $RUNS/<config name>
+  local cfg=$1 name; shift; name=$(basename "$cfg" .json)
+  python3 Training/train_diffusion.py --config "$cfg" --out "$RUNS/$name" \
+    --set max_minutes="$MINUTES" --set text_encoder="$TE" "$@" > "$RUNS/$name.train.log" 2>&1 &
+  pids+=($!); names+=("$name")
+}
+pids=(); names=()
+first=${configs[0]}
+launch "$first" "$@"
+first_dir="$RUNS/$(basename "$first" .json)"
+# Wait for the first run's pool (written atomically), then link it into the other runs.
+waited=0
+while ! compgen -G "$first_dir/pool_*.npz" > /dev/null; do
+  kill -0 "${pids[0]}" 2>/dev/null || { echo "the first run ended before its pool was ready:"; tail -n 20 "$first_dir.train.log"; break; }
+  [ "$waited" -ge "$POOL_WAIT" ] && { echo "no pool after $POOL_WAIT s"; break; }
+  sleep 1; waited=$((waited + 1))
+done
+echo "pool ready after $(( $(date +%s) - start )) s"
+for cfg in "${configs[@]:1}"; do
+  dir="$RUNS/$(basename "$cfg" .json)"; mkdir -p "$dir"
+  for f in "$first_dir"/pool_*.npz; do [ -f "$f" ] && ln -f "$f" "$dir/"; done
+  launch "$cfg" "$@"
+done
+failed=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"; rc=$?
+  [ "$rc" -ne 0 ] && failed=$((failed + 1))
+  echo "== ${names[$i]}: rc=$rc"
+  tr '\r' '\n' < "$RUNS/${names[$i]}.train.log" | grep -v '^\s*$' | tail -n 6
+done
+echo "all runs done in $(( $(date +%s) - start )) s"
+tar -C "$(dirname "$RUNS")" -cf - --exclude='pool_*.npz' --exclude='ckpt' --exclude='tensorboard' "$(basename "$RUNS")" \
+  | split -b 15m - "$OUT/runs.tar.part-"
+ls -la "$OUT"
+exit "$failed"
