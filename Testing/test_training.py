@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,3 +347,38 @@ def test_gpu_lease_sweep_trains_side_by_side_from_one_pool(tmp_path):
     bundled = load_model(ROOT / "Resources" / "Models" / "cfg-wdm-flair-5mm-cpu")
     assert tuned.spec.training["iterations"] > bundled.spec.training["iterations"]
     assert tuned.spec.training["init_from"]["model_folder"] is True
+
+
+def test_lesion_class_draw_weights_the_draw_and_refuses_bad_weights():
+    """data.lesion_class_draw: a class weighted 2 is drawn about twice as often; the pool stays as it is."""
+    from CounterfactualGenLib.errors import InputError
+
+    td = _train_module()
+    lesion = np.array(["none", "minimal", "moderate", "high"] * 50)
+    assert td.lesion_class_draw_cdf(lesion, None) is None and td.lesion_class_draw_cdf(lesion, {}) is None
+    cum = td.lesion_class_draw_cdf(lesion, {"minimal": 2.0})
+    rng = np.random.default_rng(0)
+    idx = np.minimum(np.searchsorted(cum, rng.random(20000), side="right"), len(lesion) - 1)
+    share = np.mean(lesion[idx] == "minimal")
+    assert abs(share - 0.4) < 0.02, share  # 2 / (1 + 2 + 1 + 1)
+    assert abs(np.mean(lesion[idx] == "none") - 0.2) < 0.02
+    for bad in ({"tiny": 2.0}, {"minimal": -1.0}, {"minimal": float("nan")},
+                {"none": 0, "minimal": 0, "moderate": 0, "high": 0}):
+        with pytest.raises(InputError, match="lesion_class_draw"):
+            td.lesion_class_draw_cdf(lesion, bad)
+
+
+def test_lesion_class_draw_is_checked_before_training(tmp_path, config):
+    cfg = json.loads(config.read_text())
+    cfg["data"]["lesion_class_draw"] = {"severe": 3.0}
+    config.write_text(json.dumps(cfg))
+    p = subprocess.run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
+                        "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode != 0 and "lesion_class_draw" in p.stderr and "severe" in p.stderr
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "log.csv").exists()
+    cfg["data"]["lesion_class_draw"] = {"minimal": 2.0}  # a valid weight trains
+    config.write_text(json.dumps(cfg))
+    _run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
+          "--out", str(tmp_path / "run2")], tmp_path)
+    assert (tmp_path / "run2" / "model" / "model.json").exists()

@@ -237,6 +237,29 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.
         yield cache[img_path][0], prompt, cache[img_path][1]
 
 
+def lesion_class_draw_cdf(lesion: np.ndarray, weights: dict | None) -> np.ndarray | None:
+    """Cumulative draw probabilities over pool subjects from per-lesion-class weights.
+
+    ``data.lesion_class_draw`` (e.g. ``{"minimal": 2}``) makes subjects of a class that
+    many times as likely to be drawn as the others (classes not named weigh 1); the pool
+    itself stays balanced. ``None`` (or no weights): every subject equally likely.
+    """
+    if not weights:
+        return None
+    from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+    bad = [k for k in weights if k not in LESION_LOAD_CLASSES]
+    if bad:
+        raise InputError(f"data.lesion_class_draw: unknown lesion-load class(es) {bad}; use {list(LESION_LOAD_CLASSES)}.")
+    vals = {k: float(v) for k, v in weights.items()}
+    if any(not np.isfinite(v) or v < 0 for v in vals.values()):
+        raise InputError(f"data.lesion_class_draw: weights must be finite and >= 0, got {weights}.")
+    p = np.array([vals.get(str(c), 1.0) for c in lesion], np.float64)
+    if p.sum() <= 0:
+        raise InputError(f"data.lesion_class_draw {weights} leaves no subject of this pool to draw.")
+    return np.cumsum(p / p.sum())
+
+
 class Stream(torch.utils.data.IterableDataset):
     """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8)."""
 
@@ -249,8 +272,9 @@ class Stream(torch.utils.data.IterableDataset):
         if self.pool is not None:
             rng = random.Random(seed)
             n = len(self.pool["lesion"])
+            cum = lesion_class_draw_cdf(self.pool["lesion"], self.cfg["data"].get("lesion_class_draw"))
             while True:
-                i = rng.randrange(n)
+                i = rng.randrange(n) if cum is None else min(int(np.searchsorted(cum, rng.random(), side="right")), n - 1)
                 img = self.pool["images"][i].astype(np.float32)
                 prompt, names_lesions = pool_prompt(str(self.pool["lesion"][i]), str(self.pool["diagnosis"][i]),
                                                     rng, self.cfg)
@@ -553,6 +577,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             dist.barrier()
             if not is_main(rank):
                 pool = synthetic_pool(cfg, grid, cfg["seed"], size, cache)
+    if cfg["data"].get("lesion_class_draw"):  # checked here, before any training step
+        if pool is None:
+            raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
+        lesion_class_draw_cdf(pool["lesion"], cfg["data"]["lesion_class_draw"])
     loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool),
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     data = iter(loader)
