@@ -91,9 +91,9 @@ def test_oracle_on_gpu_matches_cpu():
     assert math.isclose(float(a["lesion_ml"][0]), float(b["lesion_ml"][0]), rel_tol=2e-2, abs_tol=0.05)
 
 
-def test_training_runs_on_the_gpu_in_bf16(tmp_path):
-    """train_diffusion on the device: bf16 autocast steps, finite loss, a loadable model whose
-    weights are finite, and the log that says which hardware trained it."""
+def test_training_runs_on_the_gpu(tmp_path):
+    """train_diffusion on the device (under bf16 autocast on a GPU): finite loss, a loadable model
+    whose weights are finite, and a record of the hardware that trained it."""
     import csv
     import sys
 
