@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "grid": {"shape": [40, 48, 40], "spacing_mm": 4.0, "center_ras": [0.0, -18.0, 8.0]},
     "contrast": "FLAIR",
     "text_encoder": {"id": "minilm-l6-v2", "max_tokens": 24},
+    # data.lesion_class_draw (synthetic pool only), e.g. {"minimal": 2}: subjects of that
+    # lesion-load class are drawn that many times as often; the pool itself stays balanced.
     "data": {"kind": "synthetic", "manifest": None, "paraphrase_prob": 0.3},
     "schedule": {"kind": "rflow", "default_steps": 20, "default_guidance": 2.0, "base_numel": 32768},
     "batch_size": 4,
