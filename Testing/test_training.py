@@ -376,7 +376,13 @@ def test_lesion_class_draw_is_checked_before_training(tmp_path, config):
                         "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
     assert p.returncode != 0 and "lesion_class_draw" in p.stderr and "severe" in p.stderr
-    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "log.csv").exists()
+    assert not (tmp_path / "run").exists()  # refused before any work: no pool, no log, no model
+    manifest_cfg = {**cfg, "data": {"kind": "manifest", "manifest": str(tmp_path / "m.csv"), "lesion_class_draw": {"minimal": 2}}}
+    config.write_text(json.dumps(manifest_cfg))
+    p = subprocess.run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
+                        "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode != 0 and "synthetic pool only" in p.stderr and not (tmp_path / "run").exists()
     cfg["data"]["lesion_class_draw"] = {"minimal": 2.0}  # a valid weight trains
     config.write_text(json.dumps(cfg))
     _run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),

@@ -517,6 +517,12 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     from CounterfactualGenLib.sampling.schedules import resolution_shift_ratio, sample_rflow_train_t
     from CounterfactualGenLib.volume import Volume
 
+    if cfg["data"].get("lesion_class_draw"):  # checked before any work (the pool can take minutes)
+        if cfg["data"]["kind"] != "synthetic":
+            raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
+        from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+        lesion_class_draw_cdf(np.array(LESION_LOAD_CLASSES), cfg["data"]["lesion_class_draw"])
     rank, world, device = ddp_setup()
     if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
         torch.set_num_threads(int(cfg["threads"]))
@@ -579,9 +585,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             dist.barrier()
             if not is_main(rank):
                 pool = synthetic_pool(cfg, grid, cfg["seed"], size, cache)
-    if cfg["data"].get("lesion_class_draw"):  # checked here, before any training step
-        if pool is None:
-            raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
+    if pool is not None and cfg["data"].get("lesion_class_draw"):  # this pool has something to draw
         lesion_class_draw_cdf(pool["lesion"], cfg["data"]["lesion_class_draw"])
     loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool),
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
