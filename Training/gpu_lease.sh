@@ -20,16 +20,8 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
 RUN=${RUN:-runs/wdm128}
 TABLE=${TABLE:-.gpu/prompts.safetensors}
 DEVICE=${DEVICE:-cuda}
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import monai, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
-[ -f "$TABLE" ] || { echo "No embedding table at $TABLE (Training/embed_prompts.py)"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 mkdir -p "$OUT" "$(dirname "$RUN")"
-TE="{\"id\": \"minilm-l6-v2\", \"max_tokens\": 24, \"path\": \"$TABLE\"}"
 start=$(date +%s)
 python3 Training/train_diffusion.py --config Training/configs/wdm_128.json --out "$RUN" \
   --set max_minutes="$MINUTES" --set text_encoder="$TE" "$@" > "$RUN.train.log" 2>&1

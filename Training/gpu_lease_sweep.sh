@@ -19,20 +19,12 @@ MINUTES=${MINUTES:-6}
 RUNS=${RUNS:-runs/sweep}
 TABLE=${TABLE:-.gpu/prompts.safetensors}
 POOL_WAIT=${POOL_WAIT:-600}
-export PYTHONUNBUFFERED=1
 configs=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 [ ${#configs[@]} -gt 0 ] || { echo "usage: OUT=... bash Training/gpu_lease_sweep.sh CONFIG.json [...] [-- --set KEY=JSON ...]"; exit 2; }
-if ! python3 -c "import monai, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
-[ -f "$TABLE" ] || { echo "No embedding table at $TABLE (Training/embed_prompts.py)"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 mkdir -p "$OUT" "$RUNS"
-TE="{\"id\": \"minilm-l6-v2\", \"max_tokens\": 24, \"path\": \"$TABLE\"}"
 start=$(date +%s)
 launch() {  # config -> background training run in $RUNS/<config name>
   local cfg=$1 name; shift; name=$(basename "$cfg" .json)
