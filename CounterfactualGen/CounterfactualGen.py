@@ -210,6 +210,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._warnings: list[str] = []  # warnings the worker logged during the current run
         self._deviceWorker = None
         self._updatingGUI = False
         self._timer = None
@@ -480,6 +481,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._run is None:
             return
         self.ui.logTextEdit.clear()
+        self._warnings = []
         self._appendLog(" ".join(self._run.describe()))
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.setMaximum(1000)
@@ -510,6 +512,9 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if ev.get("eta_s") is not None:
                 text += _(", about {eta:.0f} s left").format(eta=float(ev["eta_s"]))
             self.ui.statusLabel.text = text
+        elif kind == "log" and ev.get("level") == "warning":
+            self._warnings.append(str(ev.get("message", "")))
+            self._appendLog(_("WARNING: {message}").format(message=ev.get("message", "")))
         elif kind in ("log", "output"):
             self._appendLog(str(ev.get("message", "")))
         elif kind == "error":
@@ -524,6 +529,9 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if result.ok:
             self.ui.statusLabel.text = _("Done: {n} synthetic node(s) added.").format(n=len(run.nodes))
             self.logic.showResults(run)
+            if self._warnings:
+                self.ui.statusLabel.text += " " + _("With a warning: see the log.")
+                slicer.util.warningDisplay("\n\n".join(dict.fromkeys(self._warnings)), windowTitle=_("CounterfactualGen"))
         elif result.cancelled:
             self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
         else:

@@ -65,7 +65,8 @@ class Events:
             self._progress(event)
         elif event.get("event") == "log":
             self._close_bar()
-            print(event.get("message", ""), file=sys.stderr)
+            prefix = "warning: " if event.get("level") == "warning" else ""
+            print(prefix + str(event.get("message", "")), file=sys.stderr)
 
     def _progress(self, e: dict) -> None:
         total, step, stage = int(e.get("total") or 1), int(e.get("step") or 0), e.get("stage")

@@ -220,6 +220,31 @@ def test_cli_edit_with_oracle_folder_and_none(tiny, tiny_oracle, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_lesion_filling_by_the_text_alone_warns(tiny, tmp_path, capsys):
+    """Filling without a lesion mask and without the oracle (the inversion path, which does not localise lesions)
+    says so: a warning on stderr, a "warning" event in --progress-json, and the report's warnings; with a mask, none."""
+    from CounterfactualGenLib.pipeline import TEXT_ONLY_FILL_WARNING
+
+    g = load_model(tiny).spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    path = write_volume(scan, tmp_path / "s.nii.gz")
+    base = ["edit", "--model", str(tiny), "--input", str(path), "--to", NONE, "--from", HIGH, "--steps", "2",
+            "--registration", "none", "--oracle", "none"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert "warning: " + TEXT_ONLY_FILL_WARNING in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["warnings"] == [TEXT_ONLY_FILL_WARNING]
+    assert main(base + ["--out", str(tmp_path / "b"), "--progress-json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {"event": "log", "level": "warning", "message": TEXT_ONLY_FILL_WARNING} in events
+    lesions = np.zeros(g.shape, np.uint8)
+    lesions[10:13, 10:13, 10:13] = 1
+    mask = write_volume(Volume(lesions, g.affine_ras), tmp_path / "lesions.nii.gz")
+    assert main(base + ["--lesion-mask", str(mask), "--out", str(tmp_path / "c")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["warnings"] == []
+
+
 def test_null_text_optimisation_reconstructs_the_scan_better(tiny):
     """PRISM null-text optimisation: the guided source branch retraces the inversion closer than plain guidance."""
     m = load_model(tiny)

@@ -906,3 +906,30 @@ def test_logic_edit_passes_null_text_and_the_real_cli_accepts_the_arguments(logi
     assert build_parser().parse_args(argv).edit_region == "prompt"
     logic.editBlocking(node, "Subject has high lesion load.", steps=2)
     assert "--edit-region" not in fake_cli.calls()[-1]["argv"]  # the CLI's default: the whole brain
+
+
+def test_widget_shows_a_worker_warning_and_repeats_it_when_the_run_ends(cfg, scene, slicer_stub):
+    """A log event at level "warning" (e.g. lesion filling by the text alone) is marked in the log and, when the
+    run succeeds, repeated in a warning dialog and the status line; a plain log line is not."""
+    from types import SimpleNamespace
+
+    logged = []
+    ui = SimpleNamespace(logTextEdit=SimpleNamespace(appendPlainText=logged.append), statusLabel=SimpleNamespace(text=""),
+                         progressBar=SimpleNamespace(setVisible=lambda v: None))
+    shown = []
+    w = SimpleNamespace(ui=ui, _warnings=[], _checkCanApply=lambda: None,
+                        logic=SimpleNamespace(showResults=lambda run: shown.append(run)))
+    W = cfg.CounterfactualGenWidget
+    w._appendLog = lambda text: W._appendLog(w, text)
+    W._showEvent(w, {"event": "log", "level": "info", "message": "Registered."})
+    W._showEvent(w, {"event": "log", "level": "warning", "message": "Lesion filling without a lesion mask ..."})
+    assert logged == ["Registered.", "WARNING: Lesion filling without a lesion mask ..."]
+    run = SimpleNamespace(result=SimpleNamespace(ok=True, cancelled=False), nodes=[1, 2, 3])
+    W._onRunFinished(w, run)
+    assert shown == [run] and "warning" in ui.statusLabel.text.lower()
+    assert ("warning", "Lesion filling without a lesion mask ...") in slicer_stub.util.displayed
+    # a run without warnings shows none
+    slicer_stub.util.displayed.clear()
+    w._warnings = []
+    W._onRunFinished(w, run)
+    assert "warning" not in ui.statusLabel.text.lower() and not slicer_stub.util.displayed
