@@ -270,6 +270,7 @@ def test_registration_coarsens_a_fine_scan_without_moving_it():
 
     np.testing.assert_allclose(centroid(out), centroid(img), atol=0.2)  # mm: the object did not move
     assert _coarsened(img, 0.5) is img  # nothing finer than 0.5 mm: used as it is
+    assert _coarsened(img, 0.72) is img  # 0.7 vs 0.72 mm: not worth resampling
     with pytest.raises(InputError, match="moving_spacing_mm"):
         register_affine(Volume(blob, aff), Volume(blob, aff), moving_spacing_mm=-1.0)
 
