@@ -343,6 +343,7 @@ def test_gpu_lease_sweep_trains_side_by_side_from_one_pool(tmp_path):
                                   "init_from": str(tmp_path / "no_such_run")}))
     out, runs = tmp_path / "out", tmp_path / "runs" / "sweep"
     env = dict(os.environ, OUT=str(out), RUNS=str(runs), TABLE=str(table), MINUTES="0.01", OMP_NUM_THREADS="1",
+               PROBE_SEEDS="1", DEVICE="cpu",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""), PYTHONPATH=str(ROOT))
     data = {"kind": "synthetic", "pool_size": 4, "pool_workers": 1, "paraphrase_prob": 0.25, "both_clauses_prob": 0.2}
     grid = {"shape": [16, 16, 16], "spacing_mm": 10.0, "center_ras": [0.0, -18.0, 8.0]}
@@ -372,6 +373,12 @@ def test_gpu_lease_sweep_trains_side_by_side_from_one_pool(tmp_path):
     bundled = load_model(ROOT / "Resources" / "Models" / "cfg-wdm-flair-5mm-cpu")
     assert tuned.spec.training["iterations"] > bundled.spec.training["iterations"]
     assert tuned.spec.training["init_from"]["model_folder"] is True
+    # each trained model was read on the probe seeds there; the failed run has no probe
+    assert "== probe wdm_5mm_gpu: rc=0" in p.stdout and "== probe wdm_5mm_gpu_ft: rc=0" in p.stdout
+    assert "== probe broken" not in p.stdout
+    for run in ("wdm_5mm_gpu", "wdm_5mm_gpu_ft"):
+        rep = json.loads((tmp_path / "back" / "sweep" / run / "probe" / "report.json").read_text())
+        assert rep["settings"]["first_seed"] == 200 and rep["settings"]["seeds"] == 1 and rep["settings"]["separation"] == 1.5
 
 
 def test_lesion_class_draw_weights_the_draw_and_refuses_bad_weights():
