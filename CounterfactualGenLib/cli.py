@@ -209,7 +209,7 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
 def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
     from .pipeline import generate_series
 
-    model, encoder = _load(args.model, None, ev)
+    model, encoder = _load(args.model, args.text_encoder_path, ev)
     card = model.spec.description or model.spec.name
     ev.log(f"Demo model: {model.id} — {card}")
     out = StagedOutput(Path(args.out))
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
             ev.log(f"Generating the {key.replace('_', ' ')} series ({len(prompts)} prompts, one shared noise)…")
             series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps,
                                      guidance=args.guidance, share=args.share, separation=args.separation,
-                                     device=args.device, on_event=ev.emit,
+                                     device=args.device, precision=args.precision, on_event=ev.emit,
                                      should_cancel=ev.should_cancel)
             outputs, montage = _write_series(series, model, out, args.format, prefix=f"{key}_")
             results[key] = {"outputs": outputs, "montage": montage, "timings_s": series.timings_s,
@@ -443,13 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="synthesise a counterfactual series: one volume per prompt from one noise")
     g.add_argument("--prompt", action="append", help="a sentence; repeat for a series")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed "
-                        "embedding table (.safetensors, Training/embed_prompts.py)")
+    add_text_encoder_argument(g)
     add_share_argument(g)
     _common(g)
 
     d = sub.add_parser("demo", help="lesion-load and CN/MCI/AD series with the bundled model")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    add_text_encoder_argument(d)
     add_share_argument(d)
     _common(d)
 
@@ -477,8 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--oracle", default="auto",
                        help="oracle folder for lesion ml before/after; auto = the bundled one if installed, none = skip")
         e.add_argument("--max-voxels", type=int, default=512**3, help="refuse larger inputs (default 512³)")
-        e.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed "
-                        "embedding table (.safetensors, Training/embed_prompts.py)")
+        add_text_encoder_argument(e)
         e.add_argument("--out", required=True, help="output folder")
 
     e = sub.add_parser("edit", help="counterfactual of a scan: --input scan --to 'prompt' --out DIR")
@@ -509,7 +508,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict]] = {
 }
 
 # --- evaluate: implemented in evaluation/report.py, registered here -----------------------
-from .evaluation.report import add_evaluate_parser, add_share_argument, cmd_evaluate  # noqa: E402
+from .evaluation.report import (add_evaluate_parser, add_share_argument, add_text_encoder_argument,  # noqa: E402
+                                cmd_evaluate)
 
 COMMANDS["evaluate"] = cmd_evaluate
 

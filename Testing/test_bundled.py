@@ -244,9 +244,9 @@ def test_masked_lesion_filling_with_the_bundled_model_is_effective_against_the_e
     assert np.array_equal(r.counterfactual.array[outside], subj.image.array[outside])
 
 
-def test_gpu_edit_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
-    """Testing/Benchmarks/gpu_bench_edit.sh (edit times on a bare GPU machine) with DEVICE=cpu: from the
-    canonical-prompt table alone it edits the sample FLAIR along the asked paths and writes the timings."""
+def test_gpu_console_times_script_runs_end_to_end_on_cpu(tmp_path):
+    """Testing/Benchmarks/gpu_console_times.sh (demo and edit times on a bare GPU machine) with DEVICE=cpu: from
+    the canonical-prompt table alone it runs the demo twice and edits the sample FLAIR along the asked paths."""
     import os
     import shutil
     import subprocess
@@ -259,9 +259,9 @@ def test_gpu_edit_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
                     str(ROOT / "Training" / "configs" / "wdm_cpu_demo.json"), "--canonical-only", "--out", str(table)],
                    cwd=tmp_path, env=env, check=True, capture_output=True)
     out = tmp_path / "out"
-    p = subprocess.run(["bash", str(ROOT / "Testing" / "Benchmarks" / "gpu_bench_edit.sh"), "--paths", "add", "fill",
+    p = subprocess.run(["bash", str(ROOT / "Testing" / "Benchmarks" / "gpu_console_times.sh"), "--paths", "add", "fill",
                         "--threads", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(env, OUT=str(out), DEVICE="cpu", REPEATS="1", TABLE=str(table)))
+                       env=dict(env, OUT=str(out), DEVICE="cpu", REPEATS="1", TABLE=str(table), DEMO_ARGS="--steps 2"))
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     rows = json.loads((out / "bench_edit_cpu.json").read_text())["rows"]
     assert [r["path"] for r in rows] == ["add", "fill"]
@@ -269,3 +269,6 @@ def test_gpu_edit_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     assert all(r["best_s"] > 0 and r["stages_median_s"]["register"] > 0 for r in rows)
     assert rows[1]["lesion_ml_after"] < rows[1]["lesion_ml_before"]  # the fill removed the oracle's lesions
     assert "| add |" in (out / "bench_edit_cpu.log").read_text()
+    demo = (out / "demo_cpu.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in demo] == ["demo run 1", "demo run 2"]
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in demo)

@@ -209,3 +209,28 @@ def test_sigterm_cancels_and_removes_partial_outputs(tiny, tmp_path):
     events = [json.loads(x) for x in rest.splitlines() if x.strip()]
     assert events[-1]["event"] == "error" and events[-1]["kind"] == "Cancelled"
     assert not out.exists()
+
+
+def test_demo_takes_a_text_encoder_table_and_the_precision(tiny, tmp_path, monkeypatch):
+    """`demo --text-encoder-path TABLE` replays the prompts from a precomputed table (a GPU machine without the
+    encoder) with the same result, and `--precision` reaches the sampler."""
+    import CounterfactualGenLib.pipeline as pipeline
+    from tiny_model import tiny_encoder
+    from CounterfactualGenLib.cli import DIAGNOSIS_SERIES, LESION_SERIES
+    from CounterfactualGenLib.text import write_embedding_table
+
+    table = write_embedding_table(tiny_encoder(), LESION_SERIES + DIAGNOSIS_SERIES, tmp_path / "t.safetensors")
+    real = pipeline.generate_series
+    seen = []
+    monkeypatch.setattr(pipeline, "generate_series", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
+    base = ["demo", "--model", str(tiny), "--steps", "2", "--precision", "fp32"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--text-encoder-path", str(table), "--out", str(tmp_path / "b")]) == 0
+    assert seen == ["fp32"] * 4
+    for f in sorted((tmp_path / "a").glob("*.nii.gz")):
+        np.testing.assert_array_equal(read_volume(f).array, read_volume(tmp_path / "b" / f.name).array)
+    assert len(list((tmp_path / "a").glob("*.nii.gz"))) == len(LESION_SERIES + DIAGNOSIS_SERIES)
+    # the table is what encodes: one without the diagnosis prompts is refused, and nothing is written
+    partial = write_embedding_table(tiny_encoder(), LESION_SERIES, tmp_path / "p.safetensors")
+    assert main(base + ["--text-encoder-path", str(partial), "--out", str(tmp_path / "c")]) != 0
+    assert not (tmp_path / "c").exists()

@@ -678,14 +678,19 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
                         "over 1 seed) or 'none'")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, ≤ 4 steps, 4 reference subjects, "
                                                         "1 edited subject, a 2×2 sweep")
-    p.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a precomputed "
-                        "embedding table (.safetensors, Training/embed_prompts.py)")
+    add_text_encoder_argument(p)
     p.add_argument("--twins", type=int, default=None, metavar="N",
                    help=f"exact engine twin series read as the ceiling (default {TWIN_SUBJECTS}; --quick 2; 0 = skip, "
                         "e.g. on a large grid where making twins on the CPU dominates)")
     add_share_argument(p)
     common(p)
     return p
+
+
+def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
+    """``--text-encoder-path``, for every command that loads a model (generate, demo, edit, batch, evaluate)."""
+    p.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a "
+                   "precomputed embedding table (.safetensors, Training/embed_prompts.py)")
 
 
 def add_share_argument(p: argparse.ArgumentParser) -> None:
