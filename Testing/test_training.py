@@ -381,6 +381,37 @@ def test_gpu_lease_sweep_trains_side_by_side_from_one_pool(tmp_path):
         assert rep["settings"]["first_seed"] == 200 and rep["settings"]["seeds"] == 1 and rep["settings"]["separation"] == 1.5
 
 
+def test_lesion_weight_scaled_by_lesion_volume():
+    """lesion_weight_volume_ref_ml: a sample's lesion weight scales with sqrt(R / its lesion ml), within [1/4, 4]."""
+    import torch
+
+    td = _train_module()
+    lesions = torch.zeros(3, 1, 16, 16, 16, dtype=torch.uint8)
+    lesions[0, 0, 4:6, 4:6, 4:6] = 1  # 8 voxels = 1 ml at 0.125 ml per voxel
+    lesions[1, 0, 0:10, 0:8, 0:4] = 1  # 320 voxels = 40 ml
+    lesions[2, 0, 8, 8, 8] = 1  # 1 voxel = 0.125 ml: the scale is capped at 4
+    active = torch.tensor([True, True, True])
+    w = td.lesion_weights(lesions, active, (8, 8, 8), 4.0, volume_ref_ml=4.0, voxel_ml=0.125)
+    assert w[0, 0, 2, 2, 2] == pytest.approx(1 + 4.0 * 2.0)  # sqrt(4 / 1)
+    assert w[1, 0, 0, 0, 0] == pytest.approx(1 + 4.0 * np.sqrt(4 / 40))
+    assert w[2, 0, 4, 4, 4] == pytest.approx(1 + 4.0 * 4.0)
+    assert torch.all(w[0, 0, 6:, 6:, 6:] == 1.0)  # away from the lesions: plain loss, whatever the scale
+    unscaled = td.lesion_weights(lesions, active, (8, 8, 8), 4.0)
+    assert unscaled[0, 0, 2, 2, 2] == 5.0 and unscaled[1, 0, 0, 0, 0] == 5.0
+
+
+def test_lesion_weight_volume_reference_is_checked_before_any_work(tmp_path, config):
+    cfg = json.loads(config.read_text())
+    for bad in (0, -1.0, "5"):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({**cfg, "lesion_weight_volume_ref_ml": bad}))
+        p = subprocess.run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(path),
+                            "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert p.returncode != 0 and "lesion_weight_volume_ref_ml" in p.stderr, p.stderr[-500:]
+        assert not (tmp_path / "run").exists()
+
+
 def test_lesion_class_draw_weights_the_draw_and_refuses_bad_weights():
     """data.lesion_class_draw: a class weighted 2 is drawn about twice as often; the pool stays as it is."""
     from CounterfactualGenLib.errors import InputError

@@ -85,6 +85,13 @@ DEFAULTS: dict[str, Any] = {
     # for "no lesions" prompts; the weight depends on position and prompt, not on the
     # sample's own lesions, so it leaves the loss's minimiser unchanged. 0 = off.
     "lesion_prior_weight": 0.0,
+    # Lesion weight by lesion volume: with a reference volume R (ml), each sample's lesion
+    # weight is scaled by clip(sqrt(R / its lesion ml), 1/4, 4), so small lesion sets weigh
+    # more and large ones less. The lesion weight tilts what the model learns towards lesions
+    # where a sample has them (it weights samples by their own lesions); this moves that tilt
+    # from high loads (which the model over-produces) to minimal ones (which it under-produces).
+    # None = off (every sample's lesions weigh lesion_weight).
+    "lesion_weight_volume_ref_ml": None,
     # Start from another run's checkpoint (net, EMA, optimiser, step): fine-tuning with a
     # changed config, e.g. turning lesion_weight on after plain training.
     "init_from": None,
@@ -294,7 +301,8 @@ class Stream(torch.utils.data.IterableDataset):
 # training
 # ---------------------------------------------------------------------------------
 def lesion_weights(lesions: torch.Tensor, active: torch.Tensor, shape, weight: float,
-                   prior: torch.Tensor | None = None, prior_weight: float = 0.0) -> torch.Tensor | None:
+                   prior: torch.Tensor | None = None, prior_weight: float = 0.0, *,
+                   volume_ref_ml: float | None = None, voxel_ml: float = 1.0) -> torch.Tensor | None:
     """Per-cell loss weights (B, 1, *shape): 1 + weight near the lesions of active samples.
 
     ``lesions`` (B, 1, *grid) is the exact mask on the image grid; it is max-pooled to the
@@ -303,6 +311,8 @@ def lesion_weights(lesions: torch.Tensor, active: torch.Tensor, shape, weight: f
     bias towards lesions small. ``None`` when off or when no sample is active.
     ``prior`` (1, 1, *grid) marks where lesions occur at all; with ``prior_weight`` it is
     weighted for every active sample, with or without lesions of its own.
+    With ``volume_ref_ml`` = R, each sample's weight is scaled by clip(sqrt(R / v), 1/4, 4),
+    v its lesion volume (mask voxels × ``voxel_ml``): small lesion sets weigh more.
     """
     use_prior = prior is not None and prior_weight > 0
     if (weight <= 0 and not use_prior) or not bool(active.any()):
@@ -310,6 +320,10 @@ def lesion_weights(lesions: torch.Tensor, active: torch.Tensor, shape, weight: f
     size = tuple(int(s) for s in shape)
     m = torch.nn.functional.adaptive_max_pool3d(lesions.float(), size)
     w = weight * torch.nn.functional.max_pool3d(m, 3, stride=1, padding=1)
+    if volume_ref_ml is not None:
+        ml = lesions.flatten(1).float().sum(1) * float(voxel_ml)
+        scale = torch.sqrt(float(volume_ref_ml) / ml.clamp_min(1e-6)).clamp(0.25, 4.0)
+        w = w * scale.view(-1, 1, 1, 1, 1)
     if use_prior:
         w = torch.maximum(w, prior_weight * torch.nn.functional.adaptive_max_pool3d(prior.float(), size))
     return 1.0 + w * active.float().view(-1, 1, 1, 1, 1)
@@ -517,6 +531,9 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     from CounterfactualGenLib.sampling.schedules import resolution_shift_ratio, sample_rflow_train_t
     from CounterfactualGenLib.volume import Volume
 
+    ref = cfg.get("lesion_weight_volume_ref_ml")
+    if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
+        raise InputError(f"lesion_weight_volume_ref_ml must be a positive number of ml (or null); got {ref!r}.")
     if cfg["data"].get("lesion_class_draw"):  # checked before any work (the pool can take minutes)
         if cfg["data"]["kind"] != "synthetic":
             raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
@@ -644,7 +661,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 pred = ddp_net(x_t, t.float(), ctx)
             w = lesion_weights(lesions.to(device), (names_lesions & ~drop).to(device), z0.shape[2:],
-                               float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0))
+                               float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
+                               volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
             loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
             loss = loss / cfg["grad_accum"]
             loss.backward()
