@@ -451,3 +451,53 @@ def test_lesion_class_draw_is_checked_before_training(tmp_path, config):
     _run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
           "--out", str(tmp_path / "run2")], tmp_path)
     assert (tmp_path / "run2" / "model" / "model.json").exists()
+
+
+def test_anchored_targets_keep_the_data_for_learnt_samples_only():
+    import torch
+
+    td = _train_module()
+    v, anchor_pred = torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4)
+    w = torch.full((3, 1, 4, 4, 4), 5.0)
+    learn = torch.tensor([True, False, True])
+    target, weights = td.anchored_targets(v, anchor_pred, learn, 0.5, w)
+    assert torch.equal(target[0], v[0]) and torch.equal(target[2], v[2]) and torch.equal(target[1], anchor_pred[1])
+    assert torch.all(weights[0] == 5.0) and torch.all(weights[1] == 0.5)
+    _, plain = td.anchored_targets(v, anchor_pred, learn, 2.0, None)
+    assert torch.all(plain[0] == 1.0) and torch.all(plain[1] == 2.0)
+
+
+def test_anchored_fine_tune_holds_the_anchor_and_learns_only_the_named_classes(tmp_path, config):
+    """anchor: with no learnt class drawn, every sample copies the anchor, so the loss is 0 and the weights do not
+    move at all (EMA off: its rounding would move them); with the learnt class drawn they do. Bad anchor blocks are refused before any work."""
+    from safetensors.numpy import load_file
+
+    script = str(ROOT / "Training" / "train_diffusion.py")
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "a")], tmp_path)
+    src = tmp_path / "a" / "model"
+    base = json.loads(config.read_text())
+    anchor = {"model": str(src), "learn": ["minimal"], "weight": 1.0}
+    held = {**base, "init_from": str(src), "iterations": 4, "anchor": anchor, "ema_decay": 0.0,
+            "data": {**base["data"], "lesion_class_draw": {"minimal": 0.0}}}
+    (tmp_path / "held.json").write_text(json.dumps(held))
+    _run([sys.executable, script, "--config", str(tmp_path / "held.json"), "--out", str(tmp_path / "held")], tmp_path)
+    before, after = load_file(str(src / "denoiser.safetensors")), load_file(str(tmp_path / "held" / "model" / "denoiser.safetensors"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(float(r["loss"]) < 1e-8 for r in csv.DictReader((tmp_path / "held" / "log.csv").open()))
+    t = json.loads((tmp_path / "held" / "model" / "model.json").read_text())["training"]
+    assert t["anchor"]["learn"] == ["minimal"] and t["anchor"]["id"] == base["id"]
+    assert t["anchor"]["denoiser_sha256"] == json.loads((src / "model.json").read_text())["files"][0]["sha256"]
+    assert "| anchored to | model folder" in (tmp_path / "held" / "model" / "MODEL_CARD.md").read_text()
+    learns = {**held, "data": {**base["data"], "lesion_class_draw": {"none": 0.0, "moderate": 0.0, "high": 0.0}}}
+    (tmp_path / "learns.json").write_text(json.dumps(learns))
+    _run([sys.executable, script, "--config", str(tmp_path / "learns.json"), "--out", str(tmp_path / "learns")], tmp_path)
+    moved = load_file(str(tmp_path / "learns" / "model" / "denoiser.safetensors"))
+    assert any(not np.array_equal(before[k], moved[k]) for k in before)
+    for bad, words in (({**anchor, "learn": ["severe"]}, "anchor.learn"), ({**anchor, "weight": 0}, "anchor.weight"),
+                       ({**anchor, "model": str(tmp_path / "nowhere")}, "not a model folder"),
+                       ({**anchor, "extra": 1}, "anchor must be")):
+        (tmp_path / "bad.json").write_text(json.dumps({**base, "anchor": bad}))
+        p = subprocess.run([sys.executable, script, "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")],
+                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+        assert p.returncode != 0 and words in p.stderr, p.stderr[-500:]
+        assert not (tmp_path / "bad").exists()

@@ -95,6 +95,15 @@ DEFAULTS: dict[str, Any] = {
     # Start from another run's checkpoint (net, EMA, optimiser, step): fine-tuning with a
     # changed config, e.g. turning lesion_weight on after plain training.
     "init_from": None,
+    # Anchored fine-tuning (synthetic pool only), e.g.
+    # {"model": "Resources/Models/cfg-wdm-flair-5mm-cpu", "learn": ["minimal"], "weight": 1.0}:
+    # samples whose prompt names a lesion-load class in "learn" (condition kept) learn from
+    # the data as usual; every other sample (other classes, diagnosis-only prompts, dropped
+    # conditions) is trained to reproduce the frozen anchor model's prediction on the same
+    # noisy input and prompt, with loss weight "weight". It changes what the model does for
+    # the learnt classes and holds the rest (and the unconditional branch guidance uses) where
+    # the anchor had it: fine-tunes on one class otherwise move its neighbours in text space too.
+    "anchor": None,
 }
 
 
@@ -270,7 +279,8 @@ def lesion_class_draw_cdf(lesion: np.ndarray, weights: dict | None) -> np.ndarra
 
 
 class Stream(torch.utils.data.IterableDataset):
-    """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8)."""
+    """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8,
+    lesion-load class index into LESION_LOAD_CLASSES (-1: not known, manifest data))."""
 
     def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None) -> None:
         self.cfg, self.grid, self.seed, self.pool = cfg, grid, seed, pool
@@ -287,14 +297,21 @@ class Stream(torch.utils.data.IterableDataset):
                 img = self.pool["images"][i].astype(np.float32)
                 prompt, names_lesions = pool_prompt(str(self.pool["lesion"][i]), str(self.pool["diagnosis"][i]),
                                                     rng, self.cfg)
-                yield torch.from_numpy(img)[None], prompt, names_lesions, torch.from_numpy(self.pool["lesion_masks"][i])[None]
+                yield (torch.from_numpy(img)[None], prompt, names_lesions,
+                       torch.from_numpy(self.pool["lesion_masks"][i])[None], _class_index(str(self.pool["lesion"][i])))
         else:
             for img, prompt, lesions in manifest_stream(self.cfg, self.grid, seed):
                 from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
                 names = any(c in prompt.lower() for c in ("lesion",) + LESION_LOAD_CLASSES[1:])
                 yield (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt, names,
-                       torch.from_numpy(lesions)[None])
+                       torch.from_numpy(lesions)[None], -1)
+
+
+def _class_index(lesion_class: str) -> int:
+    from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+    return LESION_LOAD_CLASSES.index(lesion_class) if lesion_class in LESION_LOAD_CLASSES else -1
 
 
 # ---------------------------------------------------------------------------------
@@ -469,6 +486,11 @@ def _stage_row(t: dict) -> str:
                     if s.get("config_path") and s.get("train_minutes") is not None else "")
                  + (f"; its weights are the mean of {len(s['averaged_from'])} models (`Training/average_models.py`, "
                     "see its card)" if s.get("averaged_from") else "") + " |\n")
+    a = t.get("anchor")
+    if a:
+        rows += (f"| anchored to | model folder `{a['model']}` (`{a.get('id')}`, denoiser SHA-256 "
+                 f"{str(a.get('denoiser_sha256'))[:12]}…): only prompts naming {', '.join(a['learn'])} lesion load "
+                 f"learnt from the data; every other sample copied its prediction (weight {a['weight']}) |\n")
     return rows
 
 
@@ -525,6 +547,55 @@ Reproduce: {_reproduce(t, spec.id)}
 """
 
 
+def check_anchor(cfg: dict) -> dict | None:
+    """The validated ``anchor`` block (None when off); raises InputError before any work."""
+    a = cfg.get("anchor")
+    if not a:
+        return None
+    from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+    if not isinstance(a, dict) or set(a) - {"model", "learn", "weight"} or "model" not in a:
+        raise InputError(f'anchor must be {{"model": FOLDER, "learn": [CLASSES], "weight": W}}; got {a!r}.')
+    if cfg["data"]["kind"] != "synthetic":
+        raise InputError("anchor applies to the synthetic pool only (data.kind = synthetic): it needs each "
+                         "sample's lesion-load class.")
+    if not (Path(a["model"]) / "model.json").exists():
+        raise InputError(f"anchor.model: {a['model']} is not a model folder (no model.json).")
+    learn = a.get("learn") or []
+    if not isinstance(learn, list) or not learn or any(c not in LESION_LOAD_CLASSES for c in learn):
+        raise InputError(f"anchor.learn must list lesion-load classes from {list(LESION_LOAD_CLASSES)}; got {learn!r}.")
+    w = a.get("weight", 1.0)
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+        raise InputError(f"anchor.weight must be a positive number; got {w!r}.")
+    return {"model": str(a["model"]), "learn": list(learn), "weight": float(w)}
+
+
+def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Module, dict]:
+    """A frozen copy of ``net`` holding the anchor model's weights, and the record for the card."""
+    from CounterfactualGenLib.models import load_model
+
+    m = load_model(Path(anchor["model"]))
+    own, theirs = net.state_dict(), m.denoiser.state_dict()
+    if set(own) != set(theirs) or any(tuple(own[k].shape) != tuple(theirs[k].shape) for k in own):
+        raise InputError(f"anchor.model: the model in {anchor['model']} has another architecture than this config's denoiser.")
+    teacher = copy.deepcopy(net)
+    teacher.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    teacher.to(device).eval().requires_grad_(False)
+    sha = next((f.get("sha256") for f in m.spec.files if f.get("role") == "denoiser"), None)
+    return teacher, {**anchor, "id": m.spec.id, "denoiser_sha256": sha}
+
+
+def anchored_targets(v: torch.Tensor, anchor_pred: torch.Tensor, learn: torch.Tensor, weight: float,
+                     w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and per-cell weights of an anchored step: samples in ``learn`` (B,) keep the data
+    target ``v`` and their lesion weights ``w``; the others take the anchor's prediction, weight ``weight``."""
+    sel = learn.view(-1, *([1] * (v.dim() - 1)))
+    target = torch.where(sel, v, anchor_pred.float())
+    base = torch.ones((v.shape[0], 1, *v.shape[2:]), device=v.device) if w is None else w
+    weights = torch.where(sel, base, torch.full_like(base, float(weight)))
+    return target, weights
+
+
 def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") -> Path:
     from CounterfactualGenLib.overlay import montage_png
     from CounterfactualGenLib.sampling.samplers import rflow_training_target
@@ -540,6 +611,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
         lesion_class_draw_cdf(np.array(LESION_LOAD_CLASSES), cfg["data"]["lesion_class_draw"])
+    anchor = check_anchor(cfg)
     rank, world, device = ddp_setup()
     if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
         torch.set_num_threads(int(cfg["threads"]))
@@ -590,6 +662,15 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     if world > 1:  # every rank starts from rank 0's weights
         for p in net.state_dict().values():
             dist.broadcast(p, 0)
+    teacher, anchor_info, learn_idx = None, None, None
+    if anchor:
+        from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+        teacher, anchor_info = load_anchor(anchor, net, device)
+        learn_idx = torch.tensor([LESION_LOAD_CLASSES.index(c) for c in anchor["learn"]])
+        if is_main(rank):
+            print(f"Anchored to {anchor['model']}: {anchor['learn']} learn from the data, the rest keep its "
+                  f"predictions (weight {anchor['weight']}).", file=sys.stderr)
 
     grid = spec.grid
     pool = None
@@ -648,7 +729,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg["grad_accum"]):
-            img, prompts, names_lesions, lesions = next(data)
+            img, prompts, names_lesions, lesions, classes = next(data)
             img = img.to(device)
             with torch.no_grad():
                 z0 = model.encode(img)
@@ -660,9 +741,17 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             x_t, v = rflow_training_target(z0, noise, t)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 pred = ddp_net(x_t, t.float(), ctx)
-            w = lesion_weights(lesions.to(device), (names_lesions & ~drop).to(device), z0.shape[2:],
+            active = names_lesions & ~drop
+            if teacher is not None:  # only the learnt classes learn from the data
+                active = active & torch.isin(classes, learn_idx)
+            w = lesion_weights(lesions.to(device), active.to(device), z0.shape[2:],
                                float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
                                volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    anchor_pred = teacher(x_t, t.float(), ctx)
+                v, w = anchored_targets(v, anchor_pred, active.to(device), anchor["weight"],
+                                        None if w is None else w.to(device))
             loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
             loss = loss / cfg["grad_accum"]
             loss.backward()
@@ -702,7 +791,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                    "train_minutes": minutes, "train_minutes_total": prior_minutes + minutes,
                    "final_loss": float(loss_ema or 0.0),
                    "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path,
-                   **({"init_from": init_info} if init_info else {})}
+                   **({"init_from": init_info} if init_info else {}),
+                   **({"anchor": anchor_info} if anchor_info else {})}
         spec.training = {**summary, "config": cfg}
         dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
         save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True,
