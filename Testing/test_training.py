@@ -465,6 +465,11 @@ def test_anchored_targets_keep_the_data_for_learnt_samples_only():
     assert torch.all(weights[0] == 5.0) and torch.all(weights[1] == 0.5)
     _, plain = td.anchored_targets(v, anchor_pred, learn, 2.0, None)
     assert torch.all(plain[0] == 1.0) and torch.all(plain[1] == 2.0)
+    # through guidance g: anchor_pred is the unconditional u for learnt samples; guiding the target gives v back
+    g = 4.0
+    target, _ = td.anchored_targets(v, anchor_pred, learn, 1.0, w, g)
+    torch.testing.assert_close(anchor_pred[0] + g * (target[0] - anchor_pred[0]), v[0])
+    assert torch.equal(target[1], anchor_pred[1])
 
 
 def test_anchored_fine_tune_holds_the_anchor_and_learns_only_the_named_classes(tmp_path, config):
@@ -493,8 +498,14 @@ def test_anchored_fine_tune_holds_the_anchor_and_learns_only_the_named_classes(t
     _run([sys.executable, script, "--config", str(tmp_path / "learns.json"), "--out", str(tmp_path / "learns")], tmp_path)
     moved = load_file(str(tmp_path / "learns" / "model" / "denoiser.safetensors"))
     assert any(not np.array_equal(before[k], moved[k]) for k in before)
+    (tmp_path / "guided.json").write_text(json.dumps({**learns, "anchor": {**anchor, "guidance": 4.0}}))
+    _run([sys.executable, script, "--config", str(tmp_path / "guided.json"), "--out", str(tmp_path / "guided")], tmp_path)
+    t = json.loads((tmp_path / "guided" / "model" / "model.json").read_text())["training"]
+    assert t["anchor"]["guidance"] == 4.0
+    assert "through guidance 4.0" in (tmp_path / "guided" / "model" / "MODEL_CARD.md").read_text()
     for bad, words in (({**anchor, "learn": ["severe"]}, "anchor.learn"), ({**anchor, "weight": 0}, "anchor.weight"),
                        ({**anchor, "model": str(tmp_path / "nowhere")}, "not a model folder"),
+                       ({**anchor, "guidance": 0.5}, "anchor.guidance"),
                        ({**anchor, "extra": 1}, "anchor must be")):
         (tmp_path / "bad.json").write_text(json.dumps({**base, "anchor": bad}))
         p = subprocess.run([sys.executable, script, "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")],

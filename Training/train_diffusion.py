@@ -103,6 +103,11 @@ DEFAULTS: dict[str, Any] = {
     # noisy input and prompt, with loss weight "weight". It changes what the model does for
     # the learnt classes and holds the rest (and the unconditional branch guidance uses) where
     # the anchor had it: fine-tunes on one class otherwise move its neighbours in text space too.
+    # With "guidance": g (> 1) the learnt samples are fitted through classifier-free guidance at
+    # scale g instead: their target is u + (v - u) / g, u the anchor's unconditional prediction,
+    # so that the guided prediction u + g·(c - u) (not the conditional c alone) matches the data.
+    # Guidance extrapolates away from the unconditional prediction, whose lesion load is the
+    # population's mean: it pushes a class below the mean (minimal) further down, to none.
     "anchor": None,
 }
 
@@ -490,7 +495,8 @@ def _stage_row(t: dict) -> str:
     if a:
         rows += (f"| anchored to | model folder `{a['model']}` (`{a.get('id')}`, denoiser SHA-256 "
                  f"{str(a.get('denoiser_sha256'))[:12]}…): only prompts naming {', '.join(a['learn'])} lesion load "
-                 f"learnt from the data; every other sample copied its prediction (weight {a['weight']}) |\n")
+                 f"learnt from the data{' through guidance ' + str(a['guidance']) if a.get('guidance') else ''}; "
+                 f"every other sample copied its prediction (weight {a['weight']}) |\n")
     return rows
 
 
@@ -554,8 +560,9 @@ def check_anchor(cfg: dict) -> dict | None:
         return None
     from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
-    if not isinstance(a, dict) or set(a) - {"model", "learn", "weight"} or "model" not in a:
-        raise InputError(f'anchor must be {{"model": FOLDER, "learn": [CLASSES], "weight": W}}; got {a!r}.')
+    if not isinstance(a, dict) or set(a) - {"model", "learn", "weight", "guidance"} or "model" not in a:
+        raise InputError(f'anchor must be {{"model": FOLDER, "learn": [CLASSES], "weight": W, "guidance": G}} '
+                         f'("weight" and "guidance" optional); got {a!r}.')
     if cfg["data"]["kind"] != "synthetic":
         raise InputError("anchor applies to the synthetic pool only (data.kind = synthetic): it needs each "
                          "sample's lesion-load class.")
@@ -567,7 +574,11 @@ def check_anchor(cfg: dict) -> dict | None:
     w = a.get("weight", 1.0)
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
         raise InputError(f"anchor.weight must be a positive number; got {w!r}.")
-    return {"model": str(a["model"]), "learn": list(learn), "weight": float(w)}
+    g = a.get("guidance")
+    if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 1):
+        raise InputError(f"anchor.guidance must be a number >= 1 (the sampler's guidance scale) or null; got {g!r}.")
+    return {"model": str(a["model"]), "learn": list(learn), "weight": float(w),
+            **({"guidance": float(g)} if g is not None else {})}
 
 
 def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Module, dict]:
@@ -586,11 +597,17 @@ def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Mo
 
 
 def anchored_targets(v: torch.Tensor, anchor_pred: torch.Tensor, learn: torch.Tensor, weight: float,
-                     w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     w: torch.Tensor | None, guidance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and per-cell weights of an anchored step: samples in ``learn`` (B,) keep the data
-    target ``v`` and their lesion weights ``w``; the others take the anchor's prediction, weight ``weight``."""
+    target ``v`` and their lesion weights ``w``; the others take the anchor's prediction, weight ``weight``.
+
+    With ``guidance`` g, ``anchor_pred`` holds the anchor's *unconditional* prediction u for the
+    learnt samples, and their target is u + (v − u) / g: the guided prediction u + g·(c − u)
+    then fits v."""
     sel = learn.view(-1, *([1] * (v.dim() - 1)))
-    target = torch.where(sel, v, anchor_pred.float())
+    a = anchor_pred.float()
+    learnt = v if guidance is None else a + (v - a) / float(guidance)
+    target = torch.where(sel, learnt, a)
     base = torch.ones((v.shape[0], 1, *v.shape[2:]), device=v.device) if w is None else w
     weights = torch.where(sel, base, torch.full_like(base, float(weight)))
     return target, weights
@@ -669,8 +686,9 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         teacher, anchor_info = load_anchor(anchor, net, device)
         learn_idx = torch.tensor([LESION_LOAD_CLASSES.index(c) for c in anchor["learn"]])
         if is_main(rank):
-            print(f"Anchored to {anchor['model']}: {anchor['learn']} learn from the data, the rest keep its "
-                  f"predictions (weight {anchor['weight']}).", file=sys.stderr)
+            print(f"Anchored to {anchor['model']}: {anchor['learn']} learn from the data"
+                  f"{' through guidance ' + str(anchor['guidance']) if anchor.get('guidance') else ''}, the rest keep "
+                  f"its predictions (weight {anchor['weight']}).", file=sys.stderr)
 
     grid = spec.grid
     pool = None
@@ -748,10 +766,16 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                                float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
                                volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
             if teacher is not None:
+                # one anchor pass: the prompt for anchored samples; with anchor.guidance, the null
+                # prompt for learnt ones (their target is built on the unconditional prediction)
+                tctx = ctx
+                if anchor.get("guidance"):
+                    tctx = ctx.clone()
+                    tctx[active.to(device)] = null_tokens[0]
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    anchor_pred = teacher(x_t, t.float(), ctx)
+                    anchor_pred = teacher(x_t, t.float(), tctx)
                 v, w = anchored_targets(v, anchor_pred, active.to(device), anchor["weight"],
-                                        None if w is None else w.to(device))
+                                        None if w is None else w.to(device), anchor.get("guidance"))
             loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
             loss = loss / cfg["grad_accum"]
             loss.backward()
