@@ -65,6 +65,12 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path, config):
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
     assert load_model(out / "model").spec.training["iterations"] == 4
+    # resuming at the checkpoint's own step writes its model without training (how a stopped run is exported)
+    (out / "model" / "model.json").unlink()
+    _run([sys.executable, script, "--config", str(config), "--out", str(out), "--resume", "--set", "iterations=4"],
+         tmp_path)
+    assert [r["step"] for r in csv.DictReader((out / "log.csv").open())] == ["1", "2", "3", "4"]
+    assert load_model(out / "model").spec.training["iterations"] == 4
 
 
 def test_torchrun_ddp_two_cpu_processes(tmp_path, config):

@@ -11,7 +11,11 @@ Runs on CPU (tiny tests), one GPU, or many GPUs/nodes with torchrun (DDP):
 
 Every run writes checkpoints (``ckpt/last.safetensors`` + ``ckpt/state.json``, resume
 with ``--resume``), a CSV log (and TensorBoard if installed), periodic sample montages,
-and finally a model folder in the library's format with a model card.
+and finally a model folder in the library's format with a model card. ``--resume --set
+iterations=N`` with N the checkpoint's step writes that checkpoint's model without training.
+Fine-tuning stages: ``init_from`` (start), ``lesion_weight`` / ``lesion_prior_weight`` /
+``lesion_weight_volume_ref_ml`` (loss weights), ``data.lesion_class_draw`` (draw) and
+``anchor`` (learn some lesion-load classes, hold the rest to a frozen model): see DEFAULTS.
 Imagining Alternatives §2 (BiomedCLIP cross-attention, condition dropout for CFG),
 WDM (Haar sub-band diffusion), MAISI (rectified flow), Simple Diffusion (shifted schedule).
 """
@@ -103,7 +107,7 @@ DEFAULTS: dict[str, Any] = {
     # noisy input and prompt, with loss weight "weight". It changes what the model does for
     # the learnt classes and holds the rest (and the unconditional branch guidance uses) where
     # the anchor had it: fine-tunes on one class otherwise move its neighbours in text space too.
-    # With "guidance": g (> 1) the learnt samples are fitted through classifier-free guidance at
+    # With "guidance": g (>= 1; 1 = plain) the learnt samples are fitted through classifier-free guidance at
     # scale g instead: their target is u + (v - u) / g, u the anchor's unconditional prediction,
     # so that the guided prediction u + g·(c - u) (not the conditional c alone) matches the data.
     # Guidance extrapolates away from the unconditional prediction, whose lesion load is the
