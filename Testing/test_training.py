@@ -498,7 +498,8 @@ def test_anchored_fine_tune_holds_the_anchor_and_learns_only_the_named_classes(t
     t = json.loads((tmp_path / "held" / "model" / "model.json").read_text())["training"]
     assert t["anchor"]["learn"] == ["minimal"] and t["anchor"]["id"] == base["id"]
     assert t["anchor"]["denoiser_sha256"] == json.loads((src / "model.json").read_text())["files"][0]["sha256"]
-    assert "| anchored to | model folder" in (tmp_path / "held" / "model" / "MODEL_CARD.md").read_text()
+    held_card = (tmp_path / "held" / "model" / "MODEL_CARD.md").read_text()
+    assert "| anchored to | model folder" in held_card and "against the anchored targets" in held_card
     learns = {**held, "data": {**base["data"], "lesion_class_draw": {"none": 0.0, "moderate": 0.0, "high": 0.0}}}
     (tmp_path / "learns.json").write_text(json.dumps(learns))
     _run([sys.executable, script, "--config", str(tmp_path / "learns.json"), "--out", str(tmp_path / "learns")], tmp_path)

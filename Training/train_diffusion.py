@@ -545,7 +545,7 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
-| final loss (EMA of batch MSE) | {t['final_loss']:.4f} |
+| final loss (EMA of batch MSE) | {t['final_loss']:.4f}{' (against the anchored targets: not comparable with a plain stage)' if t.get('anchor') else ''} |
 {_stage_row(t)}
 Reproduce: {_reproduce(t, spec.id)}
 
