@@ -455,18 +455,24 @@ def load_checkpoint(run: Path, net, ema: EMA, opt) -> int:
     return int(meta["step"])
 
 
+def load_folder_weights(src: Path, net: torch.nn.Module, what: str):
+    """Load an installed model folder's denoiser weights (hash-checked, fp16 → ``net``'s dtypes) into
+    ``net``; refused when the architectures differ. Returns the loaded model and its state dict."""
+    from CounterfactualGenLib.models import load_model
+
+    m = load_model(src)
+    own, theirs = net.state_dict(), m.denoiser.state_dict()
+    if set(own) != set(theirs) or any(tuple(own[k].shape) != tuple(theirs[k].shape) for k in own):
+        raise InputError(f"{what}: the model in {src} has another architecture than this config's denoiser.")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    return m, theirs
+
+
 def init_from_model_folder(src: Path, net, ema: EMA) -> tuple[int, dict]:
     """Start a stage from an installed model folder (e.g. a bundled model): its weights (the EMA
     weights the model ships, hash-checked, fp16 → fp32) become both the network and the EMA; the
     optimiser starts fresh. Returns (the folder's iteration count, the ``init_from`` record)."""
-    from CounterfactualGenLib.models import load_model
-
-    m = load_model(src)
-    own = net.state_dict()
-    theirs = m.denoiser.state_dict()
-    if set(own) != set(theirs) or any(tuple(own[k].shape) != tuple(theirs[k].shape) for k in own):
-        raise InputError(f"init_from: the model in {src} has another architecture than this config's denoiser.")
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    m, theirs = load_folder_weights(src, net, "init_from")
     for k in ema.shadow:
         ema.shadow[k].copy_(theirs[k].float() if theirs[k].dtype.is_floating_point else theirs[k])
     prev = m.spec.training or {}
@@ -587,14 +593,8 @@ def check_anchor(cfg: dict) -> dict | None:
 
 def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Module, dict]:
     """A frozen copy of ``net`` holding the anchor model's weights, and the record for the card."""
-    from CounterfactualGenLib.models import load_model
-
-    m = load_model(Path(anchor["model"]))
-    own, theirs = net.state_dict(), m.denoiser.state_dict()
-    if set(own) != set(theirs) or any(tuple(own[k].shape) != tuple(theirs[k].shape) for k in own):
-        raise InputError(f"anchor.model: the model in {anchor['model']} has another architecture than this config's denoiser.")
     teacher = copy.deepcopy(net)
-    teacher.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    m, _ = load_folder_weights(Path(anchor["model"]), teacher, "anchor.model")
     teacher.to(device).eval().requires_grad_(False)
     sha = next((f.get("sha256") for f in m.spec.files if f.get("role") == "denoiser"), None)
     return teacher, {**anchor, "id": m.spec.id, "denoiser_sha256": sha}
@@ -766,7 +766,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             active = names_lesions & ~drop
             if teacher is not None:  # only the learnt classes learn from the data
                 active = active & torch.isin(classes, learn_idx)
-            w = lesion_weights(lesions.to(device), active.to(device), z0.shape[2:],
+            active = active.to(device)
+            w = lesion_weights(lesions.to(device), active, z0.shape[2:],
                                float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
                                volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
             if teacher is not None:
@@ -775,10 +776,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 tctx = ctx
                 if anchor.get("guidance"):
                     tctx = ctx.clone()
-                    tctx[active.to(device)] = null_tokens[0]
+                    tctx[active] = null_tokens[0]
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     anchor_pred = teacher(x_t, t.float(), tctx)
-                v, w = anchored_targets(v, anchor_pred, active.to(device), anchor["weight"],
+                v, w = anchored_targets(v, anchor_pred, active, anchor["weight"],
                                         None if w is None else w.to(device), anchor.get("guidance"))
             loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
             loss = loss / cfg["grad_accum"]
