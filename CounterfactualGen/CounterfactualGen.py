@@ -1130,6 +1130,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                 nodes.append(node)
                 self.markSynthetic(node, role="generated", model=str(summary.get("model", "")), seed=seed,
                                    target=prompt, source="", sourceNode=None)
+                self.markOracleReading(node, output.get("oracle_reading"), summary.get("oracle"))
             if not nodes:
                 raise RuntimeError(_("The worker reported no generated volumes."))
             self.placeInFolder(nodes, f"CounterfactualGen subjects seed {seed}{SYNTHETIC_SUFFIX}")
@@ -1137,6 +1138,18 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             self.removeNodes(nodes)
             raise
         return nodes
+
+    @staticmethod
+    def markOracleReading(node, reading, oracleId) -> None:
+        """Attach the oracle's reading of a generated volume (an estimate, not ground truth), if there is one."""
+        if not reading:
+            return
+        node.SetAttribute("CounterfactualGen.Oracle", str(oracleId or ""))
+        node.SetAttribute("CounterfactualGen.OracleLesionMl", str(reading.get("lesion_ml", "")))
+        node.SetAttribute("CounterfactualGen.OracleLesionLoad", str(reading.get("lesion_load", "")))
+        node.SetAttribute("CounterfactualGen.OracleDiagnosis", str(reading.get("diagnosis", "")))
+        node.SetDescription(node.GetDescription() + f" Oracle {oracleId} estimates {reading.get('lesion_ml')} ml of "
+                            f"lesions ({reading.get('lesion_load')}) and {reading.get('diagnosis')}.")
 
     @staticmethod
     def markSynthetic(node, *, role, model, seed, target, source, sourceNode) -> None:

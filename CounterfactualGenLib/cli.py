@@ -160,21 +160,55 @@ def _load(model_arg: str | None, text_encoder_path: str | None, ev: Events):
     return model, encoder
 
 
-def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "") -> list[dict]:
+def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "",
+                  oracle=None) -> tuple[list[dict], str]:
     from .overlay import montage_png
+    from .pipeline import read_series
     from .volume import Provenance, write_volume
 
-    outputs = []
-    for i, (prompt, vol) in enumerate(zip(series.prompts, series.volumes)):
+    readings = read_series(oracle, series, model.spec.grid) if oracle is not None else [None] * len(series.prompts)
+    outputs, labels = [], []
+    for i, (prompt, vol, reading) in enumerate(zip(series.prompts, series.volumes, readings)):
         name = f"{prefix}{i:02d}_{_slug(prompt)}.{fmt}"
         prov = Provenance(model.id, [prompt], series.seed, None, kind="generated",
                           extra={"steps": series.steps, "guidance": series.guidance, "share": series.share,
                                  "separation": series.separation, "series_prompts": list(series.prompts)})
         write_volume(vol, out.path(name), provenance=prov)
-        outputs.append({"prompt": prompt, "path": str(out.final(name))})
+        outputs.append({"prompt": prompt, "path": str(out.final(name)),
+                        **({"oracle_reading": reading} if reading is not None else {})})
+        labels.append(_montage_label(prompt, reading))
     montage = f"{prefix}montage.png"
-    montage_png(series.volumes, [f"{p}  [SYNTHETIC]" for p in series.prompts], out.path(montage))
+    montage_png(series.volumes, labels, out.path(montage))
     return outputs, str(out.final(montage))
+
+
+#: Characters of a montage label (:func:`~CounterfactualGenLib.overlay.montage_png` draws at most 80).
+MONTAGE_LABEL_CHARS = 80
+
+
+def _montage_label(prompt: str, reading: dict | None) -> str:
+    """A montage row's label: the prompt (shortened if need be), then the SYNTHETIC mark and the
+    oracle's reading, which are never cut off."""
+    tail = "  [SYNTHETIC]" + (f"  oracle: {reading['lesion_ml']:.1f} ml, {reading['diagnosis']}" if reading else "")
+    room = MONTAGE_LABEL_CHARS - len(tail)
+    return (prompt if len(prompt) <= room else prompt[:room - 1] + "…") + tail
+
+
+def _oracle_fields(oracle) -> dict:
+    if oracle is None:
+        return {"oracle": None}
+    return {"oracle": oracle.id,
+            "oracle_note": f"each output's oracle_reading is the estimate by oracle '{oracle.id}' of its lesion "
+                           "volume, lesion-load class and diagnosis (its validation is in its card, "
+                           "Resources/Models/oracle-5mm/ORACLE_CARD.md for the bundled one), not ground truth"}
+
+
+def _print_outputs(outputs: list[dict], indent: str = "  ") -> None:
+    for o in outputs:
+        rd = o.get("oracle_reading")
+        txt = (f"oracle: {rd['lesion_ml']:.1f} ml lesions ({rd['lesion_load']}), {rd['diagnosis']}"
+               if rd else o["path"])
+        print(f"{indent}{o['prompt']}  {txt}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
@@ -184,6 +218,7 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
     if not prompts:
         raise InputError("Give at least one --prompt.")
     model, encoder = _load(args.model, args.text_encoder_path, ev)
+    oracle = _load_oracle(args.oracle, model, ev, purpose="reads each generated volume's lesion volume and diagnosis")
     out = StagedOutput(Path(args.out))
     try:
         t0 = time.perf_counter()
@@ -191,18 +226,23 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
                                  share=args.share, separation=args.separation, device=args.device,
                                  precision=args.precision, on_event=ev.emit,
                                  should_cancel=ev.should_cancel)
-        outputs, montage = _write_series(series, model, out, args.format)
+        outputs, montage = _write_series(series, model, out, args.format, oracle=oracle)
         summary = {"kind": "generate", "synthetic": True, "model": model.id, "seed": series.seed,
                    "steps": series.steps, "guidance": series.guidance, "share": series.share,
                    "separation": series.separation, "device": series.device,
                    "outputs": outputs, "montage": montage, "timings_s": series.timings_s,
-                   "total_s": round(time.perf_counter() - t0, 3), "software": f"CounterfactualGen {__version__}"}
+                   "total_s": round(time.perf_counter() - t0, 3), **_oracle_fields(oracle),
+                   "software": f"CounterfactualGen {__version__}"}
         (out.path("summary.json")).write_text(json.dumps(summary, indent=2))
         out.commit()
     except BaseException:
         out.abort()
         raise
     summary["summary"] = str(Path(args.out) / "summary.json")
+    if not ev.json_mode:
+        print(f"Generated {len(outputs)} volumes in {summary['total_s']} s. Wrote to {args.out}/ "
+              f"(all marked SYNTHETIC), montage {montage}:", file=sys.stderr)
+        _print_outputs(outputs)
     return summary
 
 
@@ -212,6 +252,7 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     card = model.spec.description or model.spec.name
     ev.log(f"Demo model: {model.id} — {card}")
+    oracle = _load_oracle(args.oracle, model, ev, purpose="reads each generated volume's lesion volume and diagnosis")
     out = StagedOutput(Path(args.out))
     try:
         t0 = time.perf_counter()
@@ -222,13 +263,13 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
                                      guidance=args.guidance, share=args.share, separation=args.separation,
                                      device=args.device, precision=args.precision, on_event=ev.emit,
                                      should_cancel=ev.should_cancel)
-            outputs, montage = _write_series(series, model, out, args.format, prefix=f"{key}_")
+            outputs, montage = _write_series(series, model, out, args.format, prefix=f"{key}_", oracle=oracle)
             results[key] = {"outputs": outputs, "montage": montage, "timings_s": series.timings_s,
                             "steps": series.steps, "guidance": series.guidance, "share": series.share,
                             "separation": series.separation}
         summary = {"kind": "demo", "synthetic": True, "model": model.id, "model_description": card,
                    "seed": args.seed, "series": results, "total_s": round(time.perf_counter() - t0, 2),
-                   "software": f"CounterfactualGen {__version__}"}
+                   **_oracle_fields(oracle), "software": f"CounterfactualGen {__version__}"}
         out.path("summary.json").write_text(json.dumps(summary, indent=2))
         out.commit()
     except BaseException:
@@ -240,11 +281,14 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
               file=sys.stderr)
         for key, r in results.items():
             print(f"  {key}: {len(r['outputs'])} volumes, montage {r['montage']}", file=sys.stderr)
+            _print_outputs(r["outputs"], indent="    ")
     return summary
 
 
-def _load_oracle(arg: str | None, model, ev: Events):
-    """The oracle for an edit's before/after lesion volumes: a folder, ``none``, or ``auto``.
+def _load_oracle(arg: str | None, model, ev: Events,
+                 purpose: str = "reads lesion volumes before and after the edit"):
+    """The oracle for an edit's before/after lesion volumes (or a generated series' readings):
+    a folder, ``none``, or ``auto``.
 
     ``auto`` (default) uses the bundled oracle when it is installed and reads the model's
     contrast; otherwise the edit runs without one and says so.
@@ -255,16 +299,16 @@ def _load_oracle(arg: str | None, model, ev: Events):
         return None
     if arg is None or arg.lower() == "auto":
         if not (default_oracle_path() / "oracle.json").exists():
-            ev.log("No bundled oracle installed: lesion ml before/after will not be reported.")
+            ev.log("No bundled oracle installed: lesion volumes will not be reported.")
             return None
         oracle = load_oracle(default_oracle_path())
         if oracle.spec.contrast.upper() != model.spec.contrast.upper():
             ev.log(f"The bundled oracle reads {oracle.spec.contrast}, the model makes {model.spec.contrast}: "
-                   "lesion ml before/after will not be reported (pass --oracle FOLDER).")
+                   "lesion volumes will not be reported (pass --oracle FOLDER).")
             return None
     else:
         oracle = load_oracle(resolve_oracle(arg))
-    ev.log(f"Oracle '{oracle.id}' ({oracle.grid.spacing_mm} mm) reads lesion volumes before and after the edit.")
+    ev.log(f"Oracle '{oracle.id}' ({oracle.grid.spacing_mm} mm) {purpose}.")
     return oracle
 
 
@@ -434,6 +478,12 @@ def _common(p: argparse.ArgumentParser, *, seed: int = 0) -> None:
     p.add_argument("--progress-json", action="store_true", help="print progress as JSON lines on stdout")
 
 
+def _oracle_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oracle", default="auto",
+                   help="oracle folder that reads each generated volume's lesion ml and diagnosis (summary.json, "
+                        "montage); auto = the bundled one if installed, none = skip")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="counterfactualgen",
                                  description="Language-guided 3D counterfactual brain MRI. Every output is SYNTHETIC.")
@@ -443,12 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="synthesise a counterfactual series: one volume per prompt from one noise")
     g.add_argument("--prompt", action="append", help="a sentence; repeat for a series")
     g.add_argument("--out", required=True, help="output folder")
+    _oracle_argument(g)
     add_text_encoder_argument(g)
     add_share_argument(g)
     _common(g)
 
     d = sub.add_parser("demo", help="lesion-load and CN/MCI/AD series with the bundled model")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    _oracle_argument(d)
     add_text_encoder_argument(d)
     add_share_argument(d)
     _common(d)

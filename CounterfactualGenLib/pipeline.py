@@ -26,7 +26,8 @@ from .errors import InputError
 from .models import DiffusionModel, check_text_encoder
 from .volume import Volume
 
-__all__ = ["Reporter", "select_device", "list_devices", "generate_series", "GeneratedSeries", "OUTPUT_SCALE"]
+__all__ = ["Reporter", "select_device", "list_devices", "generate_series", "GeneratedSeries", "OUTPUT_SCALE",
+           "read_series"]
 
 #: Generated images are written with background 0 and the brain's 99.5th percentile at this value.
 OUTPUT_SCALE = 1000.0
@@ -767,6 +768,24 @@ def _oracle_reading(oracle: Any, image_model: np.ndarray, grid: Any) -> dict[str
     prob = np.clip(to_grid(pred["lesion_prob"][:1], oracle.grid, grid)[0], 0.0, 1.0)  # outside the oracle's grid → 0
     return {"lesion_ml": ml, "lesion_load": lesion_class_of_ml(ml), "diagnosis": pred["diagnosis"][0],
             "diagnosis_probs": [round(float(p), 4) for p in pred["diagnosis_probs"][0]], "lesion_prob": prob}
+
+
+def read_series(oracle: Any, series: GeneratedSeries, grid: Any) -> list[dict[str, Any]]:
+    """The oracle's reading of each member of a generated series: lesion ml, lesion-load class, diagnosis.
+
+    The members are read as ``counterfactualgen evaluate`` reads them (model units on the
+    model's ``grid``, resampled onto the oracle's), so these are the same estimates its
+    report aggregates; they are the oracle's estimates, not ground truth (its card has its
+    validation).
+    """
+    from .evaluation.metrics import lesion_class_of_ml
+
+    if not series.volumes:
+        return []
+    images = np.stack([v.array for v in series.volumes]).astype(np.float32) / (OUTPUT_SCALE / 2.0) - 1.0
+    pred = oracle.read(images, grid)
+    return [{"lesion_ml": round(float(ml), 2), "lesion_load": lesion_class_of_ml(float(ml)), "diagnosis": str(dx)}
+            for ml, dx in zip(pred["lesion_ml"], pred["diagnosis"])]
 
 
 def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray, threshold: float = AUTO_MASK_PROBABILITY) -> np.ndarray:

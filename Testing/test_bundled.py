@@ -77,6 +77,10 @@ def test_demo_on_the_bundled_model(tmp_path):
     assert v.is_synthetic and v.shape == tuple(m.spec.grid.shape)
     np.testing.assert_allclose(v.affine_ras, m.spec.grid.affine_ras, atol=1e-5)
     assert Path(s["series"]["lesion_load"]["montage"]).stat().st_size > 1000
+    # each member read by the bundled oracle (the edit's and evaluate's oracle)
+    assert s["oracle"] == "oracle-flair-5mm"
+    assert all(o["oracle_reading"]["diagnosis"] in ("CN", "MCI", "AD")
+               for series in s["series"].values() for o in series["outputs"])
 
 
 def test_edit_sample_scan_with_bundled_model_and_oracle(tmp_path):

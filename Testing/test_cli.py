@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, build_tiny_oracle
 from CounterfactualGenLib.cli import main
 from CounterfactualGenLib.volume import read_volume
 
@@ -46,6 +46,48 @@ def test_generate_writes_synthetic_volumes_in_model_geometry(tiny, tmp_path):
         assert not np.allclose(v.affine_ras, np.eye(4))  # never an identity affine
         np.testing.assert_allclose(v.spacing_mm, (8.0, 8.0, 8.0))
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".partial")]
+
+
+def test_generate_reports_the_oracle_reading_of_each_member(tiny, tmp_path, capsys):
+    """With an oracle, each member's lesion ml, class and diagnosis are the oracle's reading of the written
+    volume (as evaluate reads it); the montage label keeps the SYNTHETIC mark; --oracle none gives none."""
+    from CounterfactualGenLib.evaluation.metrics import lesion_class_of_ml
+    from CounterfactualGenLib.evaluation.oracle import load_oracle
+    from CounterfactualGenLib.models import load_model
+    from CounterfactualGenLib.pipeline import OUTPUT_SCALE
+
+    folder = build_tiny_oracle(tmp_path / "oracle")
+    capsys.readouterr()
+    assert _generate(tiny, tmp_path / "o", "--oracle", str(folder)) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["oracle"] == "tiny-oracle" and "not ground truth" in summary["oracle_note"]
+    oracle, grid = load_oracle(folder), load_model(tiny).spec.grid
+    for o in summary["outputs"]:
+        x = read_volume(o["path"]).array / (OUTPUT_SCALE / 2.0) - 1.0
+        want = float(oracle.read(x, grid)["lesion_ml"][0])
+        r = o["oracle_reading"]
+        assert r["lesion_ml"] == pytest.approx(want, abs=0.006) and r["lesion_ml"] > 0
+        assert r["lesion_load"] == lesion_class_of_ml(r["lesion_ml"]) and r["diagnosis"] in ("CN", "MCI", "AD")
+        assert f"{o['prompt']}  oracle: {r['lesion_ml']:.1f} ml lesions" in err
+    assert _generate(tiny, tmp_path / "n", "--oracle", "none") == 0
+    summary = json.loads((tmp_path / "n" / "summary.json").read_text())
+    assert summary["oracle"] is None and not any("oracle_reading" in o for o in summary["outputs"])
+    assert _generate(tiny, tmp_path / "x", "--oracle", str(tmp_path / "nowhere")) == 4
+    assert not (tmp_path / "x").exists()
+
+
+def test_montage_label_never_loses_the_synthetic_mark():
+    from CounterfactualGenLib.cli import MONTAGE_LABEL_CHARS, _montage_label
+
+    reading = {"lesion_ml": 12.345, "lesion_load": "moderate", "diagnosis": "MCI"}
+    long = "Subject has moderate lesion load " + "and a long free-form description " * 4
+    for prompt, r in (("Subject has no lesions.", None), (long, None), (long, reading)):
+        label = _montage_label(prompt, r)
+        assert len(label) <= MONTAGE_LABEL_CHARS and "[SYNTHETIC]" in label
+        assert (r is None) == ("oracle" not in label)
+    assert _montage_label(long, reading).endswith("[SYNTHETIC]  oracle: 12.3 ml, MCI")
+    assert _montage_label("Subject has no lesions.", None) == "Subject has no lesions.  [SYNTHETIC]"
 
 
 def test_same_seed_same_result_and_shared_noise(tiny, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import file_sha256, oblique_affine
-from tiny_model import build_tiny_model, tiny_encoder
+from tiny_model import build_tiny_model, build_tiny_oracle, tiny_encoder
 from CounterfactualGenLib.cli import main
 from CounterfactualGenLib.errors import InputError
 from CounterfactualGenLib.models import load_model
@@ -151,19 +151,7 @@ def test_batch_over_a_folder(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_oracle(tmp_path_factory):
     """A random-weight oracle on a grid other than the tiny model's (so the edit must resample)."""
-    import torch
-
-    from CounterfactualGenLib.evaluation.oracle import Oracle, OracleSpec, save_oracle
-    from CounterfactualGenLib.geometry import ModelGrid
-
-    torch.manual_seed(3)
-    spec = OracleSpec(id="tiny-oracle", grid=ModelGrid((12, 14, 12), 10.0, (0.0, -18.0, 8.0)),
-                      architecture={"channels": [4, 8], "head_hidden": 8, "norm_groups": 4,
-                                    "volume_head": False})
-    oracle = Oracle(spec)
-    with torch.no_grad():
-        oracle.net.seg.bias.fill_(0.0)  # a random map of p ≈ 0.5, so volumes are far from 0
-    return save_oracle(oracle, tmp_path_factory.mktemp("oracle") / "oracle")
+    return build_tiny_oracle(tmp_path_factory.mktemp("oracle") / "oracle")
 
 
 def test_edit_reports_the_oracle_lesion_volume_before_and_after(tiny, tiny_oracle):

@@ -133,9 +133,11 @@ FAKE_CLI = textwrap.dedent(r'''
             arr = np.full((4, 5, 6), float(k), np.float32)
             o = sitk.GetImageFromArray(arr); o.SetSpacing((1.0, 1.0, 2.0))
             path = os.path.join(out, f"subject_{k}.nrrd"); sitk.WriteImage(o, path)
-            outputs.append({"prompt": prompt, "path": path})
+            # the real CLI's oracle_reading (test_cli checks its keys); only the first member has one here
+            reading = {"oracle_reading": {"lesion_ml": 2.5, "lesion_load": "minimal", "diagnosis": "CN"}} if k == 0 else {}
+            outputs.append({"prompt": prompt, "path": path, **reading})
         summary = {"kind": "generate", "model": opt("--model", "default"), "seed": int(opt("--seed")),
-                   "outputs": outputs, "montage": os.path.join(out, "montage.png")}
+                   "outputs": outputs, "montage": os.path.join(out, "montage.png"), "oracle": "fake-oracle"}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f)
     emit(event="done", summary=os.path.join(out, "summary.json"))
@@ -694,6 +696,14 @@ def test_logic_generate_series(cfg, logic, scene, slicer_stub, fake_cli):
     assert seeds == ["10", "11"]
     calls = [c["argv"] for c in fake_cli.calls() if c["argv"][0] == "generate"]
     assert len(calls) == 2 and calls[0].count("--prompt") == 2
+    # the oracle's reading of a member, where the CLI gives one, rides on its node (an estimate, said so)
+    first, second = nodes[0], nodes[1]
+    assert first.GetAttribute("CounterfactualGen.OracleLesionMl") == "2.5"
+    assert first.GetAttribute("CounterfactualGen.OracleLesionLoad") == "minimal"
+    assert first.GetAttribute("CounterfactualGen.OracleDiagnosis") == "CN"
+    assert first.GetAttribute("CounterfactualGen.Oracle") == "fake-oracle"
+    assert "estimates 2.5 ml" in first.GetDescription() and "SYNTHETIC" in first.GetDescription()
+    assert second.GetAttribute("CounterfactualGen.OracleLesionMl") in (None, "")
 
 
 def test_logic_validates_inputs(logic, scene, slicer_stub):

@@ -59,3 +59,17 @@ def tiny_encoder():
     from CounterfactualGenLib.text import load_text_encoder
 
     return load_text_encoder("tiny-hash", dim=TINY_DIM, max_tokens=TINY_TOKENS)
+
+
+def build_tiny_oracle(folder: Path) -> Path:
+    """A random-weight oracle on a grid other than the tiny model's (so readers must resample)."""
+    from CounterfactualGenLib.evaluation.oracle import Oracle, OracleSpec, save_oracle
+
+    torch.manual_seed(3)
+    spec = OracleSpec(id="tiny-oracle", grid=ModelGrid((12, 14, 12), 10.0, (0.0, -18.0, 8.0)),
+                      architecture={"channels": [4, 8], "head_hidden": 8, "norm_groups": 4,
+                                    "volume_head": False})
+    oracle = Oracle(spec)
+    with torch.no_grad():
+        oracle.net.seg.bias.fill_(0.0)  # a random map of p ≈ 0.5, so volumes are far from 0
+    return save_oracle(oracle, folder)
