@@ -872,7 +872,7 @@ def _sample_montage(model: DiffusionModel, ema: EMA | None, encoder, path: Path,
         net.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()})
     try:
         s = generate_series(model, encoder, prompts, seed=0, steps=10, guidance=2.0, device=str(device))
-        montage_png(s.volumes, prompts, path)
+        montage_png(s.volumes, [f"{p}  [SYNTHETIC]" for p in prompts], path)
     finally:
         if backup is not None:
             net.load_state_dict(backup)
