@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import Cancelled, CounterfactualGenError, InputError, ModelError
+from .overlay import MONTAGE_LABEL_CHARS
 
 LESION_SERIES = [
     "Subject has no lesions.",
@@ -180,10 +181,6 @@ def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "",
     montage = f"{prefix}montage.png"
     montage_png(series.volumes, labels, out.path(montage))
     return outputs, str(out.final(montage))
-
-
-#: Characters of a montage label (:func:`~CounterfactualGenLib.overlay.montage_png` draws at most 80).
-MONTAGE_LABEL_CHARS = 80
 
 
 def _montage_label(prompt: str, reading: dict | None) -> str:

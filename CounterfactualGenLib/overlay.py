@@ -10,7 +10,10 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["orthogonal_slices", "montage_png", "CHANGE_LABELS"]
+__all__ = ["orthogonal_slices", "montage_png", "CHANGE_LABELS", "MONTAGE_LABEL_CHARS"]
+
+#: Characters of a montage row's label that :func:`montage_png` draws (the rest is cut off).
+MONTAGE_LABEL_CHARS = 80
 
 #: Values of the change labelmap and their names (also used for Slicer's colour table).
 CHANGE_LABELS = {0: "unchanged", 1: "lesion added", 2: "lesion removed", 3: "other change"}
@@ -63,7 +66,7 @@ def montage_png(volumes: Sequence[Volume], labels: Sequence[str], path: str | os
             cell.paste(im, ((cell_px - im.size[0]) // 2, (cell_px - im.size[1]) // 2))
             cells.append(cell)
         row = Image.new("L", (3 * cell_px, cell_px + label_h), 0)
-        ImageDraw.Draw(row).text((4, 2), label[:80], fill=255)
+        ImageDraw.Draw(row).text((4, 2), label[:MONTAGE_LABEL_CHARS], fill=255)
         for i, c in enumerate(cells):
             row.paste(c, (i * cell_px, label_h))
         rows.append(row)

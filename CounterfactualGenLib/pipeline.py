@@ -147,6 +147,10 @@ class GeneratedSeries:
     share: float = 0.0
     separation: float = 0.0
 
+    def model_units(self) -> np.ndarray:
+        """The members as (P, *grid) float32 in model units (the inverse of :func:`model_to_output_intensity`)."""
+        return np.stack([v.array for v in self.volumes]).astype(np.float32) / (OUTPUT_SCALE / 2.0) - 1.0
+
 
 def model_to_output_intensity(x: np.ndarray) -> np.ndarray:
     """Model units (−1 = background, +1 = brain p99.5) → written units (0 … OUTPUT_SCALE)."""
@@ -780,10 +784,7 @@ def read_series(oracle: Any, series: GeneratedSeries, grid: Any) -> list[dict[st
     """
     from .evaluation.metrics import lesion_class_of_ml
 
-    if not series.volumes:
-        return []
-    images = np.stack([v.array for v in series.volumes]).astype(np.float32) / (OUTPUT_SCALE / 2.0) - 1.0
-    pred = oracle.read(images, grid)
+    pred = oracle.read(series.model_units(), grid)
     return [{"lesion_ml": round(float(ml), 2), "lesion_load": lesion_class_of_ml(float(ml)), "diagnosis": str(dx)}
             for ml, dx in zip(pred["lesion_ml"], pred["diagnosis"])]
 

@@ -90,13 +90,13 @@ def model_generator(model: Any, encoder: Any, *, steps: int | None = None, guida
                     on_event: EventCallback | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> Generator:
     """``generate(prompts, seed)`` for a loaded diffusion model: (P, *grid) in model units, one noise per call."""
-    from ..pipeline import OUTPUT_SCALE, generate_series
+    from ..pipeline import generate_series
 
     def generate(prompts: Sequence[str], seed: int) -> np.ndarray:
         s = generate_series(model, encoder, list(prompts), seed=int(seed), steps=steps, guidance=guidance,
                             share=share, separation=separation, device=device, on_event=on_event,
                             should_cancel=should_cancel)
-        return np.stack([v.array for v in s.volumes]).astype(np.float32) / (OUTPUT_SCALE / 2.0) - 1.0
+        return s.model_units()
 
     return generate
 
