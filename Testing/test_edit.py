@@ -233,6 +233,36 @@ def test_lesion_filling_by_the_text_alone_warns(tiny, tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "report.json").read_text())["warnings"] == []
 
 
+def test_same_class_prompts_warn(tiny, tmp_path, capsys):
+    """An edit whose source already names the target's class changes little or nothing: it says so (stderr and
+    the report), and the hint depends on whether the source was given; different classes do not warn."""
+    from CounterfactualGenLib.pipeline import same_class_warning
+
+    w = same_class_warning(HIGH, "The subject has a high lesion load", "oracle reading of the scan")
+    assert w is not None and "lesion load 'high'" in w and "give --from" in w
+    w = same_class_warning("Subject is cognitively normal (CN).", "Cognitively normal subject.", "given")
+    assert w is not None and "diagnosis 'CN'" in w and "--from" not in w
+    assert same_class_warning("a brain", "A  brain", "given") is not None  # no known scale: compared as text
+    assert same_class_warning("a brain", "another brain", "given") is None
+    assert same_class_warning(NONE, HIGH, "given") is None
+    # the target names both scales: the source must match both to warn
+    assert same_class_warning(HIGH, HIGH + " Subject has mild Alzheimer's dementia (AD).", "given") is None
+
+    g = load_model(tiny).spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    path = write_volume(scan, tmp_path / "s.nii.gz")
+    base = ["edit", "--model", str(tiny), "--input", str(path), "--to", HIGH, "--steps", "2",
+            "--registration", "none", "--oracle", "none"]
+    capsys.readouterr()
+    assert main(base + ["--from", HIGH, "--out", str(tmp_path / "a")]) == 0
+    warning = same_class_warning(HIGH, HIGH, "given")
+    assert "warning: " + warning in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["warnings"] == [warning]
+    assert main(base + ["--from", NONE, "--out", str(tmp_path / "b")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["warnings"] == []
+
+
 def test_null_text_optimisation_reconstructs_the_scan_better(tiny):
     """PRISM null-text optimisation: the guided source branch retraces the inversion closer than plain guidance."""
     m = load_model(tiny)
