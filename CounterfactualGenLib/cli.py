@@ -94,6 +94,9 @@ class Events:
     def log(self, msg: str) -> None:
         self.emit({"event": "log", "level": "info", "message": msg})
 
+    def warn(self, msg: str) -> None:
+        self.emit({"event": "log", "level": "warning", "message": msg})
+
     def should_cancel(self) -> bool:
         return self.cancel_requested
 
@@ -210,12 +213,16 @@ def _print_outputs(outputs: list[dict], indent: str = "  ") -> None:
 
 def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
     from .pipeline import generate_series
+    from .text.prompts import unrecognised_prompt_warning
 
     prompts = args.prompt or []
     if not prompts:
         raise InputError("Give at least one --prompt.")
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = _load_oracle(args.oracle, model, ev, purpose="reads each generated volume's lesion volume and diagnosis")
+    warnings = [w for w in map(unrecognised_prompt_warning, prompts) if w is not None]
+    for w in warnings:
+        ev.warn(w)
     out = StagedOutput(Path(args.out))
     try:
         t0 = time.perf_counter()
@@ -229,7 +236,7 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
                    "separation": series.separation, "device": series.device,
                    "outputs": outputs, "montage": montage, "timings_s": series.timings_s,
                    "total_s": round(time.perf_counter() - t0, 3), **_oracle_fields(oracle),
-                   "software": f"CounterfactualGen {__version__}"}
+                   "warnings": warnings, "software": f"CounterfactualGen {__version__}"}
         (out.path("summary.json")).write_text(json.dumps(summary, indent=2))
         out.commit()
     except BaseException:

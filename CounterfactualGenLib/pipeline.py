@@ -494,7 +494,7 @@ def edit_scan(
     from .sampling.editing import (InjectSourceAttention, align_tokens, optimise_null_text, partial_grid,
                                    prompt_change_map, region_from_change_map)
     from .sampling.samplers import guided, inpaint_rflow, invert_rflow, sample_rflow
-    from .text.prompts import classify_prompt
+    from .text.prompts import classify_prompt, unrecognised_prompt_warning
     from .volume import validate_volume
 
     validate_volume(scan, name="input scan")
@@ -631,6 +631,9 @@ def edit_scan(
     warnings: list[str] = []
     if filling and not inpaint:
         warnings.append(TEXT_ONLY_FILL_WARNING)
+    unknown = unrecognised_prompt_warning(target_prompt)
+    if unknown is not None:
+        warnings.append(unknown)
     same = None if inpaint else same_class_warning(source_prompt, target_prompt, source_origin)
     if same is not None:
         warnings.append(same)

@@ -77,6 +77,23 @@ def test_generate_reports_the_oracle_reading_of_each_member(tiny, tmp_path, caps
     assert not (tmp_path / "x").exists()
 
 
+def test_generate_warns_about_prompts_it_cannot_check(tiny, tmp_path, capsys):
+    """A prompt naming neither a lesion load nor a diagnosis still generates, with a warning on stderr and in
+    summary.json; recognised prompts do not warn."""
+    from CounterfactualGenLib.text.prompts import unrecognised_prompt_warning
+
+    warning = unrecognised_prompt_warning("purple elephant")
+    assert warning is not None and "purple elephant" in warning and unrecognised_prompt_warning(" ") is None
+    capsys.readouterr()
+    assert _generate(tiny, tmp_path / "o", "--oracle", "none", prompts=["purple elephant", PROMPTS[1]]) == 0
+    assert capsys.readouterr().err.count("warning: ") == 1
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["warnings"] == [warning] and len(summary["outputs"]) == 2
+    assert _generate(tiny, tmp_path / "n", "--oracle", "none", prompts=PROMPTS + ["Subject is cognitively normal (CN)."]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "n" / "summary.json").read_text())["warnings"] == []
+
+
 def test_montage_label_never_loses_the_synthetic_mark():
     from CounterfactualGenLib.cli import MONTAGE_LABEL_CHARS, _montage_label
 

@@ -235,8 +235,10 @@ def test_lesion_filling_by_the_text_alone_warns(tiny, tmp_path, capsys):
 
 def test_same_class_prompts_warn(tiny, tmp_path, capsys):
     """An edit whose source already names the target's class changes little or nothing: it says so (stderr and
-    the report), and the hint depends on whether the source was given; different classes do not warn."""
+    the report), and the hint depends on whether the source was given; different classes do not warn; a target
+    on no known scale warns that nothing can check it."""
     from CounterfactualGenLib.pipeline import same_class_warning
+    from CounterfactualGenLib.text.prompts import unrecognised_prompt_warning
 
     w = same_class_warning(HIGH, "The subject has a high lesion load", "oracle reading of the scan")
     assert w is not None and "lesion load 'high'" in w and "give --from" in w
@@ -261,6 +263,11 @@ def test_same_class_prompts_warn(tiny, tmp_path, capsys):
     assert main(base + ["--from", NONE, "--out", str(tmp_path / "b")]) == 0
     assert "warning:" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "report.json").read_text())["warnings"] == []
+    # a target on no known scale: the edit runs (under the null source prompt) and says nothing can check it
+    odd = [a if a != HIGH else "purple elephant" for a in base]
+    assert main(odd + ["--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["warnings"] == [
+        unrecognised_prompt_warning("purple elephant")]
 
 
 def test_null_text_optimisation_reconstructs_the_scan_better(tiny):

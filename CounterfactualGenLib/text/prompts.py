@@ -50,6 +50,7 @@ __all__ = [
     "row_to_prompt",
     "paraphrase",
     "classify_prompt",
+    "unrecognised_prompt_warning",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -665,3 +666,21 @@ def classify_prompt(text: str) -> dict[str, str | None]:
             lesion_votes.append(level)
     lesion = lesion_votes[0] if lesion_votes and len(set(lesion_votes)) == 1 else None
     return {"lesion_load": lesion, "diagnosis": _classify_diagnosis(lowered, original)}
+
+
+def unrecognised_prompt_warning(text: str) -> str | None:
+    """The warning for a prompt that names neither a lesion load nor a diagnosis, or ``None``.
+
+    Models are trained on prompts that name those (the synthetic engine's, or a manifest's
+    tabular columns turned into text), and the oracle reads only those. For any other
+    sentence the model still returns a volume, but nothing here can say what it means.
+    The empty prompt (the unconditional model) is not warned about.
+    """
+    if not " ".join(str(text).split()):
+        return None
+    c = classify_prompt(text)
+    if c["lesion_load"] is not None or c["diagnosis"] is not None:
+        return None
+    return (f"The prompt '{' '.join(text.split())}' names neither a lesion load (no / minimal / moderate / high) nor a "
+            "diagnosis (CN / MCI / AD): nothing here can check what the model makes of it (the oracle reads those "
+            "two only), and the bundled model was trained on prompts that name them.")
