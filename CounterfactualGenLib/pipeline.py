@@ -336,32 +336,6 @@ TEXT_ONLY_FILL_WARNING = (
     "or let the oracle find the lesions (--oracle auto)."
 )
 
-
-def same_class_warning(source_prompt: str, target_prompt: str, source_origin: str) -> str | None:
-    """The warning for a prompt edit whose source already names the target's class, or ``None``.
-
-    Such an edit regenerates the scan under two prompts that mean the same thing, so it changes
-    little or nothing (only voxels whose change reaches :data:`CHANGE_EPS` are written). The
-    classes compared are those the target names (lesion load, diagnosis); prompts on no known
-    scale are compared as text.
-    """
-    from .text.prompts import classify_prompt
-
-    src, tgt = classify_prompt(source_prompt), classify_prompt(target_prompt)
-    keys = [k for k in ("lesion_load", "diagnosis") if tgt.get(k) is not None]
-    if keys:
-        if any(src.get(k) != tgt[k] for k in keys):
-            return None
-        named = " and ".join(f"{'lesion load' if k == 'lesion_load' else 'diagnosis'} '{tgt[k]}'" for k in keys)
-    elif " ".join(source_prompt.lower().split()) == " ".join(target_prompt.lower().split()):
-        named = "the same text"
-    else:
-        return None
-    hint = ("choose a target that differs from the source" if source_origin == "given" else
-            "give --from with what the scan shows if that reading is wrong, or choose a different target")
-    return (f"The source prompt '{source_prompt}' ({source_origin}) and the target '{target_prompt}' both name "
-            f"{named}, so this edit changes little or nothing: {hint}.")
-
 #: Minimum |change| (model units, i.e. fraction of the brain's intensity range × 2) that counts as an edit;
 #: anything smaller is numerical noise and the voxel keeps its original value bit for bit.
 CHANGE_EPS = 0.02
@@ -910,3 +884,29 @@ def _default_source_prompt(target: str, reading: dict | None = None) -> tuple[st
             return canonical_prompt(diagnosis=reading["diagnosis"]), "oracle reading of the scan"
         return canonical_prompt(diagnosis="CN" if c["diagnosis"] != "CN" else "AD"), "opposite of target"
     return "", "null prompt (target not on a known scale)"  # unknown: invert under the null prompt
+
+
+def same_class_warning(source_prompt: str, target_prompt: str, source_origin: str) -> str | None:
+    """The warning for a prompt edit whose source already names the target's class, or ``None``.
+
+    Such an edit regenerates the scan under two prompts that mean the same thing, so it changes
+    little or nothing (only voxels whose change reaches :data:`CHANGE_EPS` are written). The
+    classes compared are those the target names (lesion load, diagnosis); prompts on no known
+    scale are compared as text.
+    """
+    from .text.prompts import classify_prompt
+
+    src, tgt = classify_prompt(source_prompt), classify_prompt(target_prompt)
+    keys = [k for k in ("lesion_load", "diagnosis") if tgt.get(k) is not None]
+    if keys:
+        if any(src.get(k) != tgt[k] for k in keys):
+            return None
+        named = " and ".join(f"{'lesion load' if k == 'lesion_load' else 'diagnosis'} '{tgt[k]}'" for k in keys)
+    elif " ".join(source_prompt.lower().split()) == " ".join(target_prompt.lower().split()):
+        named = "the same text"
+    else:
+        return None
+    hint = ("choose a target that differs from the source" if source_origin == "given" else
+            "give --from with what the scan shows if that reading is wrong, or choose a different target")
+    return (f"The source prompt '{source_prompt}' ({source_origin}) and the target '{target_prompt}' both name "
+            f"{named}, so this edit changes little or nothing: {hint}.")
