@@ -190,8 +190,13 @@ def _montage_label(prompt: str, reading: dict | None) -> str:
     """A montage row's label: the prompt (shortened if need be), then the SYNTHETIC mark and the
     oracle's reading, which are never cut off."""
     tail = "  [SYNTHETIC]" + (f"  oracle: {reading['lesion_ml']:.1f} ml, {reading['diagnosis']}" if reading else "")
+    return _fit_label(prompt, tail)
+
+
+def _fit_label(text: str, tail: str) -> str:
+    """``text`` shortened (with "…") so that ``text + tail`` fits the characters a montage draws."""
     room = MONTAGE_LABEL_CHARS - len(tail)
-    return (prompt if len(prompt) <= room else prompt[:room - 1] + "…") + tail
+    return (text if len(text) <= room else text[:room - 1] + "…") + tail
 
 
 def _oracle_fields(oracle) -> dict:
@@ -316,8 +321,23 @@ def _load_oracle(arg: str | None, model, ev: Events,
     return oracle
 
 
+def _preview_labels(input_name: str, target: str, report: dict) -> list[str]:
+    """Row labels of an edit's preview.png: the scan, the SYNTHETIC counterfactual (the target prompt,
+    shortened if need be), and the change labelmap's colours with its lesion ml."""
+    def oracle_txt(when: str) -> str:
+        ml = report.get(f"lesion_ml_{when}")
+        return f"  oracle: {ml:.1f} ml, {report.get(f'diagnosis_{when}')}" if ml is not None else ""
+
+    lesions = (f" +{report['lesion_ml_added']:.1f} ml" if report.get("lesion_ml_added") is not None else "",
+               f" -{report['lesion_ml_removed']:.1f} ml" if report.get("lesion_ml_removed") is not None else "")
+    return [f"scan: {input_name}{oracle_txt('before')}",
+            _fit_label(f"[SYNTHETIC] counterfactual: {target}", oracle_txt("after")),
+            f"change: red lesion added{lesions[0]}, blue removed{lesions[1]}, yellow other"]
+
+
 def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: Path, out: StagedOutput,
               prefix: str = "", oracle=None) -> dict:
+    from .overlay import edit_preview_png
     from .pipeline import edit_scan
     from .volume import Provenance, read_volume, sha256_file, write_volume
 
@@ -349,6 +369,9 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
                  provenance=Provenance(model.id, prompts, args.seed, src_hash, kind="change_labels",
                                        extra={**extra, "labels": {"1": "lesion added", "2": "lesion removed",
                                                                   "3": "other change"}}))
+    names["preview"] = f"{prefix}preview.png"
+    edit_preview_png(scan, res.counterfactual, res.change_labels, out.path(names["preview"]),
+                     labels=_preview_labels(input_path.name, prompts[1], res.report))
     report = dict(res.report, input=str(input_path), input_sha256=src_hash)
     out.path(f"{prefix}report.json").write_text(json.dumps(report, indent=2))
     return {"kind": "edit", "synthetic": True, "input": str(input_path),

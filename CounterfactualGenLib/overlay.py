@@ -10,13 +10,16 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["orthogonal_slices", "montage_png", "CHANGE_LABELS", "MONTAGE_LABEL_CHARS"]
+__all__ = ["orthogonal_slices", "montage_png", "edit_preview_png", "CHANGE_LABELS", "CHANGE_COLOURS",
+           "MONTAGE_LABEL_CHARS"]
 
 #: Characters of a montage row's label that :func:`montage_png` draws (the rest is cut off).
 MONTAGE_LABEL_CHARS = 80
 
 #: Values of the change labelmap and their names (also used for Slicer's colour table).
 CHANGE_LABELS = {0: "unchanged", 1: "lesion added", 2: "lesion removed", 3: "other change"}
+#: RGB colour of each change label in :func:`edit_preview_png`.
+CHANGE_COLOURS = {1: (230, 40, 40), 2: (40, 120, 255), 3: (240, 210, 0)}
 
 
 def _to_ras_canonical(vol: Volume) -> np.ndarray:
@@ -27,14 +30,56 @@ def _to_ras_canonical(vol: Volume) -> np.ndarray:
     return nib.orientations.apply_orientation(vol.array, ornt)
 
 
-def orthogonal_slices(vol: Volume) -> list[np.ndarray]:
-    """Axial, coronal and sagittal mid-slices, oriented for display (anterior/superior up)."""
+def _ras_spacing(vol: Volume) -> np.ndarray:
+    """Voxel sizes (mm) along the axes of :func:`_to_ras_canonical`'s array."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(vol.affine_ras)
+    sizes = nib.affines.voxel_sizes(vol.affine_ras)
+    out = np.empty(3)
+    out[ornt[:, 0].astype(int)] = sizes
+    return out
+
+
+def _cut(a: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
+    """Axial, coronal, sagittal slices of a RAS-canonical array through ``center``, for display:
+    superior / anterior up, the patient's right on the image's right."""
+    ci, cj, ck = (int(c) for c in center)
+    return [np.flipud(a[:, :, ck].T), np.flipud(a[:, cj, :].T), np.flipud(a[ci, :, :].T)]
+
+
+def orthogonal_slices(vol: Volume, center: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices (through the middle, or ``center`` in RAS-canonical
+    voxel indices), oriented for display: superior / anterior up, the patient's right on the right."""
     a = _to_ras_canonical(vol)
-    ci, cj, ck = (s // 2 for s in a.shape)
-    axial = np.flipud(a[:, :, ck].T)  # rows: A (top) → P; columns: R → L as radiological? keep R on the left
-    coronal = np.flipud(a[:, cj, :].T)
-    sagittal = np.flipud(a[ci, :, :].T)
-    return [axial, coronal, sagittal]
+    return _cut(a, center if center is not None else [s // 2 for s in a.shape])
+
+
+def _cell(sl: np.ndarray, pixel_mm: tuple[float, float], cell_px: int, resample: int) -> "Image.Image":  # noqa: F821
+    """One slice (uint8 or RGB) scaled into a ``cell_px`` square at its physical aspect ratio, centred."""
+    from PIL import Image
+
+    im = Image.fromarray(sl)
+    rows_mm, cols_mm = sl.shape[0] * pixel_mm[0], sl.shape[1] * pixel_mm[1]
+    scale = cell_px / max(rows_mm, cols_mm)
+    im = im.resize((max(1, round(cols_mm * scale)), max(1, round(rows_mm * scale))), resample)
+    cell = Image.new(im.mode, (cell_px, cell_px), 0)
+    cell.paste(im, ((cell_px - im.size[0]) // 2, (cell_px - im.size[1]) // 2))
+    return cell
+
+
+def _slice_pixel_mm(spacing: np.ndarray) -> list[tuple[float, float]]:
+    """(row, column) pixel size in mm of the axial, coronal and sagittal slices of :func:`_cut`."""
+    si, sj, sk = (float(v) for v in spacing)
+    return [(sj, si), (sk, si), (sk, sj)]
+
+
+def _save_png(image: "Image.Image", path: str | os.PathLike) -> Path:  # noqa: F821
+    p = Path(path)
+    tmp = p.with_name(".partial-" + p.name)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, p)
+    return p
 
 
 def montage_png(volumes: Sequence[Volume], labels: Sequence[str], path: str | os.PathLike, *,
@@ -57,14 +102,9 @@ def montage_png(volumes: Sequence[Volume], labels: Sequence[str], path: str | os
     rows = []
     for vol, label in zip(volumes, labels):
         cells = []
-        for sl in orthogonal_slices(vol):
+        for sl, px in zip(orthogonal_slices(vol), _slice_pixel_mm(_ras_spacing(vol))):
             g = np.clip((sl - lo) / (hi - lo), 0, 1)
-            im = Image.fromarray((g * 255).astype(np.uint8))
-            scale = cell_px / max(im.size)
-            im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
-            cell = Image.new("L", (cell_px, cell_px), 0)
-            cell.paste(im, ((cell_px - im.size[0]) // 2, (cell_px - im.size[1]) // 2))
-            cells.append(cell)
+            cells.append(_cell((g * 255).astype(np.uint8), px, cell_px, Image.BILINEAR))
         row = Image.new("L", (3 * cell_px, cell_px + label_h), 0)
         ImageDraw.Draw(row).text((4, 2), label[:MONTAGE_LABEL_CHARS], fill=255)
         for i, c in enumerate(cells):
@@ -73,8 +113,63 @@ def montage_png(volumes: Sequence[Volume], labels: Sequence[str], path: str | os
     out = Image.new("L", (3 * cell_px, len(rows) * (cell_px + label_h)), 0)
     for i, r in enumerate(rows):
         out.paste(r, (0, i * (cell_px + label_h)))
-    p = Path(path)
-    tmp = p.with_name(".partial-" + p.name)
-    out.save(tmp, format="PNG")
-    os.replace(tmp, p)
-    return p
+    return _save_png(out, path)
+
+
+def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume, path: str | os.PathLike, *,
+                     labels: Sequence[str], cell_px: int = 200, alpha: float = 0.5) -> Path:
+    """Quick-look PNG of an edit on the scan's own grid: the scan, the counterfactual, and the
+    counterfactual with the change labelmap over it (:data:`CHANGE_COLOURS`).
+
+    The three orthogonal slices pass through the slices with the most changed voxels (the
+    middle of the scan when nothing changed) and keep the voxels' physical aspect ratio, so
+    an anisotropic clinical scan is not squashed. Both images share the scan's intensity
+    window (0.5–99.5 percentiles of its non-zero voxels). ``labels``: one per row (3).
+    """
+    from PIL import Image, ImageDraw
+
+    if len(labels) != 3:
+        raise ValueError("edit_preview_png takes three row labels (scan, counterfactual, change)")
+    shapes = {scan.shape, counterfactual.shape, change_labels.shape}
+    if len(shapes) != 1 or not (np.allclose(scan.affine_ras, counterfactual.affine_ras)
+                                and np.allclose(scan.affine_ras, change_labels.affine_ras)):
+        raise ValueError("the scan, counterfactual and change labels must share one grid")
+    a, c = _to_ras_canonical(scan), _to_ras_canonical(counterfactual)
+    lab = _to_ras_canonical(Volume(np.asarray(change_labels.array).astype(np.uint8), change_labels.affine_ras))
+    changed = lab > 0
+    if changed.any():
+        center = [int(np.argmax(changed.sum(axis=tuple(j for j in range(3) if j != i)))) for i in range(3)]
+    else:
+        center = [s // 2 for s in a.shape]
+    nz = a[a != 0]
+    vals = nz if nz.size else a.ravel()
+    lo, hi = float(np.percentile(vals, 0.5)), float(np.percentile(vals, 99.5))
+    hi = hi if hi > lo else lo + 1.0
+    pixel_mm = _slice_pixel_mm(_ras_spacing(scan))
+
+    def grey(sl: np.ndarray) -> np.ndarray:
+        return (np.clip((sl - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+    def overlaid(cell: "Image.Image", label_cell: "Image.Image") -> "Image.Image":  # noqa: F821
+        rgb = np.repeat(np.asarray(cell, np.float32)[..., None], 3, axis=-1)
+        ls = np.asarray(label_cell)
+        for value, colour in CHANGE_COLOURS.items():
+            m = ls == value
+            rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(colour, np.float32)
+        return Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+
+    label_h = 18
+    out = Image.new("RGB", (3 * cell_px, 3 * (cell_px + label_h)), (0, 0, 0))
+    draw = ImageDraw.Draw(out)
+    rows = [(a, None), (c, None), (c, lab)]
+    for r, ((img, over), label) in enumerate(zip(rows, labels)):
+        y = r * (cell_px + label_h)
+        draw.text((4, y + 2), label[:MONTAGE_LABEL_CHARS], fill=(255, 255, 255))
+        for k, (sl, px) in enumerate(zip(_cut(img, center), pixel_mm)):
+            cell = _cell(grey(sl), px, cell_px, Image.BILINEAR)
+            if over is not None:
+                cell = overlaid(cell, _cell(_cut(over, center)[k], px, cell_px, Image.NEAREST))
+            out.paste(cell.convert("RGB"), (k * cell_px, y + label_h))
+            if k < 2:  # axial and coronal: the patient's right is on the image's right
+                draw.text((k * cell_px + cell_px - 10, y + label_h + cell_px // 2 - 6), "R", fill=(255, 255, 0))
+    return _save_png(out, path)

@@ -83,6 +83,52 @@ def test_oblique_anisotropic_lps_input_comes_back_in_its_own_geometry(tiny, tmp_
     assert cf.metadata["CounterfactualGen.SourceSHA256"] == before
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert set(rep) >= {"changed_ml", "lesion_ml_added", "lesion_ml_removed", "reconstruction_psnr_db", "timings_s"}
+    from PIL import Image
+
+    with Image.open(s["preview"]) as im:  # the quick look: scan, counterfactual, change overlay
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (600, 3 * 218)
+
+
+def test_edit_preview_follows_the_change_at_the_voxels_aspect(tmp_path):
+    """preview.png cuts through the slices with the most change (not the middle), draws the change labels in their
+    colours only on the overlay row, and keeps an anisotropic scan's physical proportions."""
+    from PIL import Image
+
+    from CounterfactualGenLib.overlay import CHANGE_COLOURS, edit_preview_png
+
+    shape, spacing = (40, 40, 10), (1.0, 1.0, 4.0)  # a 40 mm cube in voxels of 1 × 1 × 4 mm
+    aff = np.diag(spacing + (1.0,))
+    rng = np.random.default_rng(0)
+    scan = Volume(100.0 + rng.random(shape, dtype=np.float32) * 50, aff)
+    labels = np.zeros(shape, np.uint8)
+    labels[30:34, 5:9, 1:3] = 1  # added, far from the middle on every axis
+    labels[10:12, 25:27, 7] = 2  # removed, a smaller count, on none of the chosen slices
+    path = edit_preview_png(scan, scan, Volume(labels, aff), tmp_path / "p.png", labels=["a", "b", "c"], cell_px=200)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    row_h = 200 + 18
+
+    def coloured(colour, y0, y1, x0, x1):
+        want = np.asarray(colour)
+        sub = img[y0:y1, x0:x1]
+        # blended at alpha 0.5 over grey: the colour's dominant channel leads the others by a wide margin
+        lead = int(np.argmax(want))
+        others = [c for c in range(3) if c != lead]
+        return int(((sub[..., lead] - np.max(sub[..., others], axis=-1)) > 50).sum())
+
+    for view in range(3):  # the added lesion is in every view of the overlay row, and in no other row
+        x0, x1 = view * 200, (view + 1) * 200 - 12  # leave out the yellow "R" marker
+        assert coloured(CHANGE_COLOURS[1], 2 * row_h + 18, 3 * row_h, x0, x1) > 0, view
+        assert coloured(CHANGE_COLOURS[1], 0, 2 * row_h, x0, x1) == 0, view
+    assert coloured(CHANGE_COLOURS[2], 0, 3 * row_h, 0, 600) == 0  # the removed voxels lie off the chosen slices
+    # the coronal view of a 40 mm cube is square on the screen, not squashed to 40 × 10 pixels
+    grey = (r > 0) & (r == g) & (g == b)  # the image, not the yellow "R" marker
+    cor = grey[18:row_h, 200:400]
+    rows, cols = np.flatnonzero(cor.any(axis=1)), np.flatnonzero(cor.any(axis=0))
+    assert abs((rows[-1] - rows[0]) - (cols[-1] - cols[0])) <= 4 and rows[-1] - rows[0] > 150
+    with pytest.raises(ValueError, match="one grid"):
+        edit_preview_png(scan, Volume(np.zeros((40, 40, 9), np.float32), aff), Volume(labels, aff),
+                         tmp_path / "q.png", labels=["a", "b", "c"])
 
 
 def test_registration_to_template_path(tiny, tmp_path):

@@ -8,8 +8,8 @@ Usage (no window is opened; the layout manager and main window are never touched
         [--seed 0] [--strength 0.6]
 
 For each ``DIR/<name>.nrrd|.nii|.nii.gz|.nhdr|.mha|.mhd`` the outputs of the command line
-(``counterfactual.nrrd``, ``difference.nrrd``, ``change_labels.nrrd``, ``summary.json``,
-all marked SYNTHETIC) go to ``OUT/<name>/`` and one line per scan to ``OUT/batch_summary.json``.
+(``counterfactual.nrrd``, ``difference.nrrd``, ``change_labels.nrrd``, ``preview.png``,
+``summary.json``, all marked SYNTHETIC) go to ``OUT/<name>/`` and one line per scan to ``OUT/batch_summary.json``.
 
 Exit codes: 0 all scans done, 1 some scans failed, 2 bad arguments / nothing to do,
 130 interrupted.
