@@ -41,16 +41,21 @@ def _ras_spacing(vol: Volume) -> np.ndarray:
     return out
 
 
+#: Letter drawn on the left edge of the axial, coronal and sagittal views of :func:`_cut`.
+VIEW_LEFT_LETTERS = ("R", "R", "A")
+
+
 def _cut(a: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
-    """Axial, coronal, sagittal slices of a RAS-canonical array through ``center``, for display:
-    superior / anterior up, the patient's right on the image's right."""
+    """Axial, coronal, sagittal slices of a RAS-canonical array through ``center``, in the
+    radiological convention of Slicer's views: anterior / superior up, the patient's right on the
+    image's left, and in the sagittal view anterior on the left."""
     ci, cj, ck = (int(c) for c in center)
-    return [np.flipud(a[:, :, ck].T), np.flipud(a[:, cj, :].T), np.flipud(a[ci, :, :].T)]
+    return [a[::-1, ::-1, ck].T, a[::-1, cj, ::-1].T, a[ci, ::-1, ::-1].T]
 
 
 def orthogonal_slices(vol: Volume, center: Sequence[int] | None = None) -> list[np.ndarray]:
     """Axial, coronal and sagittal slices (through the middle, or ``center`` in RAS-canonical
-    voxel indices), oriented for display: superior / anterior up, the patient's right on the right."""
+    voxel indices), oriented as in Slicer's views (:func:`_cut`)."""
     a = _to_ras_canonical(vol)
     return _cut(a, center if center is not None else [s // 2 for s in a.shape])
 
@@ -170,6 +175,5 @@ def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume
             if over is not None:
                 cell = overlaid(cell, _cell(_cut(over, center)[k], px, cell_px, Image.NEAREST))
             out.paste(cell.convert("RGB"), (k * cell_px, y + label_h))
-            if k < 2:  # axial and coronal: the patient's right is on the image's right
-                draw.text((k * cell_px + cell_px - 10, y + label_h + cell_px // 2 - 6), "R", fill=(255, 255, 0))
+            draw.text((k * cell_px + 3, y + label_h + cell_px // 2 - 6), VIEW_LEFT_LETTERS[k], fill=(255, 255, 0))
     return _save_png(out, path)

@@ -91,7 +91,8 @@ def test_oblique_anisotropic_lps_input_comes_back_in_its_own_geometry(tiny, tmp_
 
 def test_edit_preview_follows_the_change_at_the_voxels_aspect(tmp_path):
     """preview.png cuts through the slices with the most change (not the middle), draws the change labels in their
-    colours only on the overlay row, and keeps an anisotropic scan's physical proportions."""
+    colours only on the overlay row, shows the patient's right on the left, and keeps an anisotropic scan's
+    physical proportions."""
     from PIL import Image
 
     from CounterfactualGenLib.overlay import CHANGE_COLOURS, edit_preview_png
@@ -117,12 +118,15 @@ def test_edit_preview_follows_the_change_at_the_voxels_aspect(tmp_path):
         return int(((sub[..., lead] - np.max(sub[..., others], axis=-1)) > 50).sum())
 
     for view in range(3):  # the added lesion is in every view of the overlay row, and in no other row
-        x0, x1 = view * 200, (view + 1) * 200 - 12  # leave out the yellow "R" marker
+        x0, x1 = view * 200 + 12, (view + 1) * 200  # leave out the yellow orientation letter
         assert coloured(CHANGE_COLOURS[1], 2 * row_h + 18, 3 * row_h, x0, x1) > 0, view
         assert coloured(CHANGE_COLOURS[1], 0, 2 * row_h, x0, x1) == 0, view
     assert coloured(CHANGE_COLOURS[2], 0, 3 * row_h, 0, 600) == 0  # the removed voxels lie off the chosen slices
+    # radiological convention, as in Slicer: the patient's right (i = 30..33 of 40, RAS) on the image's left
+    assert coloured(CHANGE_COLOURS[1], 2 * row_h + 18, 3 * row_h, 12, 100) > 0
+    assert coloured(CHANGE_COLOURS[1], 2 * row_h + 18, 3 * row_h, 100, 200) == 0
     # the coronal view of a 40 mm cube is square on the screen, not squashed to 40 × 10 pixels
-    grey = (r > 0) & (r == g) & (g == b)  # the image, not the yellow "R" marker
+    grey = (r > 0) & (r == g) & (g == b)  # the image, not the yellow orientation letter
     cor = grey[18:row_h, 200:400]
     rows, cols = np.flatnonzero(cor.any(axis=1)), np.flatnonzero(cor.any(axis=0))
     assert abs((rows[-1] - rows[0]) - (cols[-1] - cols[0])) <= 4 and rows[-1] - rows[0] > 150
