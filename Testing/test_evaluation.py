@@ -249,6 +249,24 @@ def test_exact_twins_with_a_perfect_oracle_score_100_percent():
     assert r["n_volumes"] == 21 and len(r["per_seed"]) == 3
 
 
+def test_diversity_compares_only_the_first_seeds(monkeypatch):
+    """Diversity is quadratic in the seeds, so it uses the first DIVERSITY_SEEDS of them (and says how many)."""
+    import CounterfactualGenLib.evaluation.report as report
+    from CounterfactualGenLib.evaluation.metrics import pairwise_ms_ssim
+    from CounterfactualGenLib.evaluation.report import LESION_SERIES
+
+    oracle = TruthOracle(TEST_GRID)
+    gen = _twin_generator(oracle)
+    monkeypatch.setattr(report, "DIVERSITY_SEEDS", 2)
+    r = evaluate_generator(gen, oracle, seeds=[1, 2, 3])
+    d = r["diversity_pairwise_ms_ssim"]
+    assert d["n_seeds"] == 2 and r["n_seeds"] == 3
+    first_two = [gen(LESION_SERIES, seed)[2] for seed in (1, 2)]
+    assert d["value"] == pytest.approx(pairwise_ms_ssim(first_two), abs=1e-5)
+    all_three = first_two + [gen(LESION_SERIES, 3)[2]]
+    assert abs(d["value"] - pairwise_ms_ssim(all_three)) > 1e-4  # the cap changed what was compared
+
+
 def test_a_prompt_blind_generator_scores_chance():
     oracle = TruthOracle(TEST_GRID)
     r = evaluate_generator(_blind_generator(oracle), oracle, seeds=list(range(6)))
