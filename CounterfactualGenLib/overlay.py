@@ -146,8 +146,10 @@ def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume
         center = [int(np.argmax(changed.sum(axis=tuple(j for j in range(3) if j != i)))) for i in range(3)]
     else:
         center = [s // 2 for s in a.shape]
-    nz = a[a != 0]
-    vals = nz if nz.size else a.ravel()
+    step = max(1, int(np.ceil((a.size / 8e6) ** (1 / 3))))  # the window from ≤ 8 M voxels of a huge scan
+    sample = a[::step, ::step, ::step]
+    nz = sample[sample != 0]
+    vals = nz if nz.size else sample.ravel()
     lo, hi = float(np.percentile(vals, 0.5)), float(np.percentile(vals, 99.5))
     hi = hi if hi > lo else lo + 1.0
     pixel_mm = _slice_pixel_mm(_ras_spacing(scan))
