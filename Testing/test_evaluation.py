@@ -482,3 +482,20 @@ def test_medicalnet_fid_loads_safetensors_and_responds(tmp_path):
     r = evaluate_generator(gen, oracle, seeds=[1, 2], reference=(ref, list(LESION_SERIES)),
                            fid=lambda g, f: medicalnet_fid(ext, g, f))
     assert r["fid_medicalnet"]["n_generated"] == 14 and r["fid_medicalnet"]["value"] >= 0
+
+
+def test_recorded_command_reruns_the_same_evaluation():
+    """report.json's command, parsed again, gives the same settings as the run it records (cards cite it)."""
+    import shlex
+
+    from CounterfactualGenLib.cli import build_parser
+    from CounterfactualGenLib.evaluation.report import _command_line
+
+    argv = ["evaluate", "--model", "m", "--out", "o", "--seed", "3", "--seeds", "200", "--twins", "200",
+            "--edits", "0", "--reference", "0", "--sweep", "none", "--share", "0.4", "--separation", "1.5",
+            "--guidance", "4", "--steps", "20", "--text-encoder-path", "t.safetensors", "--device", "cpu",
+            "--precision", "fp32", "--format", "nrrd"]
+    parser = build_parser()
+    ran = parser.parse_args(argv)
+    again = parser.parse_args(shlex.split(_command_line(ran))[1:])
+    assert vars(again) == vars(ran)

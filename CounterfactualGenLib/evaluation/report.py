@@ -715,8 +715,11 @@ def _command_line(args: argparse.Namespace) -> str:
     for flag, v in (("--model", args.model), ("--oracle", args.oracle), ("--out", args.out), ("--seed", args.seed),
                     ("--seeds", args.seeds), ("--steps", args.steps), ("--guidance", args.guidance),
                     ("--share", args.share), ("--separation", args.separation),
-                    ("--reference", args.reference), ("--fid-weights", args.fid_weights), ("--edits", args.edits), ("--sweep", args.sweep),
-                    ("--device", args.device)):
+                    ("--reference", args.reference), ("--fid-weights", args.fid_weights), ("--edits", args.edits),
+                    ("--twins", getattr(args, "twins", None)), ("--sweep", args.sweep),
+                    ("--text-encoder-path", getattr(args, "text_encoder_path", None)), ("--device", args.device),
+                    ("--precision", None if getattr(args, "precision", "auto") == "auto" else args.precision),
+                    ("--format", None if getattr(args, "format", "nii.gz") == "nii.gz" else args.format)):
         if v is not None:
             parts += [flag, str(v)]
     if args.quick:
