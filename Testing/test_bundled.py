@@ -125,7 +125,7 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
     readme.write_text(f"# x\n\n{mod.README_BEGIN}\nold\n{mod.README_END}\n\nrest\n")
     dest = mod.install(src, evaluation=ev, default=True, expected={"demo, 2-core CPU": "1 s"}, readme=readme)
     text = readme.read_text()
-    assert "old" not in text and "| text alignment: lesion load / CN-MCI-AD / all | 25 % / 50 % / 40 % |" in text
+    assert "old" not in text and "| text alignment: lesion load / CN-MCI-AD / all | 25.0 % / 50.0 % / 40.0 % |" in text
     assert text.endswith("\n\nrest\n") and report["command"] in text
     m = load_model(dest)
     assert m.spec.metrics["alignment_lesion"] == 0.25 and m.spec.metrics["command"] == report["command"]
