@@ -53,11 +53,10 @@ def _cut(a: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
     return [a[::-1, ::-1, ck].T, a[::-1, cj, ::-1].T, a[ci, ::-1, ::-1].T]
 
 
-def orthogonal_slices(vol: Volume, center: Sequence[int] | None = None) -> list[np.ndarray]:
-    """Axial, coronal and sagittal slices (through the middle, or ``center`` in RAS-canonical
-    voxel indices), oriented as in Slicer's views (:func:`_cut`)."""
+def orthogonal_slices(vol: Volume) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices through the middle, oriented as in Slicer's views (:func:`_cut`)."""
     a = _to_ras_canonical(vol)
-    return _cut(a, center if center is not None else [s // 2 for s in a.shape])
+    return _cut(a, [s // 2 for s in a.shape])
 
 
 def _cell(sl: np.ndarray, pixel_mm: tuple[float, float], cell_px: int, resample: int) -> "Image.Image":  # noqa: F821
@@ -111,9 +110,11 @@ def montage_png(volumes: Sequence[Volume], labels: Sequence[str], path: str | os
             g = np.clip((sl - lo) / (hi - lo), 0, 1)
             cells.append(_cell((g * 255).astype(np.uint8), px, cell_px, Image.BILINEAR))
         row = Image.new("L", (3 * cell_px, cell_px + label_h), 0)
-        ImageDraw.Draw(row).text((4, 2), label[:MONTAGE_LABEL_CHARS], fill=255)
+        draw = ImageDraw.Draw(row)
+        draw.text((4, 2), label[:MONTAGE_LABEL_CHARS], fill=255)
         for i, c in enumerate(cells):
             row.paste(c, (i * cell_px, label_h))
+            draw.text((i * cell_px + 3, label_h + cell_px // 2 - 6), VIEW_LEFT_LETTERS[i], fill=255)
         rows.append(row)
     out = Image.new("L", (3 * cell_px, len(rows) * (cell_px + label_h)), 0)
     for i, r in enumerate(rows):
