@@ -907,6 +907,7 @@ def same_class_warning(source_prompt: str, target_prompt: str, source_origin: st
     else:
         return None
     hint = ("choose a target that differs from the source" if source_origin == "given" else
-            "give --from with what the scan shows if that reading is wrong, or choose a different target")
+            "give --from (in Slicer: Source description) with what the scan shows if that reading is wrong, "
+            "or choose a different target")
     return (f"The source prompt '{source_prompt}' ({source_origin}) and the target '{target_prompt}' both name "
             f"{named}, so this edit changes little or nothing: {hint}.")
