@@ -22,27 +22,20 @@ CHANGE_LABELS = {0: "unchanged", 1: "lesion added", 2: "lesion removed", 3: "oth
 CHANGE_COLOURS = {1: (230, 40, 40), 2: (40, 120, 255), 3: (240, 210, 0)}
 
 
-def _to_ras_canonical(vol: Volume) -> np.ndarray:
-    """Reorder axes/flip so i→R, j→A, k→S (display only; nearest axis, no resampling)."""
+def _to_ras_canonical(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The array reordered/flipped so i→R, j→A, k→S (display only; nearest axis, no resampling),
+    and its voxel sizes (mm) along those axes."""
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(vol.affine_ras)
-    return nib.orientations.apply_orientation(vol.array, ornt)
-
-
-def _ras_spacing(vol: Volume) -> np.ndarray:
-    """Voxel sizes (mm) along the axes of :func:`_to_ras_canonical`'s array."""
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(vol.affine_ras)
-    sizes = nib.affines.voxel_sizes(vol.affine_ras)
-    out = np.empty(3)
-    out[ornt[:, 0].astype(int)] = sizes
-    return out
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(vol.affine_ras)
+    return nib.orientations.apply_orientation(vol.array, ornt), spacing
 
 
 #: Letter drawn on the left edge of the axial, coronal and sagittal views of :func:`_cut`.
 VIEW_LEFT_LETTERS = ("R", "R", "A")
+_LABEL_H = 18  # pixels above each row of a montage for its label
 
 
 def _cut(a: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
@@ -53,14 +46,31 @@ def _cut(a: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
     return [a[::-1, ::-1, ck].T, a[::-1, cj, ::-1].T, a[ci, ::-1, ::-1].T]
 
 
+def _slice_pixel_mm(spacing: np.ndarray) -> list[tuple[float, float]]:
+    """(row, column) pixel size in mm of the axial, coronal and sagittal slices of :func:`_cut`."""
+    si, sj, sk = (float(v) for v in spacing)
+    return [(sj, si), (sk, si), (sk, sj)]
+
+
 def orthogonal_slices(vol: Volume) -> list[np.ndarray]:
     """Axial, coronal and sagittal slices through the middle, oriented as in Slicer's views (:func:`_cut`)."""
-    a = _to_ras_canonical(vol)
+    a, _ = _to_ras_canonical(vol)
     return _cut(a, [s // 2 for s in a.shape])
 
 
+def _window(values: np.ndarray) -> tuple[float, float]:
+    """Display window: the 0.5–99.5 percentiles of ``values`` (never empty-width)."""
+    lo, hi = float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def _grey(sl: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    return (np.clip((sl - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
 def _cell(sl: np.ndarray, pixel_mm: tuple[float, float], cell_px: int, resample: int) -> "Image.Image":  # noqa: F821
-    """One slice (uint8 or RGB) scaled into a ``cell_px`` square at its physical aspect ratio, centred."""
+    """One uint8 slice scaled into a ``cell_px`` square at its physical aspect ratio, centred."""
     from PIL import Image
 
     im = Image.fromarray(sl)
@@ -72,16 +82,24 @@ def _cell(sl: np.ndarray, pixel_mm: tuple[float, float], cell_px: int, resample:
     return cell
 
 
-def _slice_pixel_mm(spacing: np.ndarray) -> list[tuple[float, float]]:
-    """(row, column) pixel size in mm of the axial, coronal and sagittal slices of :func:`_cut`."""
-    si, sj, sk = (float(v) for v in spacing)
-    return [(sj, si), (sk, si), (sk, sj)]
+def _montage(rows: Sequence[tuple[str, Sequence["Image.Image"]]], cell_px: int, mode: str,  # noqa: F821
+             path: str | os.PathLike) -> Path:
+    """Write rows of three cells (axial, coronal, sagittal), each row under its label (cut at
+    :data:`MONTAGE_LABEL_CHARS`), with the orientation letters; atomically."""
+    from PIL import Image, ImageDraw
 
-
-def _save_png(image: "Image.Image", path: str | os.PathLike) -> Path:  # noqa: F821
+    white, letter = (255, 255) if mode == "L" else ((255, 255, 255), (255, 255, 0))
+    out = Image.new(mode, (3 * cell_px, len(rows) * (cell_px + _LABEL_H)), 0)
+    draw = ImageDraw.Draw(out)
+    for r, (label, cells) in enumerate(rows):
+        y = r * (cell_px + _LABEL_H)
+        draw.text((4, y + 2), label[:MONTAGE_LABEL_CHARS], fill=white)
+        for k, cell in enumerate(cells):
+            out.paste(cell.convert(mode), (k * cell_px, y + _LABEL_H))
+            draw.text((k * cell_px + 3, y + _LABEL_H + cell_px // 2 - 6), VIEW_LEFT_LETTERS[k], fill=letter)
     p = Path(path)
     tmp = p.with_name(".partial-" + p.name)
-    image.save(tmp, format="PNG")
+    out.save(tmp, format="PNG")
     os.replace(tmp, p)
     return p
 
@@ -93,33 +111,20 @@ def montage_png(volumes: Sequence[Volume], labels: Sequence[str], path: str | os
     All rows share one intensity window (default: 0.5–99.5 percentiles over all volumes), so
     differences between members of a series are visible as differences in the picture.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     if len(volumes) != len(labels):
         raise ValueError("one label per volume")
     if window is None:
-        allv = np.concatenate([v.array.ravel() for v in volumes])
-        window = (float(np.percentile(allv, 0.5)), float(np.percentile(allv, 99.5)))
-    lo, hi = window
-    hi = hi if hi > lo else lo + 1.0
-    label_h = 18
+        window = _window(np.concatenate([v.array.ravel() for v in volumes]))
+    else:
+        window = (window[0], window[1] if window[1] > window[0] else window[0] + 1.0)
     rows = []
     for vol, label in zip(volumes, labels):
-        cells = []
-        for sl, px in zip(orthogonal_slices(vol), _slice_pixel_mm(_ras_spacing(vol))):
-            g = np.clip((sl - lo) / (hi - lo), 0, 1)
-            cells.append(_cell((g * 255).astype(np.uint8), px, cell_px, Image.BILINEAR))
-        row = Image.new("L", (3 * cell_px, cell_px + label_h), 0)
-        draw = ImageDraw.Draw(row)
-        draw.text((4, 2), label[:MONTAGE_LABEL_CHARS], fill=255)
-        for i, c in enumerate(cells):
-            row.paste(c, (i * cell_px, label_h))
-            draw.text((i * cell_px + 3, label_h + cell_px // 2 - 6), VIEW_LEFT_LETTERS[i], fill=255)
-        rows.append(row)
-    out = Image.new("L", (3 * cell_px, len(rows) * (cell_px + label_h)), 0)
-    for i, r in enumerate(rows):
-        out.paste(r, (0, i * (cell_px + label_h)))
-    return _save_png(out, path)
+        a, spacing = _to_ras_canonical(vol)
+        rows.append((label, [_cell(_grey(sl, window), px, cell_px, Image.BILINEAR)
+                             for sl, px in zip(_cut(a, [s // 2 for s in a.shape]), _slice_pixel_mm(spacing))]))
+    return _montage(rows, cell_px, "L", path)
 
 
 def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume, path: str | os.PathLike, *,
@@ -132,7 +137,7 @@ def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume
     an anisotropic clinical scan is not squashed. Both images share the scan's intensity
     window (0.5–99.5 percentiles of its non-zero voxels). ``labels``: one per row (3).
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     if len(labels) != 3:
         raise ValueError("edit_preview_png takes three row labels (scan, counterfactual, change)")
@@ -140,8 +145,9 @@ def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume
     if len(shapes) != 1 or not (np.allclose(scan.affine_ras, counterfactual.affine_ras)
                                 and np.allclose(scan.affine_ras, change_labels.affine_ras)):
         raise ValueError("the scan, counterfactual and change labels must share one grid")
-    a, c = _to_ras_canonical(scan), _to_ras_canonical(counterfactual)
-    lab = _to_ras_canonical(Volume(np.asarray(change_labels.array).astype(np.uint8), change_labels.affine_ras))
+    a, spacing = _to_ras_canonical(scan)
+    c, _ = _to_ras_canonical(counterfactual)
+    lab, _ = _to_ras_canonical(Volume(np.asarray(change_labels.array).astype(np.uint8), change_labels.affine_ras))
     changed = lab > 0
     if changed.any():
         center = [int(np.argmax(changed.sum(axis=tuple(j for j in range(3) if j != i)))) for i in range(3)]
@@ -150,33 +156,20 @@ def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume
     step = max(1, int(np.ceil((a.size / 8e6) ** (1 / 3))))  # the window from ≤ 8 M voxels of a huge scan
     sample = a[::step, ::step, ::step]
     nz = sample[sample != 0]
-    vals = nz if nz.size else sample.ravel()
-    lo, hi = float(np.percentile(vals, 0.5)), float(np.percentile(vals, 99.5))
-    hi = hi if hi > lo else lo + 1.0
-    pixel_mm = _slice_pixel_mm(_ras_spacing(scan))
+    window = _window(nz if nz.size else sample.ravel())
+    pixel_mm = _slice_pixel_mm(spacing)
 
-    def grey(sl: np.ndarray) -> np.ndarray:
-        return (np.clip((sl - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    def cells(img: np.ndarray) -> list:
+        return [_cell(_grey(sl, window), px, cell_px, Image.BILINEAR) for sl, px in zip(_cut(img, center), pixel_mm)]
 
-    def overlaid(cell: "Image.Image", label_cell: "Image.Image") -> "Image.Image":  # noqa: F821
+    def overlaid(cell: "Image.Image", label_sl: np.ndarray, px: tuple[float, float]) -> "Image.Image":  # noqa: F821
         rgb = np.repeat(np.asarray(cell, np.float32)[..., None], 3, axis=-1)
-        ls = np.asarray(label_cell)
+        ls = np.asarray(_cell(label_sl, px, cell_px, Image.NEAREST))
         for value, colour in CHANGE_COLOURS.items():
             m = ls == value
             rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(colour, np.float32)
         return Image.fromarray(rgb.round().astype(np.uint8), "RGB")
 
-    label_h = 18
-    out = Image.new("RGB", (3 * cell_px, 3 * (cell_px + label_h)), (0, 0, 0))
-    draw = ImageDraw.Draw(out)
-    rows = [(a, None), (c, None), (c, lab)]
-    for r, ((img, over), label) in enumerate(zip(rows, labels)):
-        y = r * (cell_px + label_h)
-        draw.text((4, y + 2), label[:MONTAGE_LABEL_CHARS], fill=(255, 255, 255))
-        for k, (sl, px) in enumerate(zip(_cut(img, center), pixel_mm)):
-            cell = _cell(grey(sl), px, cell_px, Image.BILINEAR)
-            if over is not None:
-                cell = overlaid(cell, _cell(_cut(over, center)[k], px, cell_px, Image.NEAREST))
-            out.paste(cell.convert("RGB"), (k * cell_px, y + label_h))
-            draw.text((k * cell_px + 3, y + label_h + cell_px // 2 - 6), VIEW_LEFT_LETTERS[k], fill=(255, 255, 0))
-    return _save_png(out, path)
+    cf_cells = cells(c)
+    change_cells = [overlaid(cell, ls, px) for cell, ls, px in zip(cf_cells, _cut(lab, center), pixel_mm)]
+    return _montage([(labels[0], cells(a)), (labels[1], cf_cells), (labels[2], change_cells)], cell_px, "RGB", path)

@@ -73,10 +73,11 @@ PUBLISHED_TABLE1 = [
 #: Seeds (series per prompt set) of an evaluation. With 10, one class's alignment moves in steps of 10 %
 #: and the lesion alignment of the bundled model read 92.5 % on seeds 0-9 but 81.9 % on seeds 200-239. Forty
 #: still cannot settle a target such as ≥ 90 %: the bundled model read 91.9 % on seeds 0-39 and 89.9 % on 0-199
-#: (its exact twins 92.5 % on 40, 95.6 % on 200), so its card is measured with --seeds 200 --twins 200 (~35 min).
+#: (its exact twins 92.5 % on 40, 95.6 % on 200), so its card is measured with --seeds 200 --twins 200 (26 min on 2 cores: report.json's total_s).
 EVAL_SEEDS = 40
-#: Diversity compares every pair of seeds (quadratic: 200 seeds × 7 prompts would be 139,300 MS-SSIMs, about
-#: 40 minutes on 2 cores), so it uses the first this-many seeds (780 pairs per prompt) however many are evaluated.
+#: Diversity compares every pair of seeds (quadratic: 200 seeds × 7 prompts would be 139,300 MS-SSIMs, at about
+#: 5 ms each on the 5 mm grid about 12 minutes on 2 cores, half the rest of such an evaluation), so it uses the
+#: first this-many seeds (780 pairs per prompt) however many are evaluated.
 DIVERSITY_SEEDS = 40
 #: Exact twin subjects the evaluation reads with the oracle (seeds 5000 …): its measurement ceiling. With the
 #: first-stage oracle (Training/configs/oracle_5mm.json) the first ten (10 members per lesion class) read
@@ -718,10 +719,10 @@ def _command_line(args: argparse.Namespace) -> str:
                     ("--seeds", args.seeds), ("--steps", args.steps), ("--guidance", args.guidance),
                     ("--share", args.share), ("--separation", args.separation),
                     ("--reference", args.reference), ("--fid-weights", args.fid_weights), ("--edits", args.edits),
-                    ("--twins", getattr(args, "twins", None)), ("--sweep", args.sweep),
-                    ("--text-encoder-path", getattr(args, "text_encoder_path", None)), ("--device", args.device),
-                    ("--precision", None if getattr(args, "precision", "auto") == "auto" else args.precision),
-                    ("--format", None if getattr(args, "format", "nii.gz") == "nii.gz" else args.format)):
+                    ("--twins", args.twins), ("--sweep", args.sweep),
+                    ("--text-encoder-path", args.text_encoder_path), ("--device", args.device),
+                    ("--precision", None if args.precision == "auto" else args.precision),
+                    ("--format", None if args.format == "nii.gz" else args.format)):
         if v is not None:
             parts += [flag, str(v)]
     if args.quick:
