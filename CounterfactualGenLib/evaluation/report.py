@@ -76,7 +76,7 @@ PUBLISHED_TABLE1 = [
 #: (its exact twins 92.5 % on 40, 95.6 % on 200), so its card is measured with --seeds 200 --twins 200 (26 min on 2 cores: report.json's total_s).
 EVAL_SEEDS = 40
 #: Diversity compares every pair of seeds (quadratic: 200 seeds × 7 prompts would be 139,300 MS-SSIMs, at about
-#: 5 ms each on the 5 mm grid about 12 minutes on 2 cores, half the rest of such an evaluation), so it uses the
+#: 5.6 ms each on the 5 mm grid about 13 minutes on 2 cores, half the rest of such an evaluation), so it uses the
 #: first this-many seeds (780 pairs per prompt) however many are evaluated.
 DIVERSITY_SEEDS = 40
 #: Exact twin subjects the evaluation reads with the oracle (seeds 5000 …): its measurement ceiling. With the
