@@ -332,7 +332,7 @@ def _preview_labels(input_name: str, target: str, report: dict) -> list[str]:
                f" -{report['lesion_ml_removed']:.1f} ml" if report.get("lesion_ml_removed") is not None else "")
     return [f"scan: {input_name}{oracle_txt('before')}",
             _fit_label(f"[SYNTHETIC] counterfactual: {target}", oracle_txt("after")),
-            f"change: red lesion added{lesions[0]}, blue removed{lesions[1]}, yellow other"]
+            f"change: lesion red{lesions[0]} / blue{lesions[1]}; yellow other (faint = small)"]
 
 
 def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: Path, out: StagedOutput,

@@ -135,6 +135,35 @@ def test_edit_preview_follows_the_change_at_the_voxels_aspect(tmp_path):
                          tmp_path / "q.png", labels=["a", "b", "c"])
 
 
+def test_edit_preview_other_change_opacity_grows_with_its_size(tmp_path):
+    """A faint change over much of the brain must not hide a strong one: "other" changes (label 3)
+    are drawn at an opacity that grows with |counterfactual − scan|, full at OTHER_CHANGE_FULL of the
+    window, and the slices go through the strong change, not the larger faint one."""
+    from PIL import Image
+
+    from CounterfactualGenLib.overlay import OTHER_CHANGE_FULL, edit_preview_png
+
+    shape, aff = (40, 40, 10), np.eye(4)
+    rng = np.random.default_rng(1)
+    scan = 100.0 + rng.random(shape, dtype=np.float32) * 50  # window ≈ 100 … 150
+    cf = scan.copy()
+    labels = np.zeros(shape, np.uint8)
+    cf[4:14, 4:14, 6] += 2 * OTHER_CHANGE_FULL * 50  # strong: beyond full opacity, one slice
+    cf[2:38, 2:38, 1:4] += 0.1 * OTHER_CHANGE_FULL * 50  # faint and larger: 3 slices of most of the field
+    labels[cf != scan] = 3
+    path = edit_preview_png(Volume(scan, aff), Volume(cf, aff), Volume(labels, aff), tmp_path / "p.png",
+                            labels=["a", "b", "c"], cell_px=200)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    row_h = 200 + 18
+    axial = img[2 * row_h + 18:3 * row_h, 12:200]  # the overlay row's axial view, without the orientation letter
+    lead = axial[..., 0] - axial[..., 2]  # yellow over grey: red leads blue by ~ opacity × 240
+    assert (lead > 100).sum() > 1000  # the strong change's slice, at full overlay opacity (0.5 × 240)
+    sagittal = img[2 * row_h + 18:3 * row_h, 412:600]
+    lead_s = sagittal[..., 0] - sagittal[..., 2]
+    faint = (lead_s > 3) & (lead_s < 30)  # the faint change, drawn at about a tenth of the opacity
+    assert faint.sum() > 100 and (lead_s > 100).sum() > 0
+
+
 def test_registration_to_template_path(tiny, tmp_path):
     """A shifted, rotated copy of the template registers and edits without error."""
     m = load_model(tiny)
