@@ -327,7 +327,7 @@ MIN_REGISTRATION_CORRELATION = 0.3
 #: Said (log at level "warning", and in the report's ``warnings``) when lesion filling has neither a lesion
 #: mask nor the oracle's segmentation and falls back on the inversion path. That path regenerates the whole
 #: brain from the text and does not localise lesions: `counterfactualgen evaluate` measures it as
-#: "fill_text_only" (bundled model: PSNR 28.3 dB against the exact lesion-free twin, unedited 36.2 dB; read as
+#: "fill_text_only" (bundled model: PSNR 29.0 dB against the exact lesion-free twin, unedited 36.2 dB; read as
 #: lesion-free in 17 % of the subjects; README numbers).
 TEXT_ONLY_FILL_WARNING = (
     "Lesion filling without a lesion mask and without the oracle: the whole brain is regenerated from the text "
@@ -438,7 +438,7 @@ def edit_scan(
     fills the oracle's lesion segmentation the same way (:func:`oracle_lesion_region`; the
     report says ``"lesion_mask": "oracle"``; an empty segmentation leaves the scan unchanged).
     By the text alone (the inversion path) filling rewrote healthy tissue too: on 6 held-out
-    engine subjects it scored PSNR 28.3 dB against the exact lesion-free twin, below the
+    engine subjects it scored PSNR 29.0 dB against the exact lesion-free twin, below the
     unedited scan's 36.2 dB; ``counterfactualgen evaluate`` measures both.
 
     ``edit_region="prompt"`` confines a lesion-load prompt edit on the inversion path to where
