@@ -401,7 +401,10 @@ def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
         region = "the oracle's lesion segmentation" if r.get("lesion_mask") == "oracle" else "the mask"
         lesion_txt = (f"lesion +{r['lesion_ml_added']} / −{r['lesion_ml_removed']} ml"
                       if r.get("lesion_ml_added") is not None else "lesion ml not measured (no oracle)")
-        print(f"Edited '{inp.name}' → {args.out}/ (SYNTHETIC): changed {r['changed_ml']} ml; {lesion_txt}{oracle_txt}; "
+        size = ("" if r.get("changed_median_pct") is None else
+                f" ({100 * (1 - r['unchanged_fraction_in_brain']):.0f} % of the brain, by a median {r['changed_median_pct']} % "
+                "of its intensity range)")
+        print(f"Edited '{inp.name}' → {args.out}/ (SYNTHETIC): changed {r['changed_ml']} ml{size}; {lesion_txt}{oracle_txt}; "
               + (f"lesions inpainted inside {region}." if r.get("method") == "inpainting"
                  else f"reconstruction PSNR {r['reconstruction_psnr_db']} dB."), file=sys.stderr)
     return summary

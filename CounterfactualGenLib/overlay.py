@@ -23,7 +23,7 @@ CHANGE_COLOURS = {1: (230, 40, 40), 2: (40, 120, 255), 3: (240, 210, 0)}
 #: In :func:`edit_preview_png` an "other change" (label 3) is drawn with an opacity that grows with its size,
 #: reaching the full overlay opacity at a change of this fraction of the display window: a prompt edit of a
 #: real scan touches most of the brain a little (on the bundled clinical FLAIR, 73 % of the brain by a median
-#: of 2.8 % of its intensity), and at one opacity that faint change hid the few strong ones.
+#: of 2.7 % of its intensity range), and at one opacity that faint change hid the few strong ones.
 OTHER_CHANGE_FULL = 0.10
 
 

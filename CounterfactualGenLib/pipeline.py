@@ -746,6 +746,7 @@ def edit_scan(
                          "ml_model_grid": round(region_ml, 3)}
                         if prompt_region is not None else {"kind": "lesion mask" if inpaint else "brain"}),
         "changed_ml": round(float(touched.sum()) * vox_ml, 3),
+        **_change_size(change_src, touched & brain_mask),
         "lesion_ml_added": round(float((labels == 1).sum()) * vox_ml, 3) if lesion_ml_measured else None,
         "lesion_ml_removed": round(float((labels == 2).sum()) * vox_ml, 3) if lesion_ml_measured else None,
         "unchanged_fraction_in_brain": round(float(1 - touched[brain_mask].mean()), 6),
@@ -766,6 +767,17 @@ def edit_scan(
                      **({"lesion_prob_before": before["lesion_prob"], "lesion_prob_after": after["lesion_prob"]}
                         if after is not None else {})},
     )
+
+
+def _change_size(change: np.ndarray, touched: np.ndarray) -> dict[str, float | None]:
+    """How much the changed voxels changed: the median and 90th percentile of |change| over them, in % of
+    the brain's intensity range (model units span 2 from background to the brain's upper percentile).
+    A prompt edit of a real scan touches most of the brain a little (the clinical sample FLAIR, high lesion
+    load: 73 % of the brain, median 2.7 %), which the changed volume alone does not tell."""
+    if not touched.any():
+        return {"changed_median_pct": None, "changed_p90_pct": None}
+    med, p90 = np.percentile(np.abs(change[touched]), [50, 90]) * 50.0
+    return {"changed_median_pct": round(float(med), 2), "changed_p90_pct": round(float(p90), 2)}
 
 
 def _oracle_reading(oracle: Any, image_model: np.ndarray, grid: Any) -> dict[str, Any]:

@@ -42,6 +42,7 @@ def test_null_edit_changes_nothing(tiny):
     assert r.report["reconstruction_psnr_db"] > 10
     np.testing.assert_array_equal(r.counterfactual.array, scan.array)
     assert r.report["changed_ml"] == 0.0 and not r.change_labels.array.any()
+    assert r.report["changed_median_pct"] is None and r.report["changed_p90_pct"] is None
 
 
 def test_edit_changes_only_the_brain_and_keeps_the_rest_bit_identical(tiny):
@@ -57,6 +58,12 @@ def test_edit_changes_only_the_brain_and_keeps_the_rest_bit_identical(tiny):
     np.testing.assert_array_equal(r.difference.array != 0, changed)
     assert set(np.unique(r.change_labels.array)) <= {0, 1, 2, 3}
     assert r.report["unchanged_fraction_in_brain"] < 1.0
+    # how much the changed voxels changed, in % of the brain's intensity range, from the written difference
+    # (scan units; the brain's intensity range is background 0 … its 99.5th percentile)
+    span = np.percentile(scan.array[brain], 99.5)
+    d = np.abs(r.difference.array[changed]) / span * 100
+    assert r.report["changed_median_pct"] == pytest.approx(np.median(d), rel=0.05, abs=0.05)
+    assert r.report["changed_median_pct"] <= r.report["changed_p90_pct"]
 
 
 def test_oblique_anisotropic_lps_input_comes_back_in_its_own_geometry(tiny, tmp_path):
