@@ -16,7 +16,7 @@ __all__ = ["orthogonal_slices", "montage_png", "edit_preview_png", "CHANGE_LABEL
 #: Characters of a montage row's label that :func:`montage_png` draws (the rest is cut off).
 MONTAGE_LABEL_CHARS = 80
 
-#: Values of the change labelmap and their names (also used for Slicer's colour table).
+#: Values of the change labelmap and their names (the Slicer module's colour table, CHANGE_LABELS there, uses the same).
 CHANGE_LABELS = {0: "unchanged", 1: "lesion added", 2: "lesion removed", 3: "other change"}
 #: RGB colour of each change label in :func:`edit_preview_png`.
 CHANGE_COLOURS = {1: (230, 40, 40), 2: (40, 120, 255), 3: (240, 210, 0)}

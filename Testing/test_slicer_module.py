@@ -606,6 +606,9 @@ def test_logic_edit_creates_marked_nodes_and_keeps_input(cfg, logic, scene, slic
     assert lo == -hi and hi > 0 and d.applyThreshold == 1 and d.threshold[0] > 0
     colors = scene.GetNodeByID(nodes["change_labels"].GetDisplayNode().GetColorNodeID())
     assert [colors.GetColorName(i) for i in (1, 2, 3)] == ["lesion added", "lesion removed", "other change"]
+    rgba = [[0.0] * 4 for _ in range(4)]
+    assert all(colors.GetColor(i, rgba[i]) for i in range(4))
+    assert rgba[0][3] == 0 and rgba[1][3] == rgba[2][3] == 1 and 0 < rgba[3][3] < 0.5  # faint "other change"
     table = nodes["report"]
     rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
     assert rows["lesion_ml_after"] == "9.5" and rows["changed_ml"] == "8.5" and rows["timings_s.sample"] == "0.2"

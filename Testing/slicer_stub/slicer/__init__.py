@@ -267,6 +267,13 @@ class vtkMRMLColorTableNode(vtkMRMLStorableNode):
     def GetColorName(self, entry):
         return self.colors[entry][0]
 
+    def GetColor(self, entry, color):
+        """VTK's ``GetColor(int, double[4])``: fills ``color`` (a list of 4) with RGBA."""
+        if not 0 <= entry < len(self.colors):
+            return False
+        color[:] = list(self.colors[entry][1])
+        return True
+
 
 class _Column:
     def __init__(self):
