@@ -142,8 +142,9 @@ def edit_preview_png(scan: Volume, counterfactual: Volume, change_labels: Volume
     the display window, so a faint change over the whole brain does not hide the strong ones.
     The three orthogonal slices pass through the slices with the most lesion labels, else the most
     voxels changed by at least half that much, else the largest total change (the middle of the
-    scan when nothing changed), and keep the voxels' physical aspect ratio, so an anisotropic clinical scan is not squashed. Both images share the
-    scan's intensity window (0.5–99.5 percentiles of its non-zero voxels). ``labels``: one per row (3).
+    scan when nothing changed), and keep the voxels' physical aspect ratio, so an anisotropic
+    clinical scan is not squashed. Both images share the scan's intensity window (0.5–99.5
+    percentiles of its non-zero voxels). ``labels``: one per row (3).
     """
     from PIL import Image
 
