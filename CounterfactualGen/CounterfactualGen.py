@@ -948,6 +948,14 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         except OSError:
             pass
 
+    @staticmethod
+    def exportFileName(node) -> str:
+        """The temporary file name of an input volume: its node name (letters, digits, ``._-``), so the
+        command line's messages, preview and contrast check (a name such as '…_T1W' with a FLAIR model
+        warns) see the name the user knows."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", node.GetName() or "").strip("._")[:100]
+        return f"{stem or 'input'}.nrrd"
+
     def _export(self, node, path) -> str:
         # A fresh properties dict: Slicer's I/O helpers write into the one they are given.
         if not slicer.util.exportNode(node, path, {}, world=False):
@@ -970,7 +978,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         self._validateCommon(model, steps, guidance, device)
         workDir = self._newWorkDir()
         try:
-            inputPath = self._export(inputVolume, os.path.join(workDir, "input.nrrd"))
+            os.makedirs(os.path.join(workDir, "input"), exist_ok=True)  # its own folder: any node name is safe
+            inputPath = self._export(inputVolume, os.path.join(workDir, "input", self.exportFileName(inputVolume)))
             brainPath = self._export(brainMask, os.path.join(workDir, "brain_mask.nrrd")) if brainMask else None
             lesionPath = self._export(lesionMask, os.path.join(workDir, "lesion_mask.nrrd")) if lesionMask else None
             ownsOutputDir = outputDir is None

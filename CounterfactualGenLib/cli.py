@@ -351,7 +351,8 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
                     lesion_mask=lesions, strength=args.strength, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, registration=args.registration, attention_keep=args.attention_keep,
                     null_text_iterations=args.null_text, edit_region=args.edit_region,
-                    edit_word_weight=args.edit_word_weight, oracle=oracle, device=args.device,
+                    edit_word_weight=args.edit_word_weight, oracle=oracle, scan_name=input_path.name,
+                    device=args.device,
                     precision=args.precision, on_event=ev.emit, should_cancel=ev.should_cancel)
     prompts = [res.report["prompts"]["from"], res.report["prompts"]["to"]]
     extra = {"strength": args.strength, "steps": res.report["steps"], "guidance": res.report["guidance"],

@@ -171,6 +171,31 @@ def test_edit_preview_other_change_opacity_grows_with_its_size(tmp_path):
     assert faint.sum() > 100 and (lead_s > 100).sum() > 0
 
 
+@pytest.mark.parametrize("name, warned", [
+    ("longitudinal_patient04_study1_T1W.nii.gz", "T1"), ("sub-01_T2w.nii.gz", "T2"), ("MPRAGE.nrrd", "T1"),
+    ("longitudinal_patient04_study1_FLAIR.nii.gz", None), ("T1_FLAIR.nii.gz", None), ("scan.nii.gz", None),
+    ("patient_t1ce.nii", "T1"), ("patient FLAIR", None), ("tumor_adc.nii.gz", "diffusion")])
+def test_contrast_name_warning(name, warned):
+    from CounterfactualGenLib.pipeline import contrast_name_warning
+
+    w = contrast_name_warning(name, "FLAIR", "m")
+    assert (w is None) == (warned is None)
+    if warned:
+        assert f"suggests a {warned} scan" in w and "trained on FLAIR" in w
+    assert contrast_name_warning("a_T1W.nii.gz", "T1") is None  # a T1 model takes T1 scans
+
+
+def test_edit_warns_when_the_scan_is_named_for_another_contrast(tiny):
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    kw = dict(target_prompt=HIGH, source_prompt=NONE, registration="none", steps=2)
+    r = edit_scan(m, tiny_encoder(), scan, scan_name="p04_T1W.nii.gz", **kw)
+    assert any("suggests a T1 scan" in w for w in r.report["warnings"])
+    r = edit_scan(m, tiny_encoder(), scan, scan_name="p04_FLAIR.nii.gz", **kw)
+    assert not any("suggests" in w for w in r.report["warnings"])
+
+
 def test_registration_to_template_path(tiny, tmp_path):
     """A shifted, rotated copy of the template registers and edits without error."""
     m = load_model(tiny)

@@ -634,6 +634,20 @@ def test_logic_edit_passes_masks(logic, scene, slicer_stub, fake_cli):
     argv = fake_cli.calls()[-1]["argv"]
     assert argv[argv.index("--mask") + 1].endswith("brain_mask.nrrd")
     assert argv[argv.index("--lesion-mask") + 1].endswith("lesion_mask.nrrd")
+    # the input goes by its node name (the CLI's messages, preview and contrast check see it), in its own folder
+    assert Path(argv[argv.index("--input") + 1]).name == "patient_FLAIR.nrrd"
+    node.SetName("brain_mask")  # a name that would collide with the mask's file is still safe
+    logic.editBlocking(node, "Subject has no lesions.", brainMask=mask, steps=2)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--input") + 1] != argv[argv.index("--mask") + 1]
+
+
+@pytest.mark.parametrize("name, expected", [("patient FLAIR", "patient_FLAIR.nrrd"), ("../../etc/x", "etc_x.nrrd"),
+                                            ("", "input.nrrd"), ("T1W: 3D MPRAGE", "T1W_3D_MPRAGE.nrrd")])
+def test_export_file_name_is_the_node_name_made_safe(logic, slicer_stub, name, expected):
+    node = _input_volume(slicer_stub)
+    node.SetName(name)
+    assert logic.exportFileName(node) == expected
 
 
 @pytest.mark.parametrize("mode", ["error", "crash", "oom"])
