@@ -923,8 +923,8 @@ def contrast_name_warning(name: str, model_contrast: str, model_id: str = "the m
     FLAIR template as well as a FLAIR does (the clinical sample: correlation 0.49 vs 0.41), so
     a mix-up (both are loaded in Slicer) would pass silently. Intensities did not tell them apart
     reliably (white minus grey matter in the registered template's masks: real FLAIR −0.14 / −0.03,
-    real T1 +0.17 / +0.07, but synthetic FLAIR up to +0.04 and T1 down to +0.03), so the name is
-    read: ``longitudinal_patient04_study1_T1W.nii.gz`` names T1. A name that also names the model's
+    real T1 +0.17 / +0.07, but synthetic FLAIR up to +0.04 and T1 down to +0.03;
+    ``Testing/Benchmarks/bench_contrast_check.py``), so the name is read: ``longitudinal_patient04_study1_T1W.nii.gz`` names T1. A name that also names the model's
     contrast ("T1_FLAIR") is not warned about.
     """
     words = set(re.split(r"[^a-z0-9]+", str(name).lower()))
