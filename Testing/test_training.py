@@ -519,3 +519,28 @@ def test_anchored_fine_tune_holds_the_anchor_and_learns_only_the_named_classes(t
                            cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
         assert p.returncode != 0 and words in p.stderr, p.stderr[-500:]
         assert not (tmp_path / "bad").exists()
+
+
+def test_series_misses_counts_faint_and_strong_members_from_a_report(tmp_path, capsys):
+    """Training/series_misses.py reads an evaluate report's per-seed table."""
+    sys.path.insert(0, str(ROOT / "Training"))
+    try:
+        import series_misses
+    finally:
+        sys.path.remove(str(ROOT / "Training"))
+    prompts = ["Subject has no lesions.", "Subject has minimal lesion load.", "Subject has moderate lesion load.",
+               "Subject has high lesion load."]
+    seeds = [([0.0, 2.0, 9.0, 40.0], ["none", "minimal", "moderate", "high"]),
+             ([0.0, 0.2, 3.0, 30.0], ["none", "none", "minimal", "high"]),  # a faint seed: minimal and moderate
+             ([1.0, 3.0, 20.0, 50.0], ["minimal", "minimal", "high", "high"])]  # none and moderate too strong
+    report = {"results": {"per_seed": [{"seed": k, "lesion": {"prompts": prompts, "oracle_lesion_ml": ml,
+                                                               "oracle_lesion_class": cls}}
+                                       for k, (ml, cls) in enumerate(seeds)]}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert series_misses.main([str(path)]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "member" not in line}
+    assert rows["none"][1:3] == ["0", "1"] and rows["minimal"][1:3] == ["1", "0"]
+    assert rows["moderate"][:3] == ["9.00", "1", "1"] and rows["high"][1:3] == ["0", "0"]
+    assert rows["moderate"][3] == "0.20 / 2.50"  # the minimal member where moderate was faint vs elsewhere
