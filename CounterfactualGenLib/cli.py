@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -341,8 +342,8 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
     from .pipeline import edit_scan
     from .volume import Provenance, read_volume, sha256_file, write_volume
 
-    src_hash = sha256_file(input_path)
     scan = read_volume(input_path, max_voxels=args.max_voxels, name="input scan")
+    src_hash = sha256_file(input_path)
     if scan.is_synthetic:
         ev.log("Note: the input is itself a SYNTHETIC volume made by CounterfactualGen.")
     brain = read_volume(args.mask, validate=False, name="brain mask").array > 0 if args.mask else None
@@ -381,8 +382,24 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
             "prompts": {"from": prompts[0], "to": prompts[1]}, "seed": args.seed}
 
 
+def _check_edit_paths(args: argparse.Namespace, inputs: Sequence[Path] = ()) -> None:
+    """Refuse missing input files and an --out that is a file before the model loads (seconds)."""
+    from .volume import check_image_path
+
+    for p in inputs:
+        check_image_path(p, "input scan")
+    if args.mask:
+        check_image_path(args.mask, "brain mask")
+    if args.lesion_mask:
+        check_image_path(args.lesion_mask, "lesion mask")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder.")
+
+
 def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
     inp = Path(args.input)
+    _check_edit_paths(args, [inp])
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = _load_oracle(args.oracle, model, ev)
     out = StagedOutput(Path(args.out))
@@ -433,6 +450,7 @@ def _batch_inputs(src: Path) -> list[Path]:
 
 def cmd_batch(args: argparse.Namespace, ev: Events) -> dict:
     files = _batch_inputs(Path(args.input))
+    _check_edit_paths(args)  # a bad scan in the batch fails alone, below
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = _load_oracle(args.oracle, model, ev)
     results, failures = [], []
@@ -539,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     def _edit_args(e: argparse.ArgumentParser) -> None:
         e.add_argument("--to", required=True, help="target prompt, e.g. 'Subject has high lesion load.'")
         e.add_argument("--from", dest="source", default=None,
-                       help="source prompt describing the scan (default: the opposite end of the target's scale)")
+                       help="source prompt describing the scan (default: the oracle's reading of the scan on the "
+                            "target's scale; with --oracle none, the opposite end of that scale)")
         e.add_argument("--mask", default=None, help="brain mask on the scan's grid (default: the template's, carried back)")
         e.add_argument("--lesion-mask", default=None,
                        help="lesion mask on the scan's grid: lesion filling (--to 'no lesions') regenerates only these "

@@ -234,6 +234,22 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return p.with_suffix(".json")
 
 
+def check_image_path(path: str | Path, name: str = "input scan") -> Path:
+    """Fail fast, before anything slow runs, on a path that cannot be an image file.
+
+    Raises:
+        InputError: the path does not exist, is a folder, or is an empty file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"The {name} file does not exist: {p}")
+    if p.is_dir():
+        raise InputError(f"The {name} path is a folder, not an image file: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"The {name} file is empty (0 bytes): {p}")
+    return p
+
+
 def read_volume(
     path: str | os.PathLike,
     *,
@@ -256,13 +272,7 @@ def read_volume(
     Raises:
         InputError: missing, unreadable, truncated or unsupported files and bad values.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"The {name} file does not exist: {p}")
-    if p.is_dir():
-        raise InputError(f"The {name} path is a folder, not an image file: {p}")
-    if p.stat().st_size == 0:
-        raise InputError(f"The {name} file is empty (0 bytes): {p}")
+    p = check_image_path(path, name)
     suffix = _suffix(p)
     try:
         if suffix in NIFTI_SUFFIXES:

@@ -233,6 +233,43 @@ def test_missing_model_is_a_model_error(tmp_path, capsys):
     assert "No model folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case, msg", [
+    ("input", "input scan file does not exist"),
+    ("input_dir", "input scan path is a folder"),
+    ("mask", "brain mask file does not exist"),
+    ("lesion_mask", "lesion mask file does not exist"),
+    ("out_file", "exists and is not a folder"),
+])
+def test_edit_refuses_bad_paths_before_loading_the_model(tmp_path, capsys, case, msg):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"not read: the paths are checked first")
+    out = tmp_path / "o"
+    args = {"input": str(scan), "out": str(out)}
+    extra: list[str] = []
+    if case == "input":
+        args["input"] = str(tmp_path / "missing.nii.gz")
+    elif case == "input_dir":
+        args["input"] = str(tmp_path)
+    elif case == "mask":
+        extra = ["--mask", str(tmp_path / "no_mask.nii.gz")]
+    elif case == "lesion_mask":
+        extra = ["--lesion-mask", str(tmp_path / "no_lesions.nii.gz")]
+    else:
+        out.write_text("a file")
+    # the model folder does not exist either: an error about it (exit 4) would mean the model loaded first
+    rc = main(["edit", "--model", str(tmp_path / "no_model"), "--input", args["input"], "--out", args["out"],
+               "--to", "Subject has no lesions.", *extra])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert msg in err and "Traceback" not in err
+    if case != "out_file":
+        assert not out.exists()
+    rc = main(["batch", "--model", str(tmp_path / "no_model"), "--input", str(tmp_path), "--out", str(tmp_path / "b"),
+               "--to", "Subject has no lesions.", *extra])
+    if case in ("mask", "lesion_mask"):
+        assert rc == 3 and msg in capsys.readouterr().err
+
+
 def test_existing_files_in_out_are_kept_on_failure(tiny, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
