@@ -457,7 +457,8 @@ def edit_scan(
 
     With an ``oracle`` (:class:`~CounterfactualGenLib.evaluation.oracle.Oracle`), the
     report carries its lesion volume and diagnosis of the scan before and after the edit
-    (read in model space, brain only), and a missing source prompt is the oracle's reading
+    (read in model space, brain only; "after" reads the counterfactual as written, resampled
+    as the scan was), and a missing source prompt is the oracle's reading
     of the scan ("Subject has moderate lesion load." for 9 ml) instead of a guess.
 
     Returns:
@@ -728,7 +729,9 @@ def edit_scan(
     after = None
     if oracle is not None and before is not None:
         rep.start("oracle")
-        after = _oracle_reading(oracle, np.where(brain_model, x_model + change, -1.0), grid)
+        # the counterfactual as written, resampled and normalised as the scan was
+        x_after = norm.forward(mapping.to_model(cf_arr, default=norm.low))
+        after = _oracle_reading(oracle, np.where(brain_model, x_after, -1.0), grid)
         rep.end("oracle")
     gate = {}
     if lesion_prompt and not inpaint and after is not None:  # a prompt edit: lesions only where the oracle segments them
