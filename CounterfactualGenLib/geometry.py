@@ -276,6 +276,62 @@ def _coarsened(img, finest_mm: float):
                          img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
+def harmonic_interpolate(values: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0), *,
+                         tol: float = 1e-6, max_iter: int = 2000) -> np.ndarray:
+    """``values`` with the voxels of ``mask`` replaced by the harmonic interpolant of their surroundings.
+
+    Solves Laplace's equation (6-neighbourhood, each axis weighted by 1 / spacing²) inside the mask
+    with the values of the voxels just outside as its boundary (conjugate gradients, Jacobi
+    preconditioner). A mask part with no voxel outside it next to it (it fills the array to its
+    edges) gets 0. Lesion filling corrects the model's fill with it (:func:`seamless_fill`).
+
+    Args:
+        values: (I, J, K) array; its masked voxels are ignored.
+        mask: (I, J, K) bool, the voxels to interpolate.
+        spacing_mm: voxel size per axis.
+        tol, max_iter: the solver's relative tolerance and iteration cap.
+
+    Returns:
+        float64 array, ``values`` outside the mask.
+    """
+    import scipy.sparse as sparse
+    from scipy.sparse.linalg import cg
+
+    mask = np.asarray(mask, bool)
+    out = np.array(values, dtype=np.float64, copy=True)
+    if mask.shape != out.shape:
+        raise InputError(f"mask shape {mask.shape} does not match the values' {out.shape}.")
+    idx = np.flatnonzero(mask)
+    n = idx.size
+    if n == 0:
+        return out
+    flat = out.reshape(-1)
+    unknown_of = np.full(mask.size, -1, np.int64)
+    unknown_of[idx] = np.arange(n)
+    coords = np.unravel_index(idx, mask.shape)
+    diag, rhs = np.full(n, 1e-9), np.zeros(n)  # the tiny diagonal term makes a part with no boundary 0
+    rows, cols, data = [np.arange(n)], [np.arange(n)], []
+    for axis in range(3):
+        w = 1.0 / float(spacing_mm[axis]) ** 2
+        for step in (-1, 1):
+            nb = list(coords)
+            nb[axis] = coords[axis] + step
+            ok = (nb[axis] >= 0) & (nb[axis] < mask.shape[axis])
+            nb_flat = np.full(n, -1, np.int64)
+            nb_flat[ok] = np.ravel_multi_index(tuple(c[ok] for c in nb), mask.shape)
+            diag[ok] += w
+            j = np.where(ok, unknown_of[np.maximum(nb_flat, 0)], -1)
+            inner, edge = ok & (j >= 0), ok & (j < 0)
+            rows.append(np.flatnonzero(inner))
+            cols.append(j[inner])
+            data.append(np.full(int(inner.sum()), -w))
+            rhs[edge] += w * flat[nb_flat[edge]]
+    a = sparse.csr_matrix((np.concatenate([diag, *data]), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    sol, _ = cg(a, rhs, x0=rhs / diag, M=sparse.diags(1.0 / diag), rtol=tol, maxiter=max_iter)
+    flat[idx] = sol
+    return out
+
+
 def estimate_brain_mask(vol: Volume) -> np.ndarray:
     """A rough foreground (head/brain) mask: Otsu threshold, largest component, holes filled.
 

@@ -422,6 +422,8 @@ def edit_scan(
        removal) and zeroed below :data:`CHANGE_EPS`.
     5. Map only the change back to the scan's grid and add it to the original
        intensities: voxels the edit did not touch keep their values bit for bit.
+       Lesion filling with a lesion mask instead writes the fill into the mask's own voxels,
+       without a seam (:func:`seamless_fill_change`); nothing else changes.
 
     Lesion filling with a lesion mask (target "no lesions" + ``lesion_mask``) takes
     another path in steps 2–3: the voxels the mask touches on the model grid are
@@ -717,7 +719,11 @@ def edit_scan(
 
     # -- 5. back to the scan's grid -------------------------------------------------------
     rep.start("map_back")
-    change_src = mapping.to_source(change, interpolation="linear", default=0.0)
+    if inpaint and mask_source == "given":  # the mask is on the scan's grid: write the fill into its voxels
+        change_src = seamless_fill_change(norm.forward(scan.array), mapping.to_source(cf, interpolation="linear"),
+                                          (np.asarray(lesion_mask) > 0) & brain_mask, scan.spacing_mm)
+    else:
+        change_src = mapping.to_source(change, interpolation="linear", default=0.0)
     change_src[np.abs(change_src) < CHANGE_EPS] = 0.0
     change_src[~brain_mask] = 0.0
     delta = norm.inverse_delta(change_src)
@@ -817,6 +823,48 @@ def read_series(oracle: Any, series: GeneratedSeries, grid: Any) -> list[dict[st
     pred = oracle.read(series.model_units(), grid)
     return [{"lesion_ml": round(float(ml), 2), "lesion_load": lesion_class_of_ml(float(ml)), "diagnosis": str(dx)}
             for ml, dx in zip(pred["lesion_ml"], pred["diagnosis"])]
+
+
+def seamless_fill_change(scan_units: np.ndarray, fill: np.ndarray, mask: np.ndarray,
+                         spacing_mm: Sequence[float]) -> np.ndarray:
+    """The change, on the scan's grid, that lesion filling with a lesion mask writes: the model's fill
+    (interpolated to the scan's grid) in the masked voxels, plus the harmonic interpolant of its
+    mismatch with the scan just outside them (seamless cloning, Pérez et al. 2003); 0 elsewhere.
+
+    The model fills at its own grid (5 mm for the demo model). Adding that grid's change, spread by
+    interpolation (as prompt edits do), left most of a finer scan's lesion contrast in place and
+    darkened the voxels around the lesions; writing the fill alone left a seam where its level differs
+    from the scan's (on the clinical sample, grey patches darker than the white matter). On 6 held-out
+    engine subjects with their exact lesion-free twins (``Testing/Benchmarks/bench_fine_filling.py
+    --seed 0``, with ``--spacing 5 5 5`` for the model grid; PSNR in the brain):
+
+    ============================  ========  ======  =======  ============
+    subjects                      unedited  spread  this     Laplace only
+    ============================  ========  ======  =======  ============
+    1 × 1 × 3 mm                  36.2 dB   37.9    50.0     50.3
+    model grid (5 mm)             36.2 dB   43.5    44.5     45.1
+    ============================  ========  ======  =======  ============
+
+    "Laplace only" fills the mask by harmonic interpolation of the scan, without the model: the
+    classical baseline scores as well, which says what a 5 mm model adds to a fill (little). The rule
+    was chosen on subjects 200–203 (1 × 1 × 3 mm: 47.0 vs 37.4 dB) and 200–205 (model grid: 42.9 vs
+    42.8 dB). The filled voxels are smooth: they carry no noise texture. A fill of the oracle's 5 mm
+    segmentation keeps the spread change: written this way into the segmentation's footprint on the
+    scan's grid it scored lower (36.5 vs 37.2 dB at 1 × 1 × 3 mm, 38.81 vs 38.85 dB on the model grid),
+    since that footprint holds healthy voxels too.
+
+    Args:
+        scan_units: the scan in model units, on its own grid.
+        fill: the model's counterfactual (model units) interpolated to the scan's grid.
+        mask: the voxels to fill (the lesion mask inside the brain).
+        spacing_mm: the scan's voxel size.
+    """
+    from .geometry import harmonic_interpolate
+
+    mask = np.asarray(mask, bool)
+    mismatch = np.where(mask, 0.0, np.asarray(scan_units, np.float64) - np.asarray(fill, np.float64))
+    offset = harmonic_interpolate(mismatch, mask, spacing_mm)
+    return np.where(mask, fill + offset - scan_units, 0.0).astype(np.float32)
 
 
 def oracle_lesion_region(prob: np.ndarray, brain: np.ndarray, threshold: float = AUTO_MASK_PROBABILITY) -> np.ndarray:

@@ -430,10 +430,11 @@ def test_lesion_filling_without_a_mask_fills_the_oracle_segmentation(tiny):
     assert r.report["method"] == "inpainting" and r.report["lesion_mask"] == "oracle"
     changed = r.counterfactual.array != scan.array
     assert changed.any() and not changed[~seg].any()  # the scan is on the model grid: only the segmentation
-    # the same fill as with that mask given
+    # the same fill as with that mask given (a given mask then writes it seamlessly into its voxels)
     given = edit_scan(m, tiny_encoder(), scan, lesion_mask=seg, **kw)
     assert given.report["lesion_mask"] == "given"
-    np.testing.assert_array_equal(r.counterfactual.array, given.counterfactual.array)
+    np.testing.assert_array_equal(r.model_space["counterfactual"], given.model_space["counterfactual"])
+    assert not (given.counterfactual.array != scan.array)[~seg].any()
     # by the text alone (no segmentation asked for, or no oracle): the inversion path
     for extra in ({"oracle": _SegmentationOracle(g, seg), "auto_lesion_mask": False}, {}):
         t = edit_scan(m, tiny_encoder(), scan, **extra, **kw)
@@ -476,6 +477,31 @@ def test_lesion_filling_with_a_mask_inpaints_only_the_masked_lesions(tiny):
     with pytest.raises(InputError, match="nothing to fill"):
         edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, lesion_mask=np.zeros(g.shape, bool),
                   registration="none", steps=4)
+
+
+def test_lesion_filling_of_a_finer_scan_with_a_mask_writes_only_the_masked_voxels(tiny):
+    """On a scan 3× finer than the model grid the fill goes into the masked voxels and nowhere else
+    (adding the model grid's change, spread by interpolation, touched their neighbours too), and meets
+    the scan around them without a seam (the harmonic correction)."""
+    from CounterfactualGenLib.pipeline import seamless_fill_change
+
+    m = load_model(tiny)
+    g = m.spec.grid
+    aff = g.affine_ras.copy()
+    aff[:3, :3] /= 3.0  # 3× finer, same field of view
+    aff[:3, 3] = g.affine_ras[:3, 3] - (g.affine_ras[:3, :3] @ np.ones(3)) / 3.0
+    shape = tuple(3 * s for s in g.shape)
+    scan = Volume(phantom_on(shape, aff), aff)
+    lesions = np.zeros(shape, bool)
+    lesions[20:24, 22:26, 19:22] = True
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=NONE, source_prompt=HIGH, lesion_mask=lesions,
+                  brain_mask=scan.array > 0, registration="none", steps=4)
+    changed = r.counterfactual.array != scan.array
+    assert changed.any() and not changed[~lesions].any()
+    # seamless: where the fill and the scan differ by a constant around the mask, the correction removes it
+    scan_units = np.full(shape, 0.3)
+    fill = np.full(shape, -0.2)
+    np.testing.assert_allclose(seamless_fill_change(scan_units, fill, lesions, (1.0, 1.0, 1.0)), 0.0, atol=1e-5)
 
 
 def test_change_labels_need_the_oracle_segmentation_when_an_oracle_is_given():

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import oblique_affine
 from CounterfactualGenLib.errors import InputError
-from CounterfactualGenLib.geometry import ModelGrid, ModelSpaceMapping, estimate_brain_mask, register_affine
+from CounterfactualGenLib.geometry import (ModelGrid, ModelSpaceMapping, estimate_brain_mask, harmonic_interpolate,
+                                          register_affine)
 from CounterfactualGenLib.intensity import IntensityNormalizer
 from CounterfactualGenLib.volume import Volume, read_volume
 
@@ -290,3 +291,22 @@ def test_registration_of_the_clinical_flair_agrees_at_the_coarsened_and_own_reso
     d = np.linalg.norm((pts @ default.model_to_source_world.T - pts @ own.model_to_source_world.T)[:, :3], axis=1)
     assert d.mean() < 1.0 and d.max() < 2.0, (d.mean(), d.max())
     assert default.correlation == pytest.approx(own.correlation, abs=0.02)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 0.7, 3.0)])
+def test_harmonic_interpolation_reproduces_a_linear_field_and_keeps_the_rest(spacing):
+    """A linear field is harmonic, so filling a hole in it must give it back exactly (any voxel size);
+    what lies outside the mask is returned as it was, and a part with no boundary gets 0."""
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in (20, 18, 12)], indexing="ij")
+    field = 2.0 * i - 0.5 * j + 3.0 * k + 7.0
+    mask = np.zeros(field.shape, bool)
+    mask[5:12, 4:9, 3:8] = True  # a block inside
+    mask[15:17, 10:16, 9:11] = True  # another, touching nothing else
+    holes = np.where(mask, 1e6, field)  # what the mask hides must not matter
+    out = harmonic_interpolate(holes, mask, spacing)
+    np.testing.assert_allclose(out[mask], field[mask], atol=1e-4)
+    np.testing.assert_array_equal(out[~mask], field[~mask])
+    every = harmonic_interpolate(field, np.ones(field.shape, bool), spacing)
+    np.testing.assert_allclose(every, 0.0, atol=1e-6)
+    with pytest.raises(InputError, match="mask shape"):
+        harmonic_interpolate(field, mask[:-1], spacing)
