@@ -122,7 +122,9 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
              f"{_num(f['psnr_db'], 2)} dB ({_num(f['baseline_psnr_db'], 2)} dB)", f"{e['n_subjects']} held-out subjects"
              + (f"; by the text alone (no segmentation): {_num(ft['psnr_db'], 2)} dB" if ft else "")),
             ("lesion filling with the lesion mask (inpainting): PSNR (unedited) / Dice of removed voxels",
-             f"{_num(fm['psnr_db'], 2)} dB ({_num(fm['baseline_psnr_db'], 2)} dB) / {_num(fm['dice_removed_vs_true'])}", ""),
+             f"{_num(fm['psnr_db'], 2)} dB ({_num(fm['baseline_psnr_db'], 2)} dB) / {_num(fm['dice_removed_vs_true'])}",
+             f"the mask filled by harmonic interpolation alone, without the model: {_num(fm['laplace_psnr_db'], 2)} dB"
+             if fm.get("laplace_psnr_db") is not None else ""),
             ("lesion volume error vs exact twin (oracle): filling / with the mask / addition",
              f"{_num(f['oracle_ml_error_vs_twin'], 2)} ml / {_num(fm['oracle_ml_error_vs_twin'], 2)} ml / "
              f"{_num(a['oracle_ml_error_vs_twin'], 2)} ml", ""),

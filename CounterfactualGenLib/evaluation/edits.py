@@ -125,6 +125,7 @@ def evaluate_edits(
     Returns:
         JSON-ready dict: ``per_subject`` rows and ``summary`` (means; see :func:`summarise_edits`).
     """
+    from ..geometry import harmonic_interpolate
     from ..text.prompts import canonical_prompt
     from .metrics import dice, lesion_class_of_ml, mae
 
@@ -175,6 +176,10 @@ def evaluate_edits(
                          "oracle_class_after": None if after is None else lesion_class_of_ml(float(after)),
                          "outside_brain_bit_identical": _outside_identical(cf, scan.array, brain),
                          "changed_ml": res.report.get("changed_ml")}
+            if name == "fill_with_mask":  # the classical baseline: the mask filled by harmonic interpolation alone
+                laplace = harmonic_interpolate(scan.array, (subj.lesion_mask > 0) & brain, scan.spacing_mm)
+                row[name]["laplace_psnr_db"] = _comparison(laplace.astype(np.float32), clean.array, scan.array, brain,
+                                                           u)["psnr_db"]
 
         # -- lesion addition: the clean twin edited to the subject's class ---------------------
         res = run("add", clean, target=src, source=NONE_PROMPT)
@@ -263,7 +268,7 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for task, keys in (("fill", fill_keys), ("fill_text_only", fill_keys),
                        ("fill_with_mask", ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae",
                                            "dice_removed_vs_true", "oracle_ml_error_vs_twin",
-                                           "outside_brain_bit_identical")),
+                                           "outside_brain_bit_identical", "laplace_psnr_db")),
                        ("add", ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae", "dice_added_vs_true",
                                 "oracle_ml_error_vs_twin", "outside_brain_bit_identical"))):
         if not any(task in r for r in rows):
