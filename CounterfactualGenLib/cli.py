@@ -336,6 +336,21 @@ def _preview_labels(input_name: str, target: str, report: dict) -> list[str]:
             f"change: lesion red{lesions[0]} / blue{lesions[1]}; yellow other (faint = small)"]
 
 
+def _mask_for(scan, path: str, name: str, ev: Events):
+    """A mask file as a boolean array on the scan's grid, resampled in world coordinates when it was
+    stored on another grid (the log says so)."""
+    from .geometry import mask_on_grid
+    from .volume import read_volume
+
+    vol = read_volume(path, validate=False, name=name)
+    arr, resampled = mask_on_grid(vol, scan.shape, scan.affine_ras, name=name)
+    if resampled:
+        ev.log(f"The {name} is stored on another grid than the scan ({'×'.join(map(str, vol.shape))} voxels of "
+               f"{' × '.join(f'{v:.3g}' for v in vol.spacing_mm)} mm): resampled onto the scan's grid in world "
+               "coordinates (nearest neighbour).")
+    return arr
+
+
 def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: Path, out: StagedOutput,
               prefix: str = "", oracle=None) -> dict:
     from .overlay import edit_preview_png
@@ -346,8 +361,8 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
     src_hash = sha256_file(input_path)
     if scan.is_synthetic:
         ev.log("Note: the input is itself a SYNTHETIC volume made by CounterfactualGen.")
-    brain = read_volume(args.mask, validate=False, name="brain mask").array > 0 if args.mask else None
-    lesions = read_volume(args.lesion_mask, validate=False, name="lesion mask").array > 0 if args.lesion_mask else None
+    brain = _mask_for(scan, args.mask, "brain mask", ev) if args.mask else None
+    lesions = _mask_for(scan, args.lesion_mask, "lesion mask", ev) if args.lesion_mask else None
     res = edit_scan(model, encoder, scan, target_prompt=args.to, source_prompt=args.source, brain_mask=brain,
                     lesion_mask=lesions, strength=args.strength, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, registration=args.registration, attention_keep=args.attention_keep,

@@ -276,6 +276,34 @@ def _coarsened(img, finest_mm: float):
                          img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
+def mask_on_grid(mask: Volume, shape: Sequence[int], affine_ras: np.ndarray, *, name: str = "mask") -> tuple[np.ndarray, bool]:
+    """A mask volume as a boolean array on another grid (a scan's), matched in world coordinates.
+
+    A mask stored on the scan's own grid is used as it is. Any other grid (another orientation, a
+    flipped axis, another voxel size or extent: what another tool or a cropped Slicer labelmap
+    writes) is resampled onto the scan's grid by nearest neighbour, since the same array order can
+    mean another place (a mask stored left–right flipped would otherwise fill the wrong side).
+
+    Returns:
+        (the mask on the grid, whether it had to be resampled).
+
+    Raises:
+        InputError: the mask has voxels but none of them lies inside the scan's field of view.
+    """
+    shape = tuple(int(v) for v in shape)
+    affine_ras = np.asarray(affine_ras, dtype=np.float64)
+    arr = np.asarray(mask.array) > 0
+    if arr.shape == shape and np.allclose(mask.affine_ras, affine_ras, atol=1e-3):
+        return arr, False
+    out_to_in = np.linalg.inv(mask.affine_ras) @ affine_ras
+    out = resample_index_space(arr.astype(np.float32), shape, out_to_in, interpolation="nearest") > 0.5
+    if arr.any() and not out.any():
+        raise InputError(f"The {name} does not overlap the scan: in world coordinates none of its voxels lies "
+                         "inside the scan's field of view. Is it the mask of another scan, or in another space "
+                         "(e.g. a template's)?")
+    return out, True
+
+
 def harmonic_interpolate(values: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0), *,
                          tol: float = 1e-6, max_iter: int = 2000) -> np.ndarray:
     """``values`` with the voxels of ``mask`` replaced by the harmonic interpolant of their surroundings.

@@ -242,6 +242,45 @@ def test_cli_edit_bad_input_writes_nothing(tiny, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_masks_stored_on_another_grid_are_matched_in_world_coordinates(tiny, tmp_path, capsys):
+    """A lesion mask written flipped left-right (same place in the world, mirrored array) or at another
+    voxel size fills the same voxels as one on the scan's grid; a mask of another place is refused."""
+    g = load_model(tiny).spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    write_volume(scan, tmp_path / "scan.nii.gz")
+    lesions = np.zeros(g.shape, np.uint8)
+    lesions[3:6, 7:10, 6:8] = 1  # off the midline: a flip would move it
+    write_volume(Volume(lesions, g.affine_ras), tmp_path / "aligned.nii.gz")
+    flip = g.affine_ras.copy()
+    flip[:3, 0] = -flip[:3, 0]
+    flip[:3, 3] = g.affine_ras[:3, :3] @ [g.shape[0] - 1, 0, 0] + g.affine_ras[:3, 3]
+    write_volume(Volume(lesions[::-1].copy(), flip), tmp_path / "flipped.nii.gz")
+    fine = g.affine_ras.copy()  # 2× finer in every axis, same extent
+    fine[:3, :3] /= 2.0
+    fine[:3, 3] = g.affine_ras[:3, 3] - (g.affine_ras[:3, :3] @ np.ones(3)) / 4.0
+    write_volume(Volume(np.repeat(np.repeat(np.repeat(lesions, 2, 0), 2, 1), 2, 2), fine), tmp_path / "fine.nii.gz")
+    far = g.affine_ras.copy()
+    far[:3, 3] += 1000.0
+    write_volume(Volume(lesions, far), tmp_path / "far.nii.gz")
+
+    def edit(mask: str) -> int:
+        return main(["edit", "--model", str(tiny), "--input", str(tmp_path / "scan.nii.gz"), "--to", NONE,
+                     "--from", HIGH, "--lesion-mask", str(tmp_path / f"{mask}.nii.gz"), "--steps", "2",
+                     "--registration", "none", "--oracle", "none", "--out", str(tmp_path / mask)])
+
+    for mask in ("aligned", "flipped", "fine"):
+        assert edit(mask) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("resampled onto the scan's grid") == 2
+    ref = read_volume(tmp_path / "aligned" / "counterfactual.nii.gz").array
+    assert (ref != scan.array).any()
+    for mask in ("flipped", "fine"):
+        np.testing.assert_array_equal(read_volume(tmp_path / mask / "counterfactual.nii.gz").array, ref)
+    assert edit("far") == 3
+    assert "does not overlap the scan" in capsys.readouterr().err
+    assert not (tmp_path / "far").exists()
+
+
 def test_batch_over_a_folder(tiny, tmp_path):
     g = load_model(tiny).spec.grid
     d = tmp_path / "in"
