@@ -373,6 +373,10 @@ def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 2.
     return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
+#: The model-unit range an edit reads a scan in (background −1, the brain's upper percentile 1; lesions above it).
+MODEL_INPUT_RANGE = (-1.0, 1.5)
+
+
 def edit_scan(
     model: DiffusionModel,
     text_encoder: Any,
@@ -579,7 +583,7 @@ def edit_scan(
     emb = text_encoder.encode(prompts)
     cond = emb.tokens.to(dev)
     null = text_encoder.null(1).tokens.to(dev)
-    x = torch.from_numpy(np.clip(x_model, -1.0, 1.5))[None, None].to(dev)
+    x = torch.from_numpy(np.clip(x_model, *MODEL_INPUT_RANGE))[None, None].to(dev)
     with torch.inference_mode():
         z0 = model.encode(x)
     rep.end("encode")
@@ -728,7 +732,11 @@ def edit_scan(
     change_src[~brain_mask] = 0.0
     delta = norm.inverse_delta(change_src)
     touched = delta != 0
-    lo, hi = float(scan.array.min()), float(scan.array.max())
+    # Not above the model's range, nor below the scan's minimum; but above the scan's maximum, since added
+    # lesions may be brighter than anything in the scan (clipping them there had hidden part of an
+    # addition from the file while the report read the unclipped change).
+    lo = float(scan.array.min())
+    hi = max(float(scan.array.max()), float(norm.inverse(np.float64(MODEL_INPUT_RANGE[1]))))
     cf_arr = scan.array.copy()
     cf_arr[touched] = np.clip(scan.array[touched] + delta[touched], lo, hi)
     rep.end("map_back")
@@ -781,6 +789,7 @@ def edit_scan(
         report=report,
         model_space={"input": x_model, "reconstruction": recon, "counterfactual": cf, "change": change,
                      "brain": brain_model, **({"edit_region": prompt_region} if prompt_region is not None else {}),
+                     **({"fill_region": lesion_region} if inpaint else {}),
                      **({"lesion_prob_before": before["lesion_prob"], "lesion_prob_after": after["lesion_prob"]}
                         if after is not None else {})},
     )
@@ -803,7 +812,7 @@ def _oracle_reading(oracle: Any, image_model: np.ndarray, grid: Any) -> dict[str
     from .evaluation.metrics import lesion_class_of_ml
     from .evaluation.oracle import to_grid
 
-    pred = oracle.read(np.clip(image_model, -1.0, 1.5)[None], grid)
+    pred = oracle.read(np.clip(image_model, *MODEL_INPUT_RANGE)[None], grid)
     ml = float(pred["lesion_ml"][0])
     prob = np.clip(to_grid(pred["lesion_prob"][:1], oracle.grid, grid)[0], 0.0, 1.0)  # outside the oracle's grid → 0
     return {"lesion_ml": ml, "lesion_load": lesion_class_of_ml(ml), "diagnosis": pred["diagnosis"][0],

@@ -276,3 +276,45 @@ def test_gpu_console_times_script_runs_end_to_end_on_cpu(tmp_path):
     demo = (out / "demo_cpu.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in demo] == ["demo run 1", "demo run 2"]
     assert all(float(line.split(": ")[1].split()[0]) > 0 for line in demo)
+
+
+def test_masked_lesion_filling_of_a_finer_scan_beats_the_spread_change(tmp_path):
+    """Testing/Benchmarks/bench_fine_filling.py on one subject at 2.5 mm (twice the model's resolution): with the
+    true mask, what edit_scan writes scores closer to the exact twin than the model grid's change spread by
+    interpolation (the rule before December 2026), changes no healthy voxel and leaves less of the lesions."""
+    spec = importlib.util.spec_from_file_location("bench_fine_filling", ROOT / "Testing" / "Benchmarks" / "bench_fine_filling.py")
+    sys.path.insert(0, str(ROOT / "Testing" / "Benchmarks"))
+    try:
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        out = tmp_path / "fine.json"
+        assert bench.main(["--subjects", "1", "--seed", "0", "--spacing", "2.5", "2.5", "2.5", "--threads", "2",
+                           "--json", str(out)]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "Testing" / "Benchmarks"))
+    rows = {r["mask"]: r for r in json.loads(out.read_text())["rows"]}
+    given = rows["given"]
+    assert given["written"]["psnr_db"] > given["spread"]["psnr_db"] + 2.0
+    assert given["written"]["mae_healthy"] == 0.0 < given["spread"]["mae_healthy"]
+    assert given["written"]["mae_lesion"] < given["spread"]["mae_lesion"] < given["unedited"]["mae_lesion"]
+    # the oracle's 5 mm segmentation keeps the spread change
+    assert rows["oracle"]["written"]["psnr_db"] == pytest.approx(rows["oracle"]["spread"]["psnr_db"], abs=0.02)
+
+
+def test_lesion_addition_may_be_brighter_than_anything_in_the_scan():
+    """Added lesions on a lesion-free engine twin (no skull: its brightest voxels are brain) come out brighter
+    than the scan's maximum, as FLAIR lesions are; the output was clipped there, which hid part of an addition
+    from the written file while the oracle's reading after the edit saw the unclipped change."""
+    from CounterfactualGenLib.evaluation.edits import held_out_pairs
+    from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.pipeline import edit_scan
+
+    m, encoder = _load(None, None, Events(json_mode=False, quiet=True))
+    _, twin = next(held_out_pairs(m.spec.grid, 1, seed=0))
+    brain = twin.brain_mask > 0
+    r = edit_scan(m, encoder, twin.image, target_prompt="Subject has high lesion load.",
+                  source_prompt="Subject has no lesions.", brain_mask=brain, registration="none",
+                  oracle=load_oracle(default_oracle_path()))
+    assert r.counterfactual.array.max() > twin.image.array.max()
+    assert r.report["lesion_ml_after"] > r.report["lesion_ml_before"] + 5.0

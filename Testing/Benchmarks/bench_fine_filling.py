@@ -15,7 +15,11 @@ the lesions; model units) and on the other brain voxels (collateral change), for
 * ``spread``: that second rule for the mask too (the rule before December 2026), rebuilt here from
   the same edit's model-grid change;
 * ``laplace``: the classical baseline without the model: the masked voxels by harmonic
-  interpolation of the scan around them (``geometry.harmonic_interpolate``).
+  interpolation of the scan around them (``geometry.harmonic_interpolate``);
+* ``alternative``, two rules rebuilt from the same edit and rejected: with the mask, the fill alone
+  written into the masked voxels (no seam correction); with the oracle's segmentation, the
+  seamless rule written into the segmentation's footprint on the scan's grid (its linear
+  interpolation ≥ 0.5).
 
 Subjects from ``--seed 200`` chose the rule; ``--seed 0`` (the evaluation's held-out subjects)
 gives the figures in ``pipeline.seamless_fill_change`` and the Benchmarks README.
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from _bench import load, parser
 
-KINDS = ("unedited", "written", "spread", "laplace")
+KINDS = ("unedited", "written", "spread", "laplace", "alternative")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from CounterfactualGenLib.evaluation.metrics import psnr
     from CounterfactualGenLib.geometry import ModelSpaceMapping, harmonic_interpolate
     from CounterfactualGenLib.intensity import IntensityNormalizer
-    from CounterfactualGenLib.pipeline import CHANGE_EPS, edit_scan
+    from CounterfactualGenLib.pipeline import CHANGE_EPS, edit_scan, seamless_fill_change
     from CounterfactualGenLib.synth import make_subject, make_twin, random_spec
     from CounterfactualGenLib.text.prompts import canonical_prompt
 
@@ -82,10 +86,19 @@ def main(argv: list[str] | None = None) -> int:
             change = mapping.to_source(r.model_space["change"], interpolation="linear", default=0.0)
             change[(np.abs(change) < CHANGE_EPS) | ~brain] = 0.0
             spread = np.clip(scan + norm.inverse_delta(change), lo, hi)
+            fill = mapping.to_source(r.model_space["counterfactual"], interpolation="linear")
+            s_units = norm.forward(scan)
+            if source == "given":  # the fill alone in the mask
+                alternative = np.where(mask, norm.inverse(fill), scan)
+            else:  # seamless into the segmentation's footprint
+                foot = (mapping.to_source(r.model_space["fill_region"].astype(np.float32), interpolation="linear")
+                        >= 0.5) & brain
+                alternative = scan + norm.inverse_delta(seamless_fill_change(s_units, fill, foot, subj.image.spacing_mm))
+            alternative = np.clip(alternative, lo, hi)
             row = {"subject_seed": int(spec.seed), "lesion_class": subj.attributes["lesion_load"],
                    "true_ml": round(float(subj.attributes["lesion_ml"]), 1), "mask": source,
                    "unedited": scores(scan), "written": scores(r.counterfactual.array), "spread": scores(spread),
-                   "laplace": scores(laplace) if source == "given" else None,
+                   "laplace": scores(laplace) if source == "given" else None, "alternative": scores(alternative),
                    "oracle_ml_after": r.report.get("lesion_ml_after")}
             rows.append(row)
             print(json.dumps(row), flush=True)
