@@ -443,38 +443,52 @@ def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
     return summary
 
 
-def _batch_inputs(src: Path) -> list[Path]:
+def _batch_inputs(src: Path) -> list[tuple[Path, dict[str, Path]]]:
+    """The scans of a batch, each with its own masks: a manifest's optional ``brain_mask`` and
+    ``lesion_mask`` columns (paths relative to the manifest's folder), none for a folder."""
     from .volume import NIFTI_SUFFIXES, NRRD_SUFFIXES
 
+    def resolve(p: str) -> Path:
+        return (src.parent / p) if not os.path.isabs(p) else Path(p)
+
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.name.lower().endswith(NIFTI_SUFFIXES + NRRD_SUFFIXES))
+        items = [(p, {}) for p in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
+                                         and p.name.lower().endswith(NIFTI_SUFFIXES + NRRD_SUFFIXES))]
     elif src.suffix.lower() == ".csv":
         import csv
 
         rows = list(csv.DictReader(src.open()))
         if not rows or "image" not in rows[0]:
             raise InputError(f"The manifest {src} needs an 'image' column.")
-        files = [(src.parent / r["image"]) if not os.path.isabs(r["image"]) else Path(r["image"]) for r in rows]
+        items = [(resolve(r["image"]), {k: resolve(r[k]) for k in ("brain_mask", "lesion_mask") if (r.get(k) or "").strip()})
+                 for r in rows]
     else:
         raise InputError(f"--input for batch must be a folder of NIfTI/NRRD files or a manifest CSV; got {src}.")
-    if not files:
+    if not items:
         raise InputError(f"No NIfTI or NRRD files found in {src}.")
-    return files
+    return items
 
 
 def cmd_batch(args: argparse.Namespace, ev: Events) -> dict:
-    files = _batch_inputs(Path(args.input))
+    items = _batch_inputs(Path(args.input))
+    files = [f for f, _ in items]
     _check_edit_paths(args)  # a bad scan in the batch fails alone, below
+    if any(m for _, m in items) and (args.mask or args.lesion_mask):
+        ev.log("The manifest names masks: a row's own mask replaces --mask / --lesion-mask for that scan.")
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = _load_oracle(args.oracle, model, ev)
     results, failures = [], []
-    for k, f in enumerate(files):
+    for k, (f, masks) in enumerate(items):
         ev.emit({"event": "progress", "stage": "batch", "step": k, "total": len(files), "eta_s": None})
         sub = Path(args.out) / re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr)$", "", f.name, flags=re.I)
         out = StagedOutput(sub)
+        row_args = argparse.Namespace(**vars(args))  # this scan's own masks, where the manifest names them
+        if "brain_mask" in masks:
+            row_args.mask = str(masks["brain_mask"])
+        if "lesion_mask" in masks:
+            row_args.lesion_mask = str(masks["lesion_mask"])
         try:
-            r = _edit_one(args, ev, model, encoder, f, out, oracle=oracle)
+            r = _edit_one(row_args, ev, model, encoder, f, out, oracle=oracle)
             out.path("summary.json").write_text(json.dumps(r, indent=2))
             out.commit()
             results.append(r)
@@ -603,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
 
     b = sub.add_parser("batch", help="edit every scan of a folder (or manifest CSV) with the same prompt")
-    b.add_argument("--input", required=True, help="folder of NIfTI/NRRD scans, or a manifest CSV with an 'image' column")
+    b.add_argument("--input", required=True, help="folder of NIfTI/NRRD scans, or a manifest CSV with an 'image' column "
+                                                  "(and optional 'brain_mask' / 'lesion_mask' columns: each scan's own masks)")
     _edit_args(b)
     _common(b)
 

@@ -295,6 +295,34 @@ def test_batch_over_a_folder(tiny, tmp_path):
     assert (tmp_path / "o" / "s0" / "counterfactual.nii.gz").exists()
 
 
+def test_batch_manifest_fills_each_scan_with_its_own_lesion_mask(tiny, tmp_path):
+    """A manifest's lesion_mask column gives each scan its own mask (paths relative to the manifest); a row whose
+    mask is missing fails alone and the others are done."""
+    g = load_model(tiny).spec.grid
+    d = tmp_path / "data"
+    masks = []
+    for i, where in enumerate(((slice(3, 6), slice(7, 10), slice(6, 8)), (slice(9, 12), slice(4, 7), slice(5, 7)))):
+        write_volume(Volume(phantom_on(g.shape, g.affine_ras) + i, g.affine_ras), d / f"s{i}.nii.gz")
+        m = np.zeros(g.shape, np.uint8)
+        m[where] = 1
+        write_volume(Volume(m, g.affine_ras), d / "masks" / f"s{i}_lesions.nii.gz")
+        masks.append(m > 0)
+    write_volume(Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras), d / "s2.nii.gz")
+    (d / "manifest.csv").write_text("image,lesion_mask\ns0.nii.gz,masks/s0_lesions.nii.gz\n"
+                                    "s1.nii.gz,masks/s1_lesions.nii.gz\ns2.nii.gz,masks/missing.nii.gz\n")
+    code = main(["batch", "--model", str(tiny), "--input", str(d / "manifest.csv"), "--to", NONE, "--from", HIGH,
+                 "--steps", "2", "--registration", "none", "--oracle", "none", "--out", str(tmp_path / "o")])
+    assert code == 3  # one of three failed
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["done"] == 2 and [f["input"].endswith("s2.nii.gz") for f in s["failed"]] == [True]
+    for i in range(2):
+        scan = read_volume(d / f"s{i}.nii.gz").array
+        cf = read_volume(tmp_path / "o" / f"s{i}" / "counterfactual.nii.gz").array
+        changed = cf != scan
+        assert changed.any() and not changed[~masks[i]].any()
+        assert json.loads((tmp_path / "o" / f"s{i}" / "report.json").read_text())["method"] == "inpainting"
+
+
 # ---------------------------------------------------------------------------------
 # the oracle in an edit: lesion ml before/after, source prompt from its reading
 # ---------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.
 
     The lesion mask comes from the optional ``lesion_mask`` column (zeros without one).
     """
-    from CounterfactualGenLib.geometry import ModelSpaceMapping, estimate_brain_mask
+    from CounterfactualGenLib.geometry import ModelSpaceMapping, estimate_brain_mask, mask_on_grid
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.text.prompts import paraphrase, row_to_prompt
     from CounterfactualGenLib.volume import read_volume
@@ -253,12 +253,14 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.
         img_path, prompt, mask_path, lesion_path = rng.choice(items)
         if img_path not in cache:
             vol = read_volume(img_path)
-            mask = read_volume(path.parent / mask_path, validate=False).array > 0 if mask_path else estimate_brain_mask(vol)
+            mask = (mask_on_grid(read_volume(path.parent / mask_path, validate=False), vol.shape, vol.affine_ras,
+                                 name="brain mask")[0] if mask_path else estimate_brain_mask(vol))
             m = ModelSpaceMapping.fit(vol, grid, brain_mask=mask)
             norm = IntensityNormalizer.fit(vol.array, mask)
             lesions = np.zeros(grid.shape, np.uint8)
             if lesion_path:
-                lm = read_volume(path.parent / lesion_path, validate=False).array > 0
+                lm = mask_on_grid(read_volume(path.parent / lesion_path, validate=False), vol.shape, vol.affine_ras,
+                                  name="lesion mask")[0]
                 lesions = (m.to_model(lm.astype(np.float32), interpolation="linear") > 0.01).astype(np.uint8)
             cache[img_path] = (np.clip(norm.forward(m.to_model(vol, default=norm.low)), -1.0, 1.5), lesions)
         if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
