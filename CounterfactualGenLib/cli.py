@@ -588,10 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--from", dest="source", default=None,
                        help="source prompt describing the scan (default: the oracle's reading of the scan on the "
                             "target's scale; with --oracle none, the opposite end of that scale)")
-        e.add_argument("--mask", default=None, help="brain mask on the scan's grid (default: the template's, carried back)")
+        e.add_argument("--mask", default=None, help="brain mask of the scan (default: the template's, carried back); a "
+                                                    "mask on another grid is resampled onto the scan's in world coordinates")
         e.add_argument("--lesion-mask", default=None,
-                       help="lesion mask on the scan's grid: lesion filling (--to 'no lesions') regenerates only these "
-                            "voxels; without one it fills the oracle's lesion segmentation (--oracle none: by the text alone)")
+                       help="lesion mask of the scan (any grid in its world coordinates): lesion filling (--to 'no "
+                            "lesions') regenerates only these voxels; without one it fills the oracle's lesion segmentation (--oracle none: by the text alone)")
         e.add_argument("--strength", type=float, default=0.6, help="how far to invert towards noise, 0..1 (default 0.6)")
         e.add_argument("--registration", default="affine", choices=["affine", "none"],
                        help="affine (default) or none when the scan is already on the model's grid/world")
