@@ -311,7 +311,8 @@ def harmonic_interpolate(values: np.ndarray, mask: np.ndarray, spacing_mm: Seque
     Solves Laplace's equation (6-neighbourhood, each axis weighted by 1 / spacing²) inside the mask
     with the values of the voxels just outside as its boundary (conjugate gradients, Jacobi
     preconditioner). A mask part with no voxel outside it next to it (it fills the array to its
-    edges) gets 0. Lesion filling corrects the model's fill with it (:func:`seamless_fill`).
+    edges) gets 0. Lesion filling corrects the model's fill with it
+    (:func:`CounterfactualGenLib.pipeline.seamless_fill_change`).
 
     Args:
         values: (I, J, K) array; its masked voxels are ignored.
