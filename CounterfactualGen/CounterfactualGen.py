@@ -22,14 +22,14 @@ import os
 import re
 import shutil
 import sys
-from typing import Annotated
+from typing import Annotated, Union
 
 import numpy as np
 import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -161,7 +161,8 @@ def registerSampleData():
 class CounterfactualGenParameterNode:
     """GUI state, saved with the scene.
 
-    inputVolume, brainMask, lesionMask - edit inputs (masks optional).
+    inputVolume, brainMask, lesionMask - edit inputs (masks optional: a labelmap or scalar volume, voxels > 0, or a
+        segmentation, its visible segments).
     targetPrompt, sourcePrompt - what the scan should show / what it shows now (optional).
     strength - how far the edit may move the scan (0..1).
     nullTextIterations - null-text optimisation iterations per step (0 = off).
@@ -176,8 +177,8 @@ class CounterfactualGenParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    brainMask: vtkMRMLScalarVolumeNode
-    lesionMask: vtkMRMLScalarVolumeNode
+    brainMask: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]  # None last: Slicer's rule for unions
+    lesionMask: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]
     targetPrompt: str = "Subject has high lesion load."
     sourcePrompt: str = ""
     strength: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
@@ -962,6 +963,37 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Could not write '{name}' to a temporary file.").format(name=node.GetName()))
         return path
 
+    def _exportMask(self, node, path, referenceVolume) -> str:
+        """A mask node as a file: a labelmap or scalar volume as it is (the command line takes voxels > 0); a
+        segmentation (what the Segment Editor makes) as a labelmap of its visible segments on the input volume's
+        grid. The segmentation is not modified; the temporary labelmap node is removed again."""
+        if not node.IsA("vtkMRMLSegmentationNode"):
+            return self._export(node, path)
+        segmentIds = vtk.vtkStringArray()
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.GetVisibleSegmentIDs(segmentIds)
+        else:  # no display node (made by a script): every segment
+            segmentation = node.GetSegmentation()
+            for i in range(segmentation.GetNumberOfSegments()):
+                segmentIds.InsertNextValue(segmentation.GetNthSegmentID(i))
+        if segmentIds.GetNumberOfValues() == 0:
+            # (the export would take an empty list as "all segments")
+            raise ValueError(_("The segmentation '{name}' has no visible segment to use as a mask; show the segments "
+                               "to use.").format(name=node.GetName()))
+        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "CounterfactualGen mask (temporary)")
+        try:
+            if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(node, segmentIds, labelmap,
+                                                                                      referenceVolume):
+                raise RuntimeError(_("Could not convert the segmentation '{name}' to a labelmap.").format(
+                    name=node.GetName()))
+            if not np.any(slicer.util.arrayFromVolume(labelmap)):
+                raise ValueError(_("The visible segments of '{name}' are empty inside the input volume.").format(
+                    name=node.GetName()))
+            return self._export(labelmap, path)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmap)
+
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
                   nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0, device="auto",
@@ -980,8 +1012,10 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         try:
             os.makedirs(os.path.join(workDir, "input"), exist_ok=True)  # its own folder: any node name is safe
             inputPath = self._export(inputVolume, os.path.join(workDir, "input", self.exportFileName(inputVolume)))
-            brainPath = self._export(brainMask, os.path.join(workDir, "brain_mask.nrrd")) if brainMask else None
-            lesionPath = self._export(lesionMask, os.path.join(workDir, "lesion_mask.nrrd")) if lesionMask else None
+            brainPath = (self._exportMask(brainMask, os.path.join(workDir, "brain_mask.nrrd"), inputVolume)
+                         if brainMask else None)
+            lesionPath = (self._exportMask(lesionMask, os.path.join(workDir, "lesion_mask.nrrd"), inputVolume)
+                          if lesionMask else None)
             ownsOutputDir = outputDir is None
             outDir = os.path.join(workDir, "out") if ownsOutputDir else os.path.abspath(outputDir)
             args = self.buildEditArgs(inputPath, outDir, targetPrompt.strip(), sourcePrompt=sourcePrompt,

@@ -90,7 +90,14 @@ def test_frechet_distance():
     assert M.frechet_distance(f, f) == pytest.approx(0.0, abs=1e-6)
     shifted = f + np.array([3.0, 0, 0, 0, 0, 0])
     assert M.frechet_distance(f, shifted) == pytest.approx(9.0, rel=1e-6)  # same covariance: ‖Δμ‖²
-    assert M.frechet_distance(f, 2 * f) > 0.5
+    # scaled by 2: ‖μ‖² + Tr Σ + Tr 4Σ − 2 Tr 2Σ = ‖μ‖² + Tr Σ
+    expected = float(f.mean(0) @ f.mean(0) + np.trace(np.cov(f, rowvar=False)))
+    assert M.frechet_distance(f, 2 * f) == pytest.approx(expected, rel=1e-9)
+    # fewer samples than features (singular covariances, as with the evaluation's 24 references): finite, symmetric
+    g = np.random.default_rng(1).normal(size=(24, 64))
+    h = np.random.default_rng(2).normal(size=(30, 64)) * 1.5
+    assert np.isfinite(M.frechet_distance(g, h))
+    assert M.frechet_distance(g, h) == pytest.approx(M.frechet_distance(h, g), rel=1e-6)
     with pytest.raises(InputError):
         M.frechet_distance(f, f[:, :3])
 

@@ -331,6 +331,11 @@ def test_parameter_node_defaults_and_validation(cfg, scene):
         p.strength = 1.5
     p.seed = 7
     assert cfg.CounterfactualGenLogic().getParameterNode().seed == 7  # same node, shared state
+    # masks: a labelmap / scalar volume or a segmentation (the Segment Editor's), nothing else
+    p.lesionMask = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Lesions")
+    p.brainMask = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "Brain")
+    with pytest.raises(TypeError):
+        p.lesionMask = scene.AddNewNodeByClass("vtkMRMLTableNode", "Table")
 
 
 # ------------------------------------------------------------------------------------------ .ui file
@@ -640,6 +645,79 @@ def test_logic_edit_passes_masks(logic, scene, slicer_stub, fake_cli):
     logic.editBlocking(node, "Subject has no lesions.", brainMask=mask, steps=2)
     argv = fake_cli.calls()[-1]["argv"]
     assert argv[argv.index("--input") + 1] != argv[argv.index("--mask") + 1]
+
+
+def _segmentation(slicer, name, segments, display=True):
+    """A segmentation node (what the Segment Editor makes) with binary segments (id, KJI array, IJK→RAS, visible)."""
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    if display:
+        seg.CreateDefaultDisplayNodes()
+    for sid, array, ijk, visible in segments:
+        seg._setSegment(sid, array, ijk)
+        if display:
+            seg.GetDisplayNode().SetSegmentVisibility(sid, visible)
+    return seg
+
+
+def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub, fake_cli, monkeypatch):
+    """A lesion mask drawn in the Segment Editor is a segmentation node: its visible segments go to the command line
+    as one labelmap on the input's grid (found by world position), the node itself untouched, no node left over."""
+    import SimpleITK as sitk
+
+    node = _input_volume(slicer_stub)
+    ijk = node.GetIJKToRASMatrixArray()
+    lesion_a = np.zeros((4, 5, 6), np.uint8)
+    lesion_a[1, 2, 3] = 1
+    hidden = np.zeros((4, 5, 6), np.uint8)
+    hidden[3, 4, 5] = 1
+    # a segment stored on another grid (the I axis flipped, as a segment drawn on another volume would be)
+    flip = ijk @ np.array([[-1.0, 0, 0, 5], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    lesion_b = np.zeros((4, 5, 6), np.uint8)
+    lesion_b[2, 0, 5] = 1  # I = 5 on the flipped grid is I = 0 on the input's
+    seg = _segmentation(slicer_stub, "Lesions", [("a", lesion_a, ijk, True), ("brain", hidden, ijk, False),
+                                                  ("b", lesion_b, flip, True)])
+    assert cfg.CounterfactualGenParameterNode.allParameters["lesionMask"][2] is None  # a Union member, default None
+    written = {}
+    original = logic._export
+
+    def export(n, path):
+        out = original(n, path)
+        written[os.path.basename(path)] = sitk.GetArrayFromImage(sitk.ReadImage(out))  # KJI, as the node's array
+        return out
+
+    monkeypatch.setattr(logic, "_export", export)
+    logic.editBlocking(node, "Subject has no lesions.", lesionMask=seg, steps=2)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--lesion-mask") + 1].endswith("lesion_mask.nrrd")
+    expected = np.zeros((4, 5, 6), bool)
+    expected[1, 2, 3] = expected[2, 0, 0] = True
+    np.testing.assert_array_equal(written["lesion_mask.nrrd"] > 0, expected)
+    assert not [n for n in scene.GetNodes() if "temporary" in n.GetName()]  # the temporary labelmap is gone
+    assert seg._labelmaps["brain"][0].sum() == 1 and seg.GetDisplayNode().GetSegmentVisibility("brain") is False
+    # without a display node (made by a script) every segment is used
+    bare = _segmentation(slicer_stub, "Scripted", [("a", lesion_a, ijk, True), ("brain", hidden, ijk, True)],
+                         display=False)
+    logic.editBlocking(node, "Subject has no lesions.", brainMask=bare, steps=2)
+    assert int((written["brain_mask.nrrd"] > 0).sum()) == 2
+
+
+def test_logic_refuses_a_segmentation_with_nothing_to_use(cfg, logic, scene, slicer_stub, fake_cli):
+    node = _input_volume(slicer_stub)
+    ijk = node.GetIJKToRASMatrixArray()
+    one = np.zeros((4, 5, 6), np.uint8)
+    one[1, 1, 1] = 1
+    far = ijk.copy()
+    far[:3, 3] += 500.0  # a segment outside the input volume
+    calls = len(fake_cli.calls())
+    for segments, words in (([("a", one, ijk, False)], "no visible segment"),
+                            ([("a", one, far, True)], "empty inside the input volume")):
+        seg = _segmentation(slicer_stub, "Lesions", segments)
+        before_ids = {n.GetID() for n in scene.GetNodes()}
+        with pytest.raises(ValueError, match=words):
+            logic.startEdit(node, "Subject has no lesions.", lesionMask=seg, steps=2)
+        assert _new_nodes(scene, before_ids) == []  # the temporary labelmap is gone
+    assert len(fake_cli.calls()) == calls  # nothing ran
+    assert not [p for p in Path(slicer_stub.app.temporaryPath).rglob("*.nrrd")], "temporary files left behind"
 
 
 @pytest.mark.parametrize("name, expected", [("patient FLAIR", "patient_FLAIR.nrrd"), ("../../etc/x", "etc_x.nrrd"),

@@ -297,7 +297,7 @@ def pairwise_ms_ssim(volumes: Sequence[np.ndarray], **kw) -> float:
     return mean_pairwise(volumes, lambda a, b: ms_ssim3d(a, b, **kw))
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, *, eps: float = 1e-6) -> float:
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussian fits of two feature sets (Heusel et al., NeurIPS 2017).
 
     ``‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½)``. Fed with oracle features it is an
@@ -305,20 +305,19 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, *, eps: float = 1
     *not* FID (no Inception/MedicalNet features), not comparable with published values,
     and biased upwards for small samples (report N beside it).
     """
-    from scipy import linalg
-
     a = np.asarray(feats_a, np.float64)
     b = np.asarray(feats_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise InputError(f"frechet_distance needs two (N≥2, F) feature arrays of equal width; got {a.shape}, {b.shape}.")
     mu = a.mean(0) - b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(sa @ sb, disp=False)
-    if not np.isfinite(covmean).all():
-        off = np.eye(len(sa)) * eps
-        covmean = linalg.sqrtm((sa + off) @ (sb + off))
-    covmean = np.real(covmean)
-    return float(max(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean), 0.0))
+    # Tr (Σa Σb)^½ = Σ √λ over the eigenvalues of the symmetric PSD Σa^½ Σb Σa^½ (same spectrum as Σa Σb):
+    # symmetric eigensolvers only (scipy.linalg.sqrtm of the non-symmetric product changed its signature
+    # in SciPy 1.18 and can return complex values from rounding).
+    w, v = np.linalg.eigh(sa)
+    ra = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh(ra @ sb @ ra), 0.0, None)).sum())
+    return float(max(mu @ mu + np.trace(sa) + np.trace(sb) - 2.0 * tr_covmean, 0.0))
 
 
 def fit_text_to_feature_projection(text_emb: np.ndarray, feats: np.ndarray, *, ridge: float = 1e-2) -> np.ndarray:

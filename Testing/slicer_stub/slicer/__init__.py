@@ -32,6 +32,8 @@ _CLASS_PARENTS = {
     "vtkMRMLScriptedModuleNode": "vtkMRMLNode",
     "vtkMRMLSubjectHierarchyNode": "vtkMRMLNode",
     "vtkMRMLLinearTransformNode": "vtkMRMLStorableNode",
+    "vtkMRMLSegmentationNode": "vtkMRMLDisplayableNode",
+    "vtkMRMLSegmentationDisplayNode": "vtkMRMLDisplayNode",
 }
 
 
@@ -241,6 +243,92 @@ class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
     className = "vtkMRMLLabelMapVolumeNode"
 
 
+class vtkSegmentation:
+    """The segments of a segmentation node (IDs only; the stand-in keeps their binary labelmaps on the node)."""
+
+    def __init__(self):
+        self._ids = []
+
+    def GetNumberOfSegments(self):
+        return len(self._ids)
+
+    def GetNthSegmentID(self, index):
+        return self._ids[index]
+
+
+class vtkMRMLSegmentationDisplayNode(vtkMRMLDisplayNode):
+    className = "vtkMRMLSegmentationDisplayNode"
+
+    def __init__(self):
+        super().__init__()
+        self._hidden = set()
+
+    def SetSegmentVisibility(self, segmentID, visible):
+        (self._hidden.discard if visible else self._hidden.add)(segmentID)
+
+    def GetSegmentVisibility(self, segmentID):
+        return segmentID not in self._hidden
+
+    def GetVisibleSegmentIDs(self, segmentIDs):
+        """Fills a vtkStringArray with the visible segments' IDs (the node's segment order)."""
+        node = next(n for n in self._scene.GetNodesByClassList("vtkMRMLSegmentationNode")
+                    if self.GetID() in n._displayNodeIDs)
+        for sid in node.GetSegmentation()._ids:
+            if sid not in self._hidden:
+                segmentIDs.InsertNextValue(sid)
+
+
+class vtkMRMLSegmentationNode(vtkMRMLDisplayableNode):
+    className = "vtkMRMLSegmentationNode"
+
+    def __init__(self):
+        super().__init__()
+        self._segmentation = vtkSegmentation()
+        self._labelmaps = {}
+
+    def GetSegmentation(self):
+        return self._segmentation
+
+    def CreateDefaultDisplayNodes(self):
+        if self.GetDisplayNode() is None and self._scene is not None:
+            self.SetAndObserveDisplayNodeID(self._scene.AddNewNodeByClass("vtkMRMLSegmentationDisplayNode").GetID())
+
+    def _setSegment(self, segmentID, array, ijkToRAS):  # stand-in helper: a segment's binary labelmap (KJI) and geometry
+        if segmentID not in self._segmentation._ids:
+            self._segmentation._ids.append(segmentID)
+        self._labelmaps[segmentID] = (np.asarray(array) > 0, np.asarray(ijkToRAS, float))
+
+
+class _SegmentationsLogic:
+    """slicer.modules.segmentations.logic(): the export the module calls (vtkSlicerSegmentationsModuleLogic)."""
+
+    @staticmethod
+    def ExportSegmentsToLabelmapNode(segmentationNode, segmentIDs, labelmapNode, referenceVolumeNode=None,
+                                     extentComputationMode=None, colorTableNode=None):
+        """Segment n of ``segmentIDs`` (a vtkStringArray) gets label n + 1, resampled (nearest) onto the
+        reference volume's grid; the stand-in needs a reference volume. Returns False for an unknown segment."""
+        if referenceVolumeNode is None:
+            raise NotImplementedError("stand-in exports onto a reference volume only")
+        ref = referenceVolumeNode.GetIJKToRASMatrixArray()
+        shape = np.asarray(referenceVolumeNode._array).shape  # K, J, I
+        k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+        ras = ref @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+        out = np.zeros(i.size, np.uint8)
+        for n in range(segmentIDs.GetNumberOfValues()):
+            sid = segmentIDs.GetValue(n)
+            if sid not in segmentationNode._labelmaps:
+                return False
+            array, ijkToRAS = segmentationNode._labelmaps[sid]
+            ijk = np.rint(np.linalg.inv(ijkToRAS) @ ras).astype(int)[:3]
+            inside = np.all((ijk >= 0) & (ijk < np.array(array.shape[::-1])[:, None]), axis=0)
+            hit = np.zeros(i.size, bool)
+            hit[inside] = array[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
+            out[hit] = n + 1
+        labelmapNode.SetIJKToRASMatrixArray(ref)
+        labelmapNode._array = out.reshape(shape)
+        return True
+
+
 class vtkMRMLColorTableNode(vtkMRMLStorableNode):
     className = "vtkMRMLColorTableNode"
 
@@ -423,6 +511,8 @@ _NODE_CLASSES = {
     "vtkMRMLTableNode": vtkMRMLTableNode,
     "vtkMRMLScriptedModuleNode": vtkMRMLScriptedModuleNode,
     "vtkMRMLLinearTransformNode": vtkMRMLLinearTransformNode,
+    "vtkMRMLSegmentationNode": vtkMRMLSegmentationNode,
+    "vtkMRMLSegmentationDisplayNode": vtkMRMLSegmentationDisplayNode,
 }
 
 
@@ -539,8 +629,16 @@ mrmlScene = vtkMRMLScene()
 app = qSlicerApplication()
 
 
+class _Module:
+    def __init__(self, logic):
+        self._logic = logic
+
+    def logic(self):
+        return self._logic
+
+
 class _Modules:
-    pass
+    segmentations = _Module(_SegmentationsLogic())
 
 
 modules = _Modules()

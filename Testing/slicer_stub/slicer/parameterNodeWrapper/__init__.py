@@ -76,6 +76,23 @@ def _isNodeType(t):
     return isinstance(t, type) and hasattr(t, "className") and t.__module__.startswith("slicer")
 
 
+def _nodeTypes(t):
+    """The node classes of a node type or of a typing.Union of node types (with or without None), else None.
+
+    Slicer's wrapper takes ``typing.Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode, None]`` for a member
+    that holds either kind (its docs: the None is needed for the default None)."""
+    if _isNodeType(t):
+        return (t,)
+    if typing.get_origin(t) is typing.Union:
+        args = typing.get_args(t)
+        nodes = tuple(a for a in args if a is not type(None))
+        if nodes and all(_isNodeType(a) for a in nodes):
+            if type(None) not in args:
+                raise TypeError("a Union of nodes needs None as its last member for the default None (Slicer's rule)")
+            return nodes
+    return None
+
+
 def _member(name, base, validators, default):
     key = name
 
@@ -83,9 +100,10 @@ def _member(name, base, validators, default):
         return self._values.get(key, default)
 
     def setter(self, value):
-        if _isNodeType(base):
-            if value is not None and not isinstance(value, base):
-                raise TypeError(f"{name} must be a {base.__name__}")
+        nodes = _nodeTypes(base)
+        if nodes:
+            if value is not None and not isinstance(value, nodes):
+                raise TypeError(f"{name} must be a {' or '.join(n.__name__ for n in nodes)}")
         elif value is not None and base in (int, float, str, bool):
             if base is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -118,7 +136,7 @@ def parameterNodeWrapper(classtype=None):
                 default = cls.__dict__[name]
             elif defaults:
                 default = defaults[0]
-            elif _isNodeType(base):
+            elif _nodeTypes(base):
                 default = None
             else:
                 default = {int: 0, float: 0.0, str: "", bool: False}.get(base)
