@@ -337,6 +337,19 @@ TEXT_ONLY_FILL_WARNING = (
     "or let the oracle find the lesions (--oracle auto)."
 )
 
+#: Said when lesion filling without a lesion mask fills the oracle's segmentation of a scan whose voxels are
+#: less than half the model voxel's volume: the segmentation is made on the model grid, so lesions smaller
+#: than about one model voxel are not in it and stay. On 6 held-out engine subjects made at 1 × 1 × 3 mm
+#: (``Testing/Benchmarks/bench_fine_filling.py --subjects 6 --seed 0``) the mean absolute error on the
+#: lesion voxels against the exact lesion-free twin went from 0.34 (unedited) to 0.24 only (0.05 with the
+#: true lesion mask): about 70 % of the lesions' contrast remained.
+FINE_ORACLE_FILL_WARNING = (
+    "Lesion filling without a lesion mask on a scan finer than the model ({scan} mm voxels, model {model:g} mm): "
+    "the oracle's segmentation is made on the model grid and misses lesions smaller than about one model voxel, so "
+    "many small lesions stay (on 1 × 1 × 3 mm test subjects about 70 % of the lesions' contrast remained). Give a "
+    "lesion mask (--lesion-mask, or a segmentation in Slicer) to fill exactly the lesions' voxels."
+)
+
 #: Minimum |change| (model units, i.e. fraction of the brain's intensity range × 2) that counts as an edit;
 #: anything smaller is numerical noise and the voxel keeps its original value bit for bit.
 CHANGE_EPS = 0.02
@@ -617,6 +630,9 @@ def edit_scan(
     warnings: list[str] = []
     if filling and not inpaint:
         warnings.append(TEXT_ONLY_FILL_WARNING)
+    if mask_source == "oracle" and scan.voxel_volume_ml < 0.5 * grid.spacing_mm ** 3 / 1000.0:
+        warnings.append(FINE_ORACLE_FILL_WARNING.format(scan=" × ".join(f"{v:.2g}" for v in scan.spacing_mm),
+                                                        model=float(grid.spacing_mm)))
     unknown = unrecognised_prompt_warning(target_prompt)
     if unknown is not None:
         warnings.append(unknown)

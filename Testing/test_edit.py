@@ -515,6 +515,30 @@ def test_lesion_filling_without_a_mask_fills_the_oracle_segmentation(tiny):
                                           **{**kw, "target_prompt": HIGH, "source_prompt": NONE}).report
 
 
+def test_oracle_fill_of_a_scan_finer_than_the_model_warns_that_small_lesions_stay(tiny):
+    from CounterfactualGenLib.pipeline import FINE_ORACLE_FILL_WARNING
+
+    m = load_model(tiny)
+    g, coarse, seg = _scan_on_grid_with_segmentation(m)
+    # the same phantom at half the model's voxel size (an eighth of its volume) over the same field of view
+    fine_affine = g.affine_ras.copy()
+    fine_affine[:3, :3] /= 2.0
+    fine_affine[:3, 3] -= fine_affine[:3, :3] @ np.full(3, 0.5)  # voxel corners aligned with the model grid's
+    fine = Volume(phantom_on(tuple(2 * v for v in g.shape), fine_affine), fine_affine)
+    kw = dict(target_prompt=NONE, source_prompt=HIGH, registration="none", steps=2)
+    prefix = FINE_ORACLE_FILL_WARNING.split("(")[0]
+    r = edit_scan(m, tiny_encoder(), fine, brain_mask=fine.array > 0, oracle=_SegmentationOracle(g, seg), **kw)
+    assert r.report["lesion_mask"] == "oracle"
+    assert [w for w in r.report["warnings"] if w.startswith(prefix)], r.report["warnings"]
+    assert f"model {g.spacing_mm:g} mm" in " ".join(r.report["warnings"])
+    # not on the model's own grid, and not with a lesion mask
+    on_grid = edit_scan(m, tiny_encoder(), coarse, brain_mask=coarse.array > 0, oracle=_SegmentationOracle(g, seg), **kw)
+    masked = edit_scan(m, tiny_encoder(), fine, brain_mask=fine.array > 0, lesion_mask=fine.array > 450,
+                       oracle=_SegmentationOracle(g, seg), **kw)
+    for other in (on_grid, masked):
+        assert not [w for w in other.report["warnings"] if w.startswith(prefix)]
+
+
 def test_null_text_iterations_are_checked(tiny):
     m = load_model(tiny)
     g = m.spec.grid
