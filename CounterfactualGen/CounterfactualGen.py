@@ -177,7 +177,7 @@ class CounterfactualGenParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    brainMask: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]  # None last: Slicer's rule for unions
+    brainMask: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]  # None: Slicer's rule for a default None
     lesionMask: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]
     targetPrompt: str = "Subject has high lesion load."
     sourcePrompt: str = ""
@@ -291,8 +291,8 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first and first.GetAttribute(SYNTHETIC_ATTRIBUTE) != "true":
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")  # (a labelmap is one too)
+            if first and first.GetAttribute(SYNTHETIC_ATTRIBUTE) != "true" and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -966,7 +966,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     def _exportMask(self, node, path, referenceVolume) -> str:
         """A mask node as a file: a labelmap or scalar volume as it is (the command line takes voxels > 0); a
         segmentation (what the Segment Editor makes) as a labelmap of its visible segments on the input volume's
-        grid. The segmentation is not modified; the temporary labelmap node is removed again."""
+        grid. Its segments are not changed; the temporary labelmap and the display and colour nodes Slicer's
+        export makes for it are removed again."""
         if not node.IsA("vtkMRMLSegmentationNode"):
             return self._export(node, path)
         segmentIds = vtk.vtkStringArray()
@@ -992,7 +993,9 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                     name=node.GetName()))
             return self._export(labelmap, path)
         finally:
-            slicer.mrmlScene.RemoveNode(labelmap)
+            # the export gives the labelmap a display node and a new '<segmentation>_ColorTable' node
+            display = labelmap.GetDisplayNode()
+            self.removeNodes([display.GetColorNode() if display is not None else None, labelmap])
 
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
@@ -1194,7 +1197,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         node.SetAttribute("CounterfactualGen.OracleLesionMl", str(reading.get("lesion_ml", "")))
         node.SetAttribute("CounterfactualGen.OracleLesionLoad", str(reading.get("lesion_load", "")))
         node.SetAttribute("CounterfactualGen.OracleDiagnosis", str(reading.get("diagnosis", "")))
-        node.SetDescription(node.GetDescription() + f" Oracle {oracleId} estimates {reading.get('lesion_ml')} ml of "
+        node.SetDescription((node.GetDescription() or "") + f" Oracle {oracleId} estimates {reading.get('lesion_ml')} ml of "
                             f"lesions ({reading.get('lesion_load')}) and {reading.get('diagnosis')}.")
 
     @staticmethod

@@ -87,8 +87,9 @@ FAKE_CLI = textwrap.dedent(r'''
     emit(event="log", level="info", message=f"fake {cmd} starting")
     if mode == "hang":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        with open(os.environ["FAKE_CLI_PIDS"], "w") as f:
+        with open(os.environ["FAKE_CLI_PIDS"] + ".tmp", "w") as f:  # then renamed: the test never reads half a file
             json.dump({"parent": os.getpid(), "child": child.pid}, f)
+        os.replace(os.environ["FAKE_CLI_PIDS"] + ".tmp", os.environ["FAKE_CLI_PIDS"])
         open(os.path.join(out, "partial.nrrd"), "w").write("partial")
         for i in range(1000):
             emit(event="progress", stage="sample", step=i, total=1000, eta_s=100.0)
@@ -686,13 +687,25 @@ def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub,
         return out
 
     monkeypatch.setattr(logic, "_export", export)
-    logic.editBlocking(node, "Subject has no lesions.", lesionMask=seg, steps=2)
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    nodes = logic.editBlocking(node, "Subject has no lesions.", lesionMask=seg, steps=2)
     argv = fake_cli.calls()[-1]["argv"]
     assert argv[argv.index("--lesion-mask") + 1].endswith("lesion_mask.nrrd")
     expected = np.zeros((4, 5, 6), bool)
     expected[1, 2, 3] = expected[2, 0, 0] = True
     np.testing.assert_array_equal(written["lesion_mask.nrrd"] > 0, expected)
-    assert not [n for n in scene.GetNodes() if "temporary" in n.GetName()]  # the temporary labelmap is gone
+    # nothing but the outputs and their helpers is left: not the temporary labelmap, nor the display and colour
+    # table nodes the export made for it
+    outputs = set()
+    for n in nodes.values():
+        outputs.add(n.GetID())
+        if n.IsA("vtkMRMLDisplayableNode"):
+            for i in range(n.GetNumberOfDisplayNodes()):
+                outputs |= {n.GetNthDisplayNode(i).GetID(), n.GetNthDisplayNode(i).GetColorNodeID()}
+        if n.IsA("vtkMRMLStorableNode") and n.GetStorageNode() is not None:
+            outputs.add(n.GetStorageNode().GetID())
+    assert {n.GetID() for n in scene.GetNodes()} - before_ids <= outputs
+    assert not [n for n in scene.GetNodes() if "temporary" in n.GetName() or n.GetName().endswith("_ColorTable")]
     assert seg._labelmaps["brain"][0].sum() == 1 and seg.GetDisplayNode().GetSegmentVisibility("brain") is False
     # without a display node (made by a script) every segment is used
     bare = _segmentation(slicer_stub, "Scripted", [("a", lesion_a, ijk, True), ("brain", hidden, ijk, True)],

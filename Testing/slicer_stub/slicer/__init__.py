@@ -178,6 +178,9 @@ class vtkMRMLDisplayNode(vtkMRMLNode):
     def SetAndObserveColorNodeID(self, nodeID):
         self.colorNodeID = nodeID
 
+    def GetColorNode(self):
+        return self._scene.GetNodeByID(self.GetColorNodeID()) if self._scene and self.GetColorNodeID() else None
+
     def GetColorNodeID(self):
         return self.colorNodeID
 
@@ -326,6 +329,11 @@ class _SegmentationsLogic:
             out[hit] = n + 1
         labelmapNode.SetIJKToRASMatrixArray(ref)
         labelmapNode._array = out.reshape(shape)
+        # as Slicer's export does: a display node for the labelmap and a new colour table named after the
+        # segmentation (vtkSlicerSegmentationsModuleLogic.cxx, ExportSegmentsToLabelmapNode)
+        labelmapNode.CreateDefaultDisplayNodes()
+        colors = labelmapNode._scene.AddNewNodeByClass("vtkMRMLColorTableNode", segmentationNode.GetName() + "_ColorTable")
+        labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
         return True
 
 
