@@ -859,10 +859,12 @@ class BiomedCLIPEncoder(TextEncoder):
 
         try:
             # open_clip's HFTokenizer takes a name or a path; a local path keeps it offline.
+            # tokenizer_mode only when the config sets one: open_clip < 3 has no such argument.
+            mode = {"tokenizer_mode": text_cfg["tokenizer_mode"]} if text_cfg.get("tokenizer_mode") else {}
             self._tokenizer = HFTokenizer(
                 str(tok_dir),
                 context_length=context_length,
-                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **mode,
                 **(text_cfg.get("tokenizer_kwargs") or {}),
             )
             self._text = self._build_text_tower(int(embed_dim), text_cfg, text_dir)
