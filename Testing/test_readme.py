@@ -58,3 +58,22 @@ def test_readme_numbers_are_the_bundled_models_recorded_metrics():
     table = mod.numbers_table(entry["id"], metrics, entry.get("expected_time") or {})
     text = (ROOT / "README.md").read_text()
     assert f"{mod.README_BEGIN}\n{table}\n{mod.README_END}" in text
+
+
+
+def test_lower_bounds_file_matches_pyproject():
+    """Testing/lower_bounds.txt pins every ``name>=X`` of pyproject.toml (torch aside) to the X series, and nothing else."""
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.findall(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?>=([0-9][0-9.]*)[^"]*"', text)
+
+    def norm(name):
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    bounds = {norm(n): v for n, v in deps if norm(n) not in ("torch", "setuptools")}
+    pins = {}
+    for line in (ROOT / "Testing" / "lower_bounds.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[norm(name)] = version.removesuffix(".*")
+    assert pins == bounds
