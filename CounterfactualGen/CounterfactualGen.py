@@ -994,8 +994,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             return self._export(labelmap, path)
         finally:
             # the export gives the labelmap a display node and a new '<segmentation>_ColorTable' node
-            display = labelmap.GetDisplayNode()
-            self.removeNodes([display.GetColorNode() if display is not None else None, labelmap])
+            labelDisplay = labelmap.GetDisplayNode()
+            self.removeNodes([labelDisplay.GetColorNode() if labelDisplay is not None else None, labelmap])
 
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,

@@ -60,7 +60,6 @@ def test_readme_numbers_are_the_bundled_models_recorded_metrics():
     assert f"{mod.README_BEGIN}\n{table}\n{mod.README_END}" in text
 
 
-
 def test_lower_bounds_file_matches_pyproject():
     """Testing/lower_bounds.txt pins every ``name>=X`` of pyproject.toml (torch aside) to the X series, and nothing else."""
     text = (ROOT / "pyproject.toml").read_text()

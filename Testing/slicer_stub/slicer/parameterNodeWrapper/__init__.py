@@ -88,7 +88,7 @@ def _nodeTypes(t):
         nodes = tuple(a for a in args if a is not type(None))
         if nodes and all(_isNodeType(a) for a in nodes):
             if type(None) not in args:
-                raise TypeError("a Union of nodes needs None as its last member for the default None (Slicer's rule)")
+                raise TypeError("a Union of nodes needs None in it for the default None (Slicer's docs)")
             return nodes
     return None
 
