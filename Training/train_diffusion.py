@@ -113,7 +113,7 @@ DEFAULTS: dict[str, Any] = {
     # Guidance extrapolates away from the unconditional prediction, whose lesion load is the
     # population's mean: it pushes a class below the mean (minimal) further down, to none.
     # Not a general calibration: the guided members then come out about as faint as unguided samples
-    # (on the bundled model that helped minimal and emptied moderate and high; README, Coming next).
+    # (on the bundled model that helped minimal and emptied moderate and high; Training/EXPERIMENTS.md).
     "anchor": None,
 }
 
