@@ -887,7 +887,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     # Outputs are asked for as NRRD: its header keeps the SYNTHETIC provenance fields (NIfTI has no place for them).
     @staticmethod
     def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
-                      strength=0.6, nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0,
+                      strength=0.6, nullTextIterations=0, model="", steps=None, guidance=None, seed=0,
                       device="auto", localEdit=False) -> list:
         args = ["edit", "--input", inputPath, "--to", targetPrompt]
         if sourcePrompt:
@@ -903,19 +903,30 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             args += ["--edit-region", "prompt"]
         if model:
             args += ["--model", model]
-        args += ["--steps", str(int(steps)), "--guidance", f"{float(guidance):g}", "--seed", str(int(seed)),
-                 "--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
+        args += CounterfactualGenLogic._samplerArgs(steps, guidance)
+        args += ["--seed", str(int(seed)), "--device", device or "auto", "--format", "nrrd", "--out", outDir,
+                 "--progress-json"]
         return args
 
     @staticmethod
-    def buildGenerateArgs(prompts, outDir, *, model="", steps=30, guidance=2.0, seed=0, device="auto",
+    def _samplerArgs(steps, guidance) -> list:
+        """``--steps`` / ``--guidance`` where given; ``None`` leaves the model's recommended value."""
+        args = []
+        if steps is not None:
+            args += ["--steps", str(int(steps))]
+        if guidance is not None:
+            args += ["--guidance", f"{float(guidance):g}"]
+        return args
+
+    @staticmethod
+    def buildGenerateArgs(prompts, outDir, *, model="", steps=None, guidance=None, seed=0, device="auto",
                           share=None, separation=None) -> list:
         args = ["generate"]
         if model:
             args += ["--model", model]
         for prompt in prompts:
             args += ["--prompt", prompt]
-        args += ["--seed", str(int(seed)), "--steps", str(int(steps)), "--guidance", f"{float(guidance):g}"]
+        args += ["--seed", str(int(seed))] + CounterfactualGenLogic._samplerArgs(steps, guidance)
         if share is not None:  # None: the model's default
             args += ["--share", f"{float(share):g}"]
         if separation is not None:  # None: the model's default
@@ -924,10 +935,15 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         return args
 
     @staticmethod
+    def _samplerText(steps, guidance) -> str:
+        return (f"{'model default' if steps is None else int(steps)} steps, guidance "
+                f"{'model default' if guidance is None else f'{float(guidance):g}'}")
+
+    @staticmethod
     def _validateCommon(model, steps, guidance, device) -> None:
-        if int(steps) < 1:
+        if steps is not None and int(steps) < 1:
             raise ValueError(_("The number of steps must be at least 1."))
-        if float(guidance) < 0:
+        if guidance is not None and float(guidance) < 0:
             raise ValueError(_("Guidance must not be negative."))
         if device not in ("auto", "cpu") and not re.fullmatch(r"cuda:\d+", device or ""):
             raise ValueError(_("Unknown device '{device}': use auto, cpu or cuda:N.").format(device=device))
@@ -999,7 +1015,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
-                  nullTextIterations=0, model="", steps=30, guidance=2.0, seed=0, device="auto",
+                  nullTextIterations=0, model="", steps=None, guidance=None, seed=0, device="auto",
                   outputDir=None, localEdit=False) -> CounterfactualGenRun:
         """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``."""
         if inputVolume is None:
@@ -1030,7 +1046,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                 return self.loadEditOutputs(summaries[0], inputVolume)
 
             describe = ["Edit", repr(inputVolume.GetName()), "->", repr(targetPrompt.strip()),
-                        f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, seed {int(seed)},"
+                        f"(model {model or 'default'}, {self._samplerText(steps, guidance)}, seed {int(seed)},"
                         f" device {device})"]
             return CounterfactualGenRun(self, "edit", [(args, outDir, device)], workDir, ownsOutputDir, loader, describe)
         except Exception:
@@ -1046,7 +1062,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         return self._nodesByRole(run.nodes)
 
     # ------------------------------------------------------------------ generate
-    def startGenerate(self, prompts, *, count=1, model="", steps=30, guidance=2.0, seed=0, device="auto",
+    def startGenerate(self, prompts, *, count=1, model="", steps=None, guidance=None, seed=0, device="auto",
                       share=None, separation=None, outputDir=None) -> CounterfactualGenRun:
         """Start generating ``count`` series (seeds seed..seed+count-1), one volume per prompt.
 
@@ -1083,7 +1099,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             return nodes
 
         describe = ["Generate", str(int(count)), "subject(s) x", str(len(prompts)), "description(s)",
-                    f"(model {model or 'default'}, {int(steps)} steps, guidance {float(guidance):g}, "
+                    f"(model {model or 'default'}, {self._samplerText(steps, guidance)}, "
                     f"shared steps {'model default' if share is None else f'{float(share):g}'}, separation "
                     f"{'model default' if separation is None else f'{float(separation):g}'}, seed {int(seed)},"
                     f" device {device})"]

@@ -896,6 +896,26 @@ def test_generate_passes_share_and_the_real_cli_accepts_it(logic, scene, slicer_
         logic.startGenerate(["x"], separation=-1.0)
 
 
+def test_steps_and_guidance_left_out_are_the_models_own(logic, scene, slicer_stub, fake_cli, batch):
+    """Called without steps/guidance (the Python console, headless batch), the logic passes neither,
+    so the command line uses the model's recommended settings, not fixed numbers of the module's."""
+    from CounterfactualGenLib.cli import build_parser
+
+    logic.editBlocking(_input_volume(slicer_stub), "Subject has high lesion load.")
+    argv = fake_cli.calls()[-1]["argv"]
+    assert "--steps" not in argv and "--guidance" not in argv
+    parsed = build_parser().parse_args(argv)
+    assert parsed.steps is None and parsed.guidance is None  # the CLI's "model default"
+    logic.generateBlocking(["Subject has no lesions."])
+    argv = fake_cli.calls()[-1]["argv"]
+    assert "--steps" not in argv and "--guidance" not in argv
+    logic.generateBlocking(["Subject has no lesions."], steps=3, guidance=1.5)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--steps") + 1] == "3" and argv[argv.index("--guidance") + 1] == "1.5"
+    args = batch.parseArguments(["--input", "a", "--to", "t", "--out", "o"])
+    assert args.steps is None and args.guidance is None
+
+
 def test_install_dependencies_one_confirmation(cfg, slicer_stub, monkeypatch):
     lg = cfg.CounterfactualGenLogic()
     monkeypatch.setattr(cfg.CounterfactualGenLogic, "missingDependencies",

@@ -4,7 +4,7 @@ Usage (no window is opened; the layout manager and main window are never touched
 
     Slicer --no-splash --no-main-window --python-script CounterfactualGen/Scripts/batch.py \\
         --input DIR --to "Subject has high lesion load." --out DIR [--from "..."] \\
-        [--model ID_OR_FOLDER] [--device auto|cpu|cuda:0] [--steps 30] [--guidance 2.0] \\
+        [--model ID_OR_FOLDER] [--device auto|cpu|cuda:0] [--steps N] [--guidance G] \\
         [--seed 0] [--strength 0.6]
 
 For each ``DIR/<name>.nrrd|.nii|.nii.gz|.nhdr|.mha|.mhd`` the outputs of the command line
@@ -41,8 +41,8 @@ def parseArguments(argv):
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--model", default="", help="registry id or model folder (default: bundled model)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strength", type=float, default=0.6)
     return parser.parse_args(argv)
