@@ -251,8 +251,6 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.refreshDevices)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-        self.ui.openModelCacheButton.connect("clicked(bool)", self.onOpenModelCache)
-        self.ui.clearModelCacheButton.connect("clicked(bool)", self.onClearModelCache)
 
         self.initializeParameterNode()
         self._updateDependencyStatus()
@@ -562,21 +560,6 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updateDependencyStatus()
         self.refreshDevices()
 
-    def onOpenModelCache(self) -> None:
-        path = self.logic.modelCacheDir(create=True)
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(path))
-
-    def onClearModelCache(self) -> None:
-        path = self.logic.modelCacheDir(create=False)
-        if not os.path.isdir(path):
-            slicer.util.infoDisplay(_("The model cache is empty."), windowTitle=_("CounterfactualGen"))
-            return
-        if slicer.util.confirmOkCancelDisplay(
-                _("Delete all downloaded models in\n{path}?\nBundled models are not affected.").format(path=path),
-                windowTitle=_("Clear model cache")):
-            self.logic.clearModelCache()
-            self._updateModelInfo()
-
 
 #
 # Run bookkeeping
@@ -740,25 +723,11 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def sampleDataPath() -> str | None:
         folder = os.path.join(CounterfactualGenLogic.sharedResourcesDir(), "SampleData")
-        preferred = os.path.join(folder, "CounterfactualGenSample.nrrd")
-        if os.path.isfile(preferred):
-            return preferred
         if os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
                 if name.lower().endswith((".nrrd", ".nii.gz", ".nii", ".nhdr")):
                     return os.path.join(folder, name)
         return None
-
-    @staticmethod
-    def modelCacheDir(create: bool = False) -> str:
-        """Where downloaded models are kept (the user can open and clear it)."""
-        path = os.path.join(slicer.app.cachePath, "CounterfactualGen", "Models")
-        if create:
-            os.makedirs(path, exist_ok=True)
-        return path
-
-    def clearModelCache(self) -> None:
-        shutil.rmtree(self.modelCacheDir(), ignore_errors=True)
 
     @staticmethod
     def registeredModels():
@@ -871,7 +840,6 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         if parent:
             old = env.get("PYTHONPATH", "")
             env["PYTHONPATH"] = parent + (os.pathsep + old if old else "")
-        env["COUNTERFACTUALGEN_CACHE_DIR"] = self.modelCacheDir()
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = "-1"
         return env

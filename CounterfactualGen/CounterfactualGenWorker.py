@@ -43,7 +43,7 @@ EXIT_CODE_KINDS = {2: "UsageError", 3: "InputError", 4: "ModelError", 130: "Canc
 _ADVICE = {
     "InputError": "Check the input volume and the optional masks (they must overlap the scan), then try again.",
     "ModelError": ("Check the model: choose the bundled model, or a folder that holds a model.json and its "
-                   "*.safetensors files. A damaged download can be removed with 'Clear model cache'."),
+                   "*.safetensors files; a folder whose files fail their SHA-256 check must be copied again."),
     "OutOfMemory": ("The device ran out of memory. Choose the CPU device, use fewer steps, or close other programs "
                     "that use the GPU, then try again."),
     "Cancelled": "The run was cancelled; partial outputs were removed.",

@@ -439,6 +439,11 @@ def test_every_resource_the_module_loads_is_packaged():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     for pattern in ("Resources/Models.json", "Resources/Models/*", "Resources/Templates/*", "Resources/SampleData/*"):
         assert pattern in _cmake_glob_patterns(text, "COUNTERFACTUALGEN_SHARED_RESOURCES")
+    # every file of the shared Resources folder: the library reads them at run time (the lesion library
+    # through the synthetic engine, which evaluate and the training scripts use)
+    shared = {str(p.relative_to(REPO)) for p in (REPO / "Resources").rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts}
+    assert not shared - packaged, f"not packaged: {sorted(shared - packaged)[:5]}"
 
 
 def test_packaging_check_can_fail(tmp_path, monkeypatch):
