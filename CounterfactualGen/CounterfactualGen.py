@@ -855,7 +855,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         return worker
 
     # ------------------------------------------------------------------ commands
-    # Outputs are asked for as NRRD: its header keeps the SYNTHETIC provenance fields (NIfTI has no place for them).
+    # Outputs are asked for as NRRD: Slicer reads its header fields, SYNTHETIC provenance included, into the node
+    # (a NIfTI keeps them only in its 80-character descrip and a JSON sidecar).
     @staticmethod
     def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
                       strength=0.6, nullTextIterations=0, model="", steps=None, guidance=None, seed=0,

@@ -1,4 +1,9 @@
-"""What changed, made visible: montages, difference maps, change labelmaps, lesion statistics."""
+"""What changed, made visible: series montages and edit previews as PNG images.
+
+The difference map, the change labelmap and the lesion statistics of an edit are computed in
+:mod:`CounterfactualGenLib.pipeline` (:func:`~CounterfactualGenLib.pipeline.change_labels`); this module
+only draws them.
+"""
 
 from __future__ import annotations
 

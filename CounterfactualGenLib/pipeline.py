@@ -1,4 +1,4 @@
-"""Pipelines: generate counterfactual series from text (and, later, edit real scans).
+"""Pipelines: generate counterfactual series from text (:func:`generate_series`) and edit real scans (:func:`edit_scan`).
 
 The pipeline owns device, dtype, guidance and progress; networks (``nets/``) know
 nothing about noise and samplers (``sampling/``) know nothing about networks.
@@ -28,7 +28,7 @@ from .models import DiffusionModel, check_text_encoder
 from .volume import Volume
 
 __all__ = ["Reporter", "select_device", "list_devices", "generate_series", "GeneratedSeries", "OUTPUT_SCALE",
-           "read_series"]
+           "read_series", "edit_scan", "EditResult"]
 
 #: Generated images are written with background 0 and the brain's 99.5th percentile at this value.
 OUTPUT_SCALE = 1000.0

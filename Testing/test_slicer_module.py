@@ -315,6 +315,33 @@ def test_no_torch_or_library_import_anywhere_in_module_code():
                         f"{path.name} imports {name}: heavy work must run in the worker process")
 
 
+SLICER_SIDE = ("slicer", "qt", "ctk", "vtk", "mrml", "sitkUtils", "PythonQt", "CounterfactualGen")
+
+
+def _slicer_side_imports(path: Path):
+    """Imports in ``path`` (anywhere in the file, lazy ones included) of a Slicer-only module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        found += [n for n in names if n.split(".")[0] in SLICER_SIDE]
+    return found
+
+
+def test_library_never_imports_slicer_qt_or_vtk():
+    """The boundary of the architecture: CounterfactualGenLib runs in plain Python (the command line,
+    the worker process, CI); only the module in CounterfactualGen/ may import Slicer's modules."""
+    files = sorted((REPO / "CounterfactualGenLib").rglob("*.py"))
+    assert len(files) > 20
+    offenders = {str(p.relative_to(REPO)): _slicer_side_imports(p) for p in files}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert _slicer_side_imports(MODULE_FILE)  # the check sees the module's own imports
+
+
 def test_module_imports_with_stub_and_registers(cfg, slicer_stub):
     parent = type("Parent", (), {})()
     cfg.CounterfactualGen(parent)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the 3D KL autoencoder of the latent family (MONAI AutoencoderKL; MAISI-style 4×).
 
-    python Training/train_autoencoder.py --config Training/configs/ae_tiny.json --out runs/ae
+    python Training/train_autoencoder.py --config my_ae.json --out runs/ae   # keys and defaults: DEFAULTS below
     torchrun --nproc_per_node=4 Training/train_autoencoder.py --config ... --out ...
 
 Loss: L1 reconstruction + β·KL (Rombach et al. 2022; MAISI trains its VAE the same way

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import InputError, ModelError
+from ..volume import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -407,18 +408,6 @@ class TinyHashEncoder(TextEncoder):
 # ---------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (weights are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def hf_hub_cache_dir() -> Path:
