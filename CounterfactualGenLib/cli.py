@@ -298,7 +298,7 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
 def _load_oracle(arg: str | None, model, ev: Events,
                  purpose: str = "reads lesion volumes before and after the edit"):
     """The oracle for an edit's before/after lesion volumes (or a generated series' readings):
-    a folder, ``none``, or ``auto``.
+    a folder, a registered oracle id, ``none``, or ``auto``.
 
     ``auto`` (default) uses the bundled oracle when it is installed and reads the model's
     contrast; otherwise the edit runs without one and says so.
@@ -558,8 +558,8 @@ def _common(p: argparse.ArgumentParser, *, seed: int = 0) -> None:
 
 def _oracle_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle", default="auto",
-                   help="oracle folder that reads each generated volume's lesion ml and diagnosis (summary.json, "
-                        "montage); auto = the bundled one if installed, none = skip")
+                   help="oracle folder or registered oracle id that reads each generated volume's lesion ml and "
+                        "diagnosis (summary.json, montage); auto = the bundled one if installed, none = skip")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -607,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "source and target prompts disagree (DiffEdit): much less change to healthy tissue, "
                             "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py)")
         e.add_argument("--oracle", default="auto",
-                       help="oracle folder for lesion ml before/after; auto = the bundled one if installed, none = skip")
+                       help="oracle folder or registered oracle id for lesion ml before/after; auto = the bundled one "
+                            "if installed, none = skip")
         e.add_argument("--max-voxels", type=int, default=512**3, help="refuse larger inputs (default 512³)")
         add_text_encoder_argument(e)
         e.add_argument("--out", required=True, help="output folder")

@@ -161,6 +161,23 @@ def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
         mod.revalidate(folder, tmp_path / "run", calibration_subjects=3)
 
 
+def test_resolve_oracle_takes_a_folder_or_a_registered_id(tmp_path):
+    """--oracle takes the id Resources/Models.json registers, as --model does; a model's id is not an oracle."""
+    from CounterfactualGenLib.errors import ModelError
+    from CounterfactualGenLib.evaluation.oracle import resolve_oracle
+
+    (tmp_path / "Models" / "o1").mkdir(parents=True)
+    (tmp_path / "Models" / "o1" / "oracle.json").write_text("{}")
+    (tmp_path / "Models.json").write_text(json.dumps({"models": [
+        {"id": "my-oracle", "kind": "oracle", "path": "o1"}, {"id": "my-model", "path": "m1"}]}))
+    assert resolve_oracle("my-oracle", resources=tmp_path) == tmp_path / "Models" / "o1"
+    assert resolve_oracle(str(tmp_path / "Models" / "o1"), resources=tmp_path) == tmp_path / "Models" / "o1"
+    with pytest.raises(ModelError, match=r"Registered oracles: \['my-oracle'\]"):
+        resolve_oracle("my-model", resources=tmp_path)
+    with pytest.raises(ModelError, match="No oracle at"):
+        resolve_oracle(str(tmp_path), resources=tmp_path)  # a folder without oracle.json
+
+
 @pytest.mark.skipif(not (ROOT / "Resources" / "Models" / "oracle-5mm" / "oracle.json").exists(),
                     reason="bundled oracle not present")
 def test_bundled_oracle_loads_and_reads_engine_subjects():

@@ -468,9 +468,21 @@ def default_oracle_path() -> Path:
     return RESOURCES / "Models" / "oracle-5mm"
 
 
-def resolve_oracle(name_or_path: str | None) -> Path:
-    """An oracle folder from a path, or None → the bundled ``Resources/Models/oracle-5mm``."""
+def resolve_oracle(name_or_path: str | None, *, resources: Path | None = None) -> Path:
+    """An oracle folder from a path, an oracle's id in ``Resources/Models.json`` (e.g. ``oracle-flair-5mm``),
+    or None → the bundled ``Resources/Models/oracle-5mm``."""
+    from ..models import RESOURCES, registry
+
+    res = resources or RESOURCES
     p = default_oracle_path() if name_or_path is None else Path(name_or_path).expanduser()
+    if name_or_path is not None and not p.exists():
+        entries = [e for e in registry(res) if e.get("kind") == "oracle"]
+        entry = next((e for e in entries if e.get("id") == name_or_path), None)
+        if entry is None:
+            ids = [e.get("id") for e in entries]
+            raise ModelError(f"No oracle folder or registered oracle called '{name_or_path}'. "
+                             f"Registered oracles: {ids or 'none'}.")
+        p = res / "Models" / entry["path"]
     if not (p / "oracle.json").exists():
         raise ModelError(f"No oracle at {p}. Train one with Training/train_oracle.py, or pass --oracle FOLDER.")
     return p

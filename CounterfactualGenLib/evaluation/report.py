@@ -672,7 +672,7 @@ def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
 def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
     """Register ``counterfactualgen evaluate`` on the CLI's subparsers (``common`` adds --model/--seed/…)."""
     p = sub.add_parser("evaluate", help="measure a model's counterfactual series with the oracle: report.json/.md/.png")
-    p.add_argument("--oracle", default=None, help="oracle folder (default: Resources/Models/oracle-5mm)")
+    p.add_argument("--oracle", default=None, help="oracle folder or registered oracle id (default: Resources/Models/oracle-5mm)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds, --seed … --seed+N−1 (default {EVAL_SEEDS}; --quick 2)")
     p.add_argument("--reference", type=int, default=None,
