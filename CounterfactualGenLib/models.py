@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import InputError, ModelError
 from .geometry import ModelGrid
-from .volume import sha256_file
+from .volume import sha256_file, umask_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -275,6 +275,7 @@ def _write_state(state: Mapping[str, "torch.Tensor"], folder: Path, stem: str, d
     for i, c in enumerate(chunks):
         name = f"{stem}.safetensors" if len(chunks) == 1 else f"{stem}-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
         save_file(c, str(folder / name), metadata={"format": FORMAT})
+        os.chmod(folder / name, umask_mode())  # safetensors writes 0600
         parts.append({"name": name, "role": stem, "sha256": sha256_file(folder / name),
                       "bytes": (folder / name).stat().st_size})
     return parts
@@ -301,6 +302,7 @@ def save_model(model: DiffusionModel, folder: str | os.PathLike, *, dtype: "torc
         raise InputError(f"Model folder {out} already exists; pass overwrite=True to replace it.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-model-", dir=str(out.parent)))
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         files = _write_state(model.denoiser.state_dict(), tmp, "denoiser", dtype)
         if model.autoencoder is not None:

@@ -28,7 +28,7 @@ from .models import DiffusionModel, check_text_encoder
 from .volume import Volume
 
 __all__ = ["Reporter", "select_device", "list_devices", "generate_series", "GeneratedSeries", "OUTPUT_SCALE",
-           "read_series", "edit_scan", "EditResult"]
+           "read_series", "edit_scan", "EditResult", "to_model_space", "ModelSpaceScan"]
 
 #: Generated images are written with background 0 and the brain's 99.5th percentile at this value.
 OUTPUT_SCALE = 1000.0
@@ -390,6 +390,66 @@ def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 2.
 MODEL_INPUT_RANGE = (-1.0, 1.5)
 
 
+@dataclass
+class ModelSpaceScan:
+    """A scan brought into a model's space by :func:`to_model_space`."""
+
+    mapping: Any  # geometry.ModelSpaceMapping
+    brain_mask: np.ndarray  # bool, on the scan's grid
+    norm: Any  # intensity.IntensityNormalizer
+    x_model: np.ndarray  # the scan on the model grid, in model units
+    brain_model: np.ndarray  # bool, the brain on the model grid
+    correlation: float | None  # registration QC (None without registration)
+
+
+def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_brain: np.ndarray | None, *,
+                   brain_mask: np.ndarray | None = None, registration: str = "affine", contrast: str = "",
+                   upper_percentile: float = 99.5,
+                   min_correlation: float = MIN_REGISTRATION_CORRELATION) -> ModelSpaceScan:
+    """A scan in a model's space: affine registration to the model's template (or none), the brain
+    mask (``brain_mask``, else the template's brain carried back, else an estimate), the scan resampled
+    onto the model grid and its intensities normalised (background −1, brain p``upper_percentile`` +1).
+
+    One function for both sides of a model: :func:`edit_scan` brings the scan to edit here, and
+    ``Training/train_diffusion.py`` brings each scan of a manifest here, so a model trained on your
+    scans sees them exactly as its edits will.
+
+    Raises:
+        InputError: the registration's correlation inside the template brain is below
+            ``min_correlation`` (not a brain MRI of that contrast?), or the brain mask is empty.
+    """
+    from .geometry import ModelSpaceMapping, estimate_brain_mask, register_affine
+    from .intensity import IntensityNormalizer
+
+    score = None
+    if registration == "affine":
+        if template is None:
+            raise InputError("Registration needs the model's template image.")
+        reg = register_affine(scan, template, template_mask=template_brain)
+        score = float(reg.correlation)
+        if score < min_correlation:
+            raise InputError(
+                f"Registration to the model's template failed (correlation {score:.2f} < {min_correlation}). "
+                f"Check the scan is a brain MRI in the model's contrast ({contrast}), or pass a brain mask.")
+        mapping = ModelSpaceMapping(grid, scan.shape, scan.affine_ras, reg.model_to_source_world)
+    elif registration == "none":
+        mapping = ModelSpaceMapping(grid, scan.shape, scan.affine_ras, np.eye(4))
+    else:
+        raise InputError(f"Unknown registration '{registration}'; use affine or none.")
+    if brain_mask is None:
+        if template_brain is not None:
+            brain_mask = mapping.to_source(np.asarray(template_brain, np.float32), interpolation="nearest") > 0.5
+        else:
+            brain_mask = estimate_brain_mask(scan)
+    brain_mask = np.asarray(brain_mask) > 0
+    if brain_mask.sum() < 100:
+        raise InputError("The brain mask on the scan has almost no voxels; registration or the mask is wrong.")
+    norm = IntensityNormalizer.fit(scan.array, brain_mask, upper_percentile=float(upper_percentile))
+    x_model = norm.forward(mapping.to_model(scan, default=norm.low))
+    brain_model = mapping.to_model(brain_mask.astype(np.float32), interpolation="nearest") > 0.5
+    return ModelSpaceScan(mapping, brain_mask, norm, x_model, brain_model, score)
+
+
 def edit_scan(
     model: DiffusionModel,
     text_encoder: Any,
@@ -487,8 +547,6 @@ def edit_scan(
     """
     import torch
 
-    from .geometry import ModelSpaceMapping, register_affine
-    from .intensity import IntensityNormalizer
     from .nets.attention import AttentionControl
     from .sampling.editing import (InjectSourceAttention, align_tokens, optimise_null_text, partial_grid,
                                    prompt_change_map, region_from_change_map)
@@ -529,38 +587,16 @@ def edit_scan(
 
     # -- 1. spatial + intensity normalisation ------------------------------------------
     rep.start("register")
-    score = None
-    if registration == "affine":
-        template = model.template("image")
-        tmask = model.template("brain_mask").array > 0.5
-        reg = register_affine(scan, template, template_mask=tmask)
-        score = reg.correlation
+    has_template_mask = bool(model.spec.template.get("brain_mask")) and model.path is not None
+    ms = to_model_space(scan, grid, model.template("image") if registration == "affine" else None,
+                        model.template("brain_mask").array > 0.5 if has_template_mask else None,
+                        brain_mask=brain_mask, registration=registration, contrast=model.spec.contrast,
+                        upper_percentile=float(model.spec.intensity.get("upper_percentile", 99.5)),
+                        min_correlation=min_registration_correlation)
+    mapping, brain_mask, norm, x_model, brain_model, score = (ms.mapping, ms.brain_mask, ms.norm, ms.x_model,
+                                                              ms.brain_model, ms.correlation)
+    if score is not None:
         rep.log(f"Registered to the model template: correlation {score:.3f} inside the template brain.")
-        if score < min_registration_correlation:
-            raise InputError(
-                f"Registration to the model's template failed (correlation {score:.2f} < "
-                f"{min_registration_correlation}). Check the scan is a brain MRI in the model's contrast "
-                f"({model.spec.contrast}), or pass a brain mask."
-            )
-        mapping = ModelSpaceMapping(grid, scan.shape, scan.affine_ras, reg.model_to_source_world)
-    elif registration == "none":
-        mapping = ModelSpaceMapping(grid, scan.shape, scan.affine_ras, np.eye(4))
-    else:
-        raise InputError(f"Unknown registration '{registration}'; use affine or none.")
-    if brain_mask is None:
-        if model.spec.template.get("brain_mask") and model.path is not None:
-            brain_mask = mapping.to_source(model.template("brain_mask").array, interpolation="nearest") > 0.5
-        else:
-            from .geometry import estimate_brain_mask
-
-            brain_mask = estimate_brain_mask(scan)
-    brain_mask = np.asarray(brain_mask) > 0
-    if brain_mask.sum() < 100:
-        raise InputError("The brain mask on the scan has almost no voxels; registration or the mask is wrong.")
-    norm = IntensityNormalizer.fit(scan.array, brain_mask,
-                                   upper_percentile=float(model.spec.intensity.get("upper_percentile", 99.5)))
-    x_model = norm.forward(mapping.to_model(scan, default=norm.low))
-    brain_model = mapping.to_model(brain_mask.astype(np.float32), interpolation="nearest") > 0.5
     rep.end("register")
 
     # -- oracle reading of the scan (brain only, model space) ------------------------------

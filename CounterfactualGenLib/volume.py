@@ -47,6 +47,7 @@ __all__ = [
     "write_volume",
     "validate_volume",
     "sha256_file",
+    "umask_mode",
     "sidecar_path",
     "SYNTHETIC_KEY",
     "DEFAULT_MAX_VOXELS",
@@ -213,6 +214,15 @@ def _suffix(path: Path) -> str:
         if name.endswith(s):
             return s
     return path.suffix.lower()
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The permissions ``open()`` / ``mkdir()`` give under the process umask. ``tempfile.mkstemp`` and
+    ``mkdtemp`` (used for atomic writes) create 0600 / 0700, which would hide every output from the
+    other users of a shared machine; the atomic writers set this mode instead."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -415,6 +425,7 @@ def write_volume(
 
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=str(p.parent))
     os.close(fd)
+    os.chmod(tmp, umask_mode())
     tmp_side = None
     try:
         if suffix in NIFTI_SUFFIXES:

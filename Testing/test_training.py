@@ -544,3 +544,51 @@ def test_series_misses_counts_faint_and_strong_members_from_a_report(tmp_path, c
     assert rows["none"][1:3] == ["0", "1"] and rows["minimal"][1:3] == ["1", "0"]
     assert rows["moderate"][:3] == ["9.00", "1", "1"] and rows["high"][1:3] == ["0", "0"]
     assert rows["moderate"][3] == "0.20 / 2.50"  # the minimal member where moderate was faint vs elsewhere
+
+
+def _train_proc(config, out, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
+                           "--out", str(out), *extra], cwd=out.parent, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+
+
+def test_a_run_folder_is_never_trained_over(tmp_path, config):
+    """Training into a folder that holds a run needs --resume; --resume needs a checkpoint of the same network."""
+    out = tmp_path / "run"
+    assert _train_proc(config, out).returncode == 0
+    before = {p: p.read_bytes() for p in (out / "ckpt" / "last.safetensors", out / "log.csv", out / "model" / "model.json")}
+    p = _train_proc(config, out)
+    assert p.returncode == 2 and "already holds a training run" in p.stderr and "--resume" in p.stderr
+    assert {q: q.read_bytes() for q in before} == before  # nothing was changed
+    p = _train_proc(config, tmp_path / "empty", "--resume")
+    assert p.returncode == 2 and "has no checkpoint" in p.stderr
+    p = _train_proc(config, out, "--resume", "--set", 'grid={"shape": [16, 16, 24], "spacing_mm": 10.0, '
+                                                     '"center_ras": [0.0, -18.0, 8.0]}')
+    assert p.returncode == 2 and "other ['grid']" in p.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_log(tmp_path, config):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
+                             "--out", str(out), "--set", "iterations=100000", "--set", "checkpoint_every=100000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    log = out / "log.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    saved = json.loads((out / "ckpt" / "state.json").read_text())["step"]
+    assert saved >= 3 and f"Interrupted at step {saved}" in err and "--resume" in err
+    assert not (out / "model").exists()  # the model is written when training ends, not on an interrupt
+    _run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config), "--out", str(out),
+          "--resume", "--set", f"iterations={saved + 2}"], tmp_path)
+    steps = [int(r["step"]) for r in csv.DictReader(log.open())]
+    assert steps == list(range(1, saved + 3))  # no step twice, none missing
+    assert (out / "model" / "model.json").exists()

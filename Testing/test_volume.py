@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,26 @@ def test_validate_refuses_sheared_nrrd_write(tmp_path):
         write_volume(v, tmp_path / "s.nrrd")
     w = read_volume(write_volume(v, tmp_path / "s.nii.gz"))  # NIfTI's sform stores shear
     np.testing.assert_allclose(w.affine_ras, a, atol=1e-6)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_outputs_get_the_users_umask_not_the_temp_files_0600(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the written files and model folders must get
+    what a plain write gives (0644/0755 under umask 022), or nobody else on a shared machine can read them."""
+    import stat
+
+    from CounterfactualGenLib.volume import umask_mode
+
+    old = os.umask(0o022)
+    try:
+        assert umask_mode() == 0o644 and umask_mode(directory=True) == 0o755
+        for name in ("v.nii.gz", "v.nrrd"):
+            write_volume(Volume(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / name)
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+        from tiny_model import build_tiny_model
+
+        folder = build_tiny_model(tmp_path / "model", with_templates=True)
+        assert stat.S_IMODE(Path(folder).stat().st_mode) == 0o755
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in Path(folder).iterdir())
+    finally:
+        os.umask(old)

@@ -14,7 +14,6 @@ latent scale is measured on training data; ``train_diffusion.py`` takes it with
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -30,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from CounterfactualGenLib.errors import ModelError  # noqa: E402
+from CounterfactualGenLib.config import load_config  # noqa: E402
+from CounterfactualGenLib.errors import InputError, ModelError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
-from CounterfactualGenLib.volume import sha256_file  # noqa: E402
+from CounterfactualGenLib.volume import sha256_file, umask_mode  # noqa: E402
 
 import train_diffusion as td  # noqa: E402  (shared data pool, DDP setup)
 
@@ -58,6 +58,7 @@ def save_autoencoder(ae, folder: Path, summary: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".partial-autoencoder.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}, str(tmp))
+    os.chmod(tmp, umask_mode())  # safetensors writes 0600
     os.replace(tmp, folder / "autoencoder.safetensors")
     spec = {"config": ae.config, "sha256": sha256_file(folder / "autoencoder.safetensors"), "training": summary}
     (folder / "autoencoder.json").write_text(json.dumps(spec, indent=2))
@@ -82,6 +83,9 @@ def load_autoencoder(folder: Path):
 def train(cfg: dict, out: Path) -> Path:
     from CounterfactualGenLib.nets.autoencoder import build_autoencoder, default_autoencoder_config
 
+    if (cfg.get("data") or {}).get("kind", "synthetic") != "synthetic":
+        raise InputError("train_autoencoder.py trains on the synthetic engine only (data.kind \"synthetic\"); "
+                         "a manifest of your scans is read by train_diffusion.py.")
     rank, world, device = td.ddp_setup()
     torch.manual_seed(cfg["seed"] + rank)
     grid = ModelGrid.from_dict(cfg["grid"])
@@ -143,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
     args = ap.parse_args(argv)
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg.update(json.loads(Path(args.config).read_text()))
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        cfg[k] = json.loads(v)
+    try:
+        cfg = load_config(DEFAULTS, args.config, args.set)
+    except InputError as exc:
+        ap.error(str(exc))
     train(cfg, Path(args.out))
     return 0
 

@@ -43,9 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from CounterfactualGenLib.config import load_config  # noqa: E402
 from CounterfactualGenLib.errors import InputError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
+from CounterfactualGenLib.manifest import Manifest, ManifestRow, prompt_config_from_dict, read_manifest  # noqa: E402
 from CounterfactualGenLib.models import DiffusionModel, ModelSpec, save_model  # noqa: E402
+from CounterfactualGenLib.volume import umask_mode  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "id": "cfg-wdm-custom",
@@ -56,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "grid": {"shape": [40, 48, 40], "spacing_mm": 4.0, "center_ras": [0.0, -18.0, 8.0]},
     "contrast": "FLAIR",
     "text_encoder": {"id": "minilm-l6-v2", "max_tokens": 24},
+    # data.kind "synthetic" (the engine) or "manifest": data.manifest is a CSV of your scans
+    # (CounterfactualGenLib/manifest.py: columns, checks), data.prompts how its tabular columns
+    # become prompts (default: the columns it has), data.ignore_columns columns to leave alone.
     # data.lesion_class_draw (synthetic pool only), e.g. {"minimal": 2}: subjects of that
     # lesion-load class are drawn that many times as often; the pool itself stays balanced.
     "data": {"kind": "synthetic", "manifest": None, "paraphrase_prob": 0.3},
@@ -227,45 +233,58 @@ def pool_prompt_set() -> list[str]:
     return list(dict.fromkeys(lesion + dx + [f"{a} {b}" for a in lesion for b in dx]))
 
 
-def manifest_stream(cfg: dict, grid: ModelGrid, seed: int) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
-    """(image, prompt, lesion mask) from a manifest CSV, each mapped onto the model grid.
+def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest
+                    ) -> Iterator[tuple[np.ndarray, ManifestRow, np.ndarray]]:
+    """(image on the model grid, its manifest row, lesion mask on the grid), drawn at random from a
+    checked manifest (:func:`CounterfactualGenLib.manifest.read_manifest`).
 
-    The lesion mask comes from the optional ``lesion_mask`` column (zeros without one).
+    Each scan is brought into the model's space once, and cached, by the function edits use
+    (:func:`CounterfactualGenLib.pipeline.to_model_space`): affine registration to the template the
+    model ships (:func:`edit_templates`), the row's brain mask or the template's, intensities
+    normalised. The lesion mask is zeros for a row without one.
     """
-    from CounterfactualGenLib.geometry import ModelSpaceMapping, estimate_brain_mask, mask_on_grid
-    from CounterfactualGenLib.intensity import IntensityNormalizer
-    from CounterfactualGenLib.text.prompts import paraphrase, row_to_prompt
+    from CounterfactualGenLib.geometry import mask_on_grid
+    from CounterfactualGenLib.pipeline import MODEL_INPUT_RANGE, to_model_space
     from CounterfactualGenLib.volume import read_volume
 
-    path = Path(cfg["data"]["manifest"])
-    rows = list(csv.DictReader(path.open()))
-    if not rows:
-        raise InputError(f"The manifest {path} has no rows.")
-    if "image" not in rows[0]:
-        raise InputError(f"The manifest {path} needs an 'image' column; it has {list(rows[0])}.")
-    items = []
-    for r in rows:
-        img_path = (path.parent / r["image"]) if not os.path.isabs(r["image"]) else Path(r["image"])
-        items.append((img_path, row_to_prompt(r), r.get("brain_mask"), r.get("lesion_mask")))
+    tpl = edit_templates(cfg, grid)
+    tpl_brain = tpl["brain_mask"].array > 0.5
     rng = random.Random(seed)
-    cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
-        img_path, prompt, mask_path, lesion_path = rng.choice(items)
-        if img_path not in cache:
-            vol = read_volume(img_path)
-            mask = (mask_on_grid(read_volume(path.parent / mask_path, validate=False), vol.shape, vol.affine_ras,
-                                 name="brain mask")[0] if mask_path else estimate_brain_mask(vol))
-            m = ModelSpaceMapping.fit(vol, grid, brain_mask=mask)
-            norm = IntensityNormalizer.fit(vol.array, mask)
-            lesions = np.zeros(grid.shape, np.uint8)
-            if lesion_path:
-                lm = mask_on_grid(read_volume(path.parent / lesion_path, validate=False), vol.shape, vol.affine_ras,
-                                  name="lesion mask")[0]
-                lesions = (m.to_model(lm.astype(np.float32), interpolation="linear") > 0.01).astype(np.uint8)
-            cache[img_path] = (np.clip(norm.forward(m.to_model(vol, default=norm.low)), -1.0, 1.5), lesions)
-        if rng.random() < cfg["data"].get("paraphrase_prob", 0.0):
-            prompt = paraphrase(prompt, rng)
-        yield cache[img_path][0], prompt, cache[img_path][1]
+        row = rng.choice(manifest.rows)
+        if row.line not in cache:
+            try:
+                vol = read_volume(row.scan(cfg["contrast"]))
+                mask = (mask_on_grid(read_volume(row.brain_mask, validate=False), vol.shape, vol.affine_ras,
+                                     name="brain mask")[0] if row.brain_mask else None)
+                ms = to_model_space(vol, grid, tpl["image"], tpl_brain, brain_mask=mask, contrast=cfg["contrast"])
+                lesions = np.zeros(grid.shape, np.uint8)
+                if row.lesion_mask:
+                    lm = mask_on_grid(read_volume(row.lesion_mask, validate=False), vol.shape, vol.affine_ras,
+                                      name="lesion mask")[0]
+                    lesions = (ms.mapping.to_model(lm.astype(np.float32), interpolation="linear") > 0.01
+                               ).astype(np.uint8)
+                    _check_lesion_mask(manifest, row, lm > 0, ms.brain_mask, abs(np.linalg.det(vol.affine_ras[:3, :3])))
+            except InputError as exc:
+                raise InputError(f"{manifest.path}, line {row.line} ({row.scan(cfg['contrast'])}): {exc}") from None
+            cache[row.line] = (np.clip(ms.x_model, *MODEL_INPUT_RANGE), lesions)  # what an edit reads
+        yield cache[row.line][0], row, cache[row.line][1]
+
+
+def _check_lesion_mask(manifest: Manifest, row: ManifestRow, lesions: np.ndarray, brain: np.ndarray,
+                       voxel_mm3: float) -> None:
+    """Warn about a lesion mask that does not fit its row: mostly outside the brain (another subject's,
+    or one in template space), or far from the row's lesion volume."""
+    n = int(lesions.sum())
+    if n and (lesions & brain).sum() < 0.5 * n:
+        print(f"Warning: {manifest.path}, line {row.line}: most of the lesion mask lies outside the brain; is it "
+              f"this scan's ({row.lesion_mask})?", file=sys.stderr)
+    ml = n * voxel_mm3 / 1000.0
+    stated = row.lesion_ml
+    if stated is not None and abs(ml - stated) > max(1.0, 0.5 * stated):
+        print(f"Warning: {manifest.path}, line {row.line}: the lesion mask holds {ml:.1f} ml, the table says "
+              f"{stated:g} ml; the prompt follows the table.", file=sys.stderr)
 
 
 def lesion_class_draw_cdf(lesion: np.ndarray, weights: dict | None) -> np.ndarray | None:
@@ -293,10 +312,11 @@ def lesion_class_draw_cdf(lesion: np.ndarray, weights: dict | None) -> np.ndarra
 
 class Stream(torch.utils.data.IterableDataset):
     """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8,
-    lesion-load class index into LESION_LOAD_CLASSES (-1: not known, manifest data))."""
+    lesion-load class index into LESION_LOAD_CLASSES (-1: the prompt names none))."""
 
-    def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None) -> None:
-        self.cfg, self.grid, self.seed, self.pool = cfg, grid, seed, pool
+    def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None,
+                 manifest: Manifest | None = None) -> None:
+        self.cfg, self.grid, self.seed, self.pool, self.manifest = cfg, grid, seed, pool, manifest
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -313,12 +333,24 @@ class Stream(torch.utils.data.IterableDataset):
                 yield (torch.from_numpy(img)[None], prompt, names_lesions,
                        torch.from_numpy(self.pool["lesion_masks"][i])[None], _class_index(str(self.pool["lesion"][i])))
         else:
-            for img, prompt, lesions in manifest_stream(self.cfg, self.grid, seed):
-                from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+            from CounterfactualGenLib.text.prompts import canonical_prompt, paraphrase
 
-                names = any(c in prompt.lower() for c in ("lesion",) + LESION_LOAD_CLASSES[1:])
+            rng = random.Random(seed + 1)
+            both = self.cfg["data"].get("both_clauses_prob", 0.2)
+            for img, row, lesions in manifest_stream(self.cfg, self.grid, seed, self.manifest):
+                prompt, names = row.prompt, row.lesion_load is not None
+                if row.lesion_load is not None and row.diagnosis is not None:
+                    # as in the synthetic pool: the whole row's prompt with probability both_clauses_prob,
+                    # else one disease clause alone, so that prompts naming one of them mean something
+                    r = rng.random()
+                    if r >= both:
+                        names = r < both + (1 - both) / 2
+                        prompt = (canonical_prompt(lesion_load=row.lesion_load) if names
+                                  else canonical_prompt(diagnosis=row.diagnosis))
+                if rng.random() < self.cfg["data"].get("paraphrase_prob", 0.0):
+                    prompt = paraphrase(prompt, rng)
                 yield (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt, names,
-                       torch.from_numpy(lesions)[None], -1)
+                       torch.from_numpy(lesions)[None], _class_index(row.lesion_load or "") if names else -1)
 
 
 def _class_index(lesion_class: str) -> int:
@@ -434,6 +466,7 @@ def save_checkpoint(run: Path, net, ema: EMA, opt, step: int, cfg: dict) -> None
             if name in st:
                 state[f"opt.{i}.{name}"] = st[name].detach().cpu().contiguous()
     save_file(state, str(tmp))
+    os.chmod(tmp, umask_mode())  # safetensors writes 0600
     os.replace(tmp, ck / "last.safetensors")
     opt_steps = {str(i): int(opt.state[p]["step"]) if p in opt.state and "step" in opt.state[p] else 0
                  for i, p in enumerate(net.parameters())}
@@ -519,7 +552,7 @@ def _reproduce(t: dict, model_id: str) -> str:
     needs the stage before it installed there)."""
     stages = _stages(t)
     if not stages:
-        return f"`python Training/train_diffusion.py --config {t['config_path']} --out runs/{model_id}`"
+        return f"`python Training/train_diffusion.py --config {t['config_path']} --out {t.get('out') or 'runs/' + model_id}`"
     cmds = []
     for k, s in enumerate(stages):
         out = s["run"] if not s.get("model_folder") else f"runs/{model_id}-stage{k + 1}"
@@ -545,13 +578,13 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | | |
 |---|---|
 | id | `{spec.id}` |
-| family | {spec.family} (Haar-wavelet diffusion with rectified flow) |
+| family | {spec.family} ({'Haar-wavelet diffusion' if spec.family == 'wdm' else 'latent diffusion on a KL autoencoder'} with rectified flow) |
 | grid | {list(spec.grid.shape)} voxels at {spec.grid.spacing_mm} mm, RAS, MNI ICBM152 2009a world |
 | contrast | {spec.contrast} |
 | text encoder | `{spec.text_encoder['id']}` (width {spec.text_encoder['dim']}, {spec.text_encoder.get('max_tokens')} tokens) |
 | denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
 | schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
-| data | {cfg['data']['kind']} ({'synthetic subject engine: MNI ICBM152 2009a anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else cfg['data'].get('manifest')}) |
+| data | {cfg['data']['kind']} ({'synthetic subject engine: MNI ICBM152 2009a anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}) |
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
@@ -563,7 +596,7 @@ Reproduce: {_reproduce(t, spec.id)}
 {json.dumps(spec.metrics, indent=1) if spec.metrics else 'Not measured yet: run the evaluation script (see README).'}
 
 ## Licence
-{spec.licence}. Training data credits: see NOTICE.
+{spec.licence}. {'Training data credits: see NOTICE.' if cfg['data']['kind'] == 'synthetic' else 'Trained on the scans of ' + str(cfg['data'].get('manifest')) + ': their licence, and the consent of the people scanned, govern what you may do with this model and its outputs.'}
 """
 
 
@@ -621,23 +654,147 @@ def anchored_targets(v: torch.Tensor, anchor_pred: torch.Tensor, learn: torch.Te
     return target, weights
 
 
+#: Keys of the config's "data" object.
+DATA_KEYS = {"kind": "synthetic", "manifest": None, "prompts": None, "ignore_columns": [], "paraphrase_prob": 0.3,
+             "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None}
+
+
+def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
+    """Everything about a config that can be wrong, checked before any work (a pool or a manifest's
+    registration can take minutes): unknown keys, the schedule, the data source and, for a manifest,
+    the whole table (:func:`~CounterfactualGenLib.manifest.read_manifest`). Returns the checked anchor
+    and the manifest (None for the synthetic pool)."""
+    from CounterfactualGenLib.config import check_keys
+
+    check_keys(cfg, DEFAULTS)
+    kind = (cfg.get("schedule") or {}).get("kind")
+    if kind != "rflow":
+        raise InputError(f"schedule.kind {kind!r}: this script trains rectified-flow models (\"rflow\"), the schedule "
+                         "generate and edit sample with; the library's DDPM/DDIM samplers are not used for training.")
+    data = cfg.get("data") or {}
+    check_keys(data, DATA_KEYS, "data")
+    if data.get("kind") not in ("synthetic", "manifest"):
+        raise InputError(f"data.kind must be \"synthetic\" or \"manifest\"; got {data.get('kind')!r}.")
+    ref = cfg.get("lesion_weight_volume_ref_ml")
+    if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
+        raise InputError(f"lesion_weight_volume_ref_ml must be a positive number of ml (or null); got {ref!r}.")
+    if data.get("lesion_class_draw"):
+        if data["kind"] != "synthetic":
+            raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
+        from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
+
+        lesion_class_draw_cdf(np.array(LESION_LOAD_CLASSES), data["lesion_class_draw"])
+    anchor = check_anchor(cfg)
+    manifest = None
+    if data["kind"] == "manifest":
+        if not data.get("manifest"):
+            raise InputError('data.kind "manifest" needs data.manifest: the path of your manifest CSV.')
+        manifest = read_manifest(data["manifest"], prompt_config_from_dict(data.get("prompts")),
+                                 ignore_columns=data.get("ignore_columns") or ())
+        from CounterfactualGenLib.pipeline import contrast_name_warning
+
+        other = [r for r in manifest.rows if contrast_name_warning(r.scan(cfg["contrast"]).name, cfg["contrast"])]
+        if other:
+            manifest.warnings.append(f"{len(other)} scan(s) are named for another contrast than the model's "
+                                     f"{cfg['contrast']} (e.g. line {other[0].line}: {other[0].scan(cfg['contrast']).name}); "
+                                     "a mix-up registers without complaint, so check them.")
+    elif data.get("manifest") or data.get("prompts"):
+        raise InputError('data.manifest and data.prompts apply to data.kind "manifest"; this config trains on '
+                         "the synthetic engine.")
+    return anchor, manifest
+
+
+#: Config keys that fix the network's shape or meaning: a resumed run must keep them.
+RESUME_FIXED_KEYS = ("family", "size", "grid", "contrast", "text_encoder", "denoiser", "denoiser_overrides",
+                     "autoencoder_path")
+
+
+class _StopOnSignal:
+    """Ctrl-C or SIGTERM (a cluster pre-empting the job) asks the training loop to stop after the
+    current step and save a checkpoint; a second Ctrl-C stops at once. With several processes the
+    request is shared, so every rank stops at the same step."""
+
+    def __init__(self, rank: int) -> None:
+        import signal
+
+        self.flag, self.rank = False, rank
+        self.old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        if is_main(self.rank):
+            print("\nStopping after this step and saving a checkpoint (Ctrl-C again stops at once).", file=sys.stderr)
+
+    def requested(self, world: int) -> bool:
+        if world > 1:
+            t = torch.tensor([1.0 if self.flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+            return bool(t.item() > 0)
+        return self.flag
+
+    def restore(self) -> None:
+        import signal
+
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+
+def check_run_folder(out: Path, cfg: dict, resume: bool) -> None:
+    """Never train over an earlier run by accident: a folder that holds a checkpoint or a model is
+    continued only with ``--resume``, and ``--resume`` needs a checkpoint made with the same network."""
+    ck = out / "ckpt" / "last.safetensors"
+    if resume:
+        if not ck.exists():
+            raise InputError(f"--resume: {out} has no checkpoint ({ck}); leave out --resume to start a new run there.")
+        before = json.loads((out / "ckpt" / "state.json").read_text()).get("config") or {}
+        changed = [k for k in RESUME_FIXED_KEYS if k in before and before.get(k) != cfg.get(k)]
+        if changed:
+            raise InputError(f"--resume: the checkpoint in {out} was trained with other {changed} "
+                             f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); a resumed run keeps the "
+                             "network, so start a new run (another --out, with init_from to start from these weights).")
+    elif ck.exists() or (out / "model" / "model.json").exists():
+        raise InputError(f"{out} already holds a training run (a checkpoint or a model); continue it with --resume, "
+                         "or choose another --out. Nothing was changed.")
+
+
+def _print_check(cfg: dict) -> None:
+    """What ``--check`` prints: the checked config's data, model and schedule, and the manifest's prompts."""
+    _, manifest = check_config(cfg)
+    g = cfg["grid"]
+    print(f"Config OK: {cfg['family']} ({cfg['size']}) at {g['shape']} × {g['spacing_mm']} mm, {cfg['contrast']}, "
+          f"text encoder {cfg['text_encoder']['id']}, {cfg['iterations']} iterations × batch {cfg['batch_size']}.")
+    if manifest is None:
+        print(f"Data: the synthetic engine, a pool of {cfg['data'].get('pool_size', 512)} subjects.")
+        return
+    print(manifest.summary())
+    for w in manifest.warnings:
+        print("Warning: " + w)
+    for row in manifest.rows[:3]:
+        print(f"  line {row.line}: {row.scan(cfg['contrast'])} -> {row.prompt!r}")
+
+
 def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") -> Path:
     from CounterfactualGenLib.overlay import montage_png
     from CounterfactualGenLib.sampling.samplers import rflow_training_target
     from CounterfactualGenLib.sampling.schedules import resolution_shift_ratio, sample_rflow_train_t
     from CounterfactualGenLib.volume import Volume
 
-    ref = cfg.get("lesion_weight_volume_ref_ml")
-    if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
-        raise InputError(f"lesion_weight_volume_ref_ml must be a positive number of ml (or null); got {ref!r}.")
-    if cfg["data"].get("lesion_class_draw"):  # checked before any work (the pool can take minutes)
-        if cfg["data"]["kind"] != "synthetic":
-            raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
-        from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
-
-        lesion_class_draw_cdf(np.array(LESION_LOAD_CLASSES), cfg["data"]["lesion_class_draw"])
-    anchor = check_anchor(cfg)
+    anchor, manifest = check_config(cfg)
+    check_run_folder(out, cfg, resume)
     rank, world, device = ddp_setup()
+    if manifest is not None and is_main(rank):
+        print(manifest.summary() + " Each scan is registered to the model's template when first drawn.",
+              file=sys.stderr)
+        for w in manifest.warnings:
+            print("Warning: " + w, file=sys.stderr)
     if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"] + rank)
@@ -711,7 +868,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 pool = synthetic_pool(cfg, grid, cfg["seed"], size, cache)
     if pool is not None and cfg["data"].get("lesion_class_draw"):  # this pool has something to draw
         lesion_class_draw_cdf(pool["lesion"], cfg["data"]["lesion_class_draw"])
-    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool),
+    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool, manifest),
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     data = iter(loader)
     null_tokens = encoder.null(1).tokens.to(device)
@@ -733,6 +890,11 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     writer = None
     if is_main(rank):
         new = not log_path.exists() or not resume
+        if not new:  # rows logged after the checkpoint belong to steps this run trains again
+            with log_path.open(newline="") as f:
+                kept = [r for r in csv.reader(f) if r and (not r[0].isdigit() or int(r[0]) <= start)]
+            with log_path.open("w", newline="") as f:
+                csv.writer(f).writerows(kept)
         logf = log_path.open("w" if new else "a", newline="")
         log = csv.writer(logf)
         if new:
@@ -740,7 +902,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tensorboard"))
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
         except Exception:  # tensorboard is optional
             writer = None
     t0 = time.perf_counter()
@@ -751,67 +913,81 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
 
     bar = tqdm(total=cfg["iterations"], initial=start, desc="train", disable=not is_main(rank), file=sys.stderr,
                mininterval=5.0)
-    while step < cfg["iterations"]:
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg["grad_accum"]):
-            img, prompts, names_lesions, lesions, classes = next(data)
-            img = img.to(device)
-            with torch.no_grad():
-                z0 = model.encode(img)
-                ctx = encoder.encode(list(prompts)).tokens.to(device)
-                drop = torch.rand(len(prompts), generator=gen) < cfg["cond_dropout"]
-                ctx[drop.to(device)] = null_tokens[0]
-            noise = torch.randn(z0.shape, generator=gen_noise, device=gen_noise.device).to(device)
-            t = sample_rflow_train_t(z0.shape[0], shift=shift, generator=gen).to(device)
-            x_t, v = rflow_training_target(z0, noise, t)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                pred = ddp_net(x_t, t.float(), ctx)
-            active = names_lesions & ~drop
-            if teacher is not None:  # only the learnt classes learn from the data
-                active = active & torch.isin(classes, learn_idx)
-            active = active.to(device)
-            w = lesion_weights(lesions.to(device), active, z0.shape[2:],
-                               float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
-                               volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
-            if teacher is not None:
-                # one anchor pass: the prompt for anchored samples; with anchor.guidance, the null
-                # prompt for learnt ones (their target is built on the unconditional prediction)
-                tctx = ctx
-                if anchor.get("guidance"):
-                    tctx = ctx.clone()
-                    tctx[active] = null_tokens[0]
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    anchor_pred = teacher(x_t, t.float(), tctx)
-                v, w = anchored_targets(v, anchor_pred, active, anchor["weight"],
-                                        None if w is None else w.to(device), anchor.get("guidance"))
-            loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
-            loss = loss / cfg["grad_accum"]
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema.update(net, 0.0 if step < cfg["ema_start"] else None)
-        loss_ema = total if loss_ema is None else 0.98 * loss_ema + 0.02 * total
-        bar.update(1)
-        if is_main(rank) and step % cfg["log_every"] == 0:
-            el = time.perf_counter() - t0
-            log.writerow([step, f"{total:.5f}", cfg["lr"], f"{el:.1f}",
-                          f"{(step - start) * cfg['batch_size'] * cfg['grad_accum'] * world / el:.2f}"])
-            logf.flush()
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
-            if writer:
-                writer.add_scalar("loss", total, step)
-        if is_main(rank) and (step % cfg["checkpoint_every"] == 0 or step == cfg["iterations"]):
-            save_checkpoint(out, net, ema, opt, step, cfg)
-        if is_main(rank) and cfg["sample_every"] and step % cfg["sample_every"] == 0:
-            _sample_montage(model, ema, encoder, out / f"samples_{step:06d}.png", device)
-        if deadline and time.perf_counter() > deadline:
-            if is_main(rank):
-                print(f"Stopping at step {step}: max_minutes reached.", file=sys.stderr)
+    stop = _StopOnSignal(rank)
+    try:
+        while step < cfg["iterations"]:
+            if stop.requested(world):
+                bar.close()
+                if is_main(rank):
+                    save_checkpoint(out, net, ema, opt, step, cfg)
+                    logf.close()
+                    if writer:
+                        writer.close()
+                    print(f"Interrupted at step {step}: checkpoint saved in {out / 'ckpt'}. Continue with --resume "
+                          f"(add --set iterations={step} to write this checkpoint's model).", file=sys.stderr)
+                raise SystemExit(130)
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(cfg["grad_accum"]):
+                img, prompts, names_lesions, lesions, classes = next(data)
+                img = img.to(device)
+                with torch.no_grad():
+                    z0 = model.encode(img)
+                    ctx = encoder.encode(list(prompts)).tokens.to(device)
+                    drop = torch.rand(len(prompts), generator=gen) < cfg["cond_dropout"]
+                    ctx[drop.to(device)] = null_tokens[0]
+                noise = torch.randn(z0.shape, generator=gen_noise, device=gen_noise.device).to(device)
+                t = sample_rflow_train_t(z0.shape[0], shift=shift, generator=gen).to(device)
+                x_t, v = rflow_training_target(z0, noise, t)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    pred = ddp_net(x_t, t.float(), ctx)
+                active = names_lesions & ~drop
+                if teacher is not None:  # only the learnt classes learn from the data
+                    active = active & torch.isin(classes, learn_idx)
+                active = active.to(device)
+                w = lesion_weights(lesions.to(device), active, z0.shape[2:],
+                                   float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
+                                   volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
+                if teacher is not None:
+                    # one anchor pass: the prompt for anchored samples; with anchor.guidance, the null
+                    # prompt for learnt ones (their target is built on the unconditional prediction)
+                    tctx = ctx
+                    if anchor.get("guidance"):
+                        tctx = ctx.clone()
+                        tctx[active] = null_tokens[0]
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                        anchor_pred = teacher(x_t, t.float(), tctx)
+                    v, w = anchored_targets(v, anchor_pred, active, anchor["weight"],
+                                            None if w is None else w.to(device), anchor.get("guidance"))
+                loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
+                loss = loss / cfg["grad_accum"]
+                loss.backward()
+                total += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            step += 1
+            ema.update(net, 0.0 if step < cfg["ema_start"] else None)
+            loss_ema = total if loss_ema is None else 0.98 * loss_ema + 0.02 * total
+            bar.update(1)
+            if is_main(rank) and step % cfg["log_every"] == 0:
+                el = time.perf_counter() - t0
+                log.writerow([step, f"{total:.5f}", cfg["lr"], f"{el:.1f}",
+                              f"{(step - start) * cfg['batch_size'] * cfg['grad_accum'] * world / el:.2f}"])
+                logf.flush()
+                bar.set_postfix(loss=f"{loss_ema:.4f}")
+                if writer:
+                    writer.add_scalar("loss", total, step)
+            if is_main(rank) and (step % cfg["checkpoint_every"] == 0 or step == cfg["iterations"]):
                 save_checkpoint(out, net, ema, opt, step, cfg)
-            break
+            if is_main(rank) and cfg["sample_every"] and step % cfg["sample_every"] == 0:
+                _sample_montage(model, ema, encoder, out / f"samples_{step:06d}.png", device)
+            if deadline and time.perf_counter() > deadline:
+                if is_main(rank):
+                    print(f"Stopping at step {step}: max_minutes reached.", file=sys.stderr)
+                    save_checkpoint(out, net, ema, opt, step, cfg)
+                break
+    finally:
+        stop.restore()
     bar.close()
     minutes = (time.perf_counter() - t0) / 60
     folder = out / "model"
@@ -824,6 +1000,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                    "train_minutes": minutes, "train_minutes_total": prior_minutes + minutes,
                    "final_loss": float(loss_ema or 0.0),
                    "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path,
+                   "out": str(out),
+                   **({"data": manifest.summary()} if manifest is not None else {}),
                    **({"init_from": init_info} if init_info else {}),
                    **({"anchor": anchor_info} if anchor_info else {})}
         spec.training = {**summary, "config": cfg}
@@ -844,11 +1022,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
 def edit_templates(cfg: dict, grid: ModelGrid) -> dict | None:
     """Registration target + masks on the model grid, shipped inside the model for editing.
 
-    For synthetic training data: an undeformed, lesion-free, noise-free CN subject of the
-    engine in the model's contrast (its anatomy is the MNI ICBM152 2009a template's).
+    An undeformed, lesion-free, noise-free CN subject of the engine in the model's contrast (its
+    anatomy is the MNI ICBM152 2009a template's). Scans of a manifest are registered to it for
+    training too (:func:`manifest_stream`), so every model sees its data as its edits will.
     """
-    if cfg["data"]["kind"] != "synthetic":
-        return None
     from CounterfactualGenLib.synth import SubjectSpec, make_subject
     from CounterfactualGenLib.volume import Volume
 
@@ -886,14 +1063,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="JSON config (see Training/configs/)")
     ap.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/last.safetensors")
+    ap.add_argument("--check", action="store_true",
+                    help="check the config (and a manifest: its columns, every file, every row's prompt, the "
+                         "classes), print what would be trained on, and exit without training or writing anything")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config value, e.g. --set iterations=10 --set batch_size=2")
     args = ap.parse_args(argv)
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg.update(json.loads(Path(args.config).read_text()))
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        cfg[k] = json.loads(v)
+    try:
+        cfg = load_config(DEFAULTS, args.config, args.set)
+        if args.check:
+            _print_check(cfg)
+            return 0
+        check_config(cfg)
+        check_run_folder(Path(args.out), cfg, args.resume)
+    except InputError as exc:
+        ap.error(str(exc))
     train(cfg, Path(args.out), resume=args.resume, config_path=args.config)
     return 0
 

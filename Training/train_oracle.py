@@ -18,7 +18,6 @@ and ``OUT/oracle/`` (``oracle.json`` with the measured validation metrics,
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -47,6 +46,7 @@ from CounterfactualGenLib.evaluation.oracle import (  # noqa: E402
     fit_calibration,
     save_oracle,
 )
+from CounterfactualGenLib.config import load_config  # noqa: E402
 from CounterfactualGenLib.errors import InputError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
 
@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 25,
     "max_minutes": None,
     "weights_dtype": "float16",
+    "init_from": None,  # an installed oracle folder to continue from (its weights; fresh optimiser and schedule)
 }
 
 
@@ -480,12 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--calibration-subjects goes with --revalidate (in training, set data.calibration_subjects)")
     if not args.config:
         ap.error("--config is required (except with --revalidate)")
-    cfg = copy.deepcopy(DEFAULTS)
-    for k, v in json.loads(Path(args.config).read_text()).items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        cfg[k] = json.loads(v)
+    try:
+        cfg = load_config(DEFAULTS, args.config, args.set, merge_sections=True)
+    except InputError as exc:
+        ap.error(str(exc))
     train(cfg, Path(args.out), config_path=args.config)
     return 0
 

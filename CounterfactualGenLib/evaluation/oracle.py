@@ -40,6 +40,7 @@ import numpy as np
 from ..errors import InputError, ModelError
 from ..geometry import ModelGrid
 from ..models import _load_state, _load_strict, _verify_files, _write_state, publish_folder
+from ..volume import umask_mode
 
 __all__ = [
     "ORACLE_FORMAT",
@@ -412,6 +413,7 @@ def save_oracle(oracle: Oracle, folder: str | os.PathLike, *, dtype: Any | None 
         raise InputError(f"Oracle folder {out} already exists; pass overwrite=True to replace it.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-oracle-", dir=str(out.parent)))
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         oracle.spec.files = _write_state(oracle.net.state_dict(), tmp, "oracle", dtype)
         if card is not None:

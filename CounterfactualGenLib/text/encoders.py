@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import InputError, ModelError
-from ..volume import sha256_file
+from ..volume import sha256_file, umask_mode
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -599,6 +599,7 @@ def write_embedding_table(encoder: TextEncoder, prompts: Sequence[str], path: st
     tmp = path.with_name(".partial-" + path.name)
     save_file({"tokens": emb.tokens.float().contiguous(), "mask": emb.mask.to(torch.uint8).contiguous(),
                "pooled": emb.pooled.float().contiguous()}, str(tmp), metadata={"table": json.dumps(meta)})
+    os.chmod(tmp, umask_mode())  # safetensors writes 0600
     os.replace(tmp, path)
     return path
 
