@@ -159,6 +159,7 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
     for bad, words in ((['--set', 'iteration=2'], "did you mean 'iterations'"),
                        (['--set', 'schedule={"kind": "ddpm"}'], "rectified-flow"),
                        (['--set', 'data={"kind": "manifest"}'], "needs data.manifest"),
+                       (['--set', 'lesion_prior_weight=2'], "lesion_prior_weight needs the synthetic pool"),
                        (['--set', f'data={{"kind": "manifest", "manifest": "{manifest}", "ignore": 1}}'], "'ignore'")):
         p = _train(["--config", str(config), "--out", str(out), *bad], tmp_path)
         assert p.returncode == 2 and words in p.stderr, (bad, p.stderr[-1500:])

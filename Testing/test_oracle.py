@@ -161,6 +161,24 @@ def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
         mod.revalidate(folder, tmp_path / "run", calibration_subjects=3)
 
 
+def test_oracle_training_never_replaces_a_trained_oracle_and_checks_its_config(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_oracle_main", ROOT / "Training" / "train_oracle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "run" / "oracle").mkdir(parents=True)
+    (tmp_path / "run" / "oracle" / "oracle.json").write_text("{}")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"iterations": 1}))
+    with pytest.raises(SystemExit) as info:
+        mod.main(["--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert info.value.code == 2 and "already holds a trained oracle" in capsys.readouterr().err
+    assert (tmp_path / "run" / "oracle" / "oracle.json").read_text() == "{}"
+    cfg.write_text(json.dumps({"iteratons": 1}))
+    with pytest.raises(SystemExit):
+        mod.main(["--config", str(cfg), "--out", str(tmp_path / "new")])
+    assert "did you mean 'iterations'" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
 def test_resolve_oracle_takes_a_folder_or_a_registered_id(tmp_path):
     """--oracle takes the id Resources/Models.json registers, as --model does; a model's id is not an oracle."""
     from CounterfactualGenLib.errors import ModelError

@@ -94,6 +94,10 @@ def test_latent_family_autoencoder_then_diffusion(tmp_path, config):
     _run([sys.executable, str(ROOT / "Training" / "train_autoencoder.py"), "--config", str(ae_cfg),
           "--out", str(tmp_path / "ae")], tmp_path)
     assert (tmp_path / "ae" / "autoencoder" / "autoencoder.safetensors").exists()
+    again = subprocess.run([sys.executable, str(ROOT / "Training" / "train_autoencoder.py"), "--config", str(ae_cfg),
+                            "--out", str(tmp_path / "ae")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert again.returncode == 2 and "already holds a trained autoencoder" in again.stderr
     _run([sys.executable, str(ROOT / "Training" / "train_diffusion.py"), "--config", str(config),
           "--out", str(tmp_path / "ldm"), "--set", 'family="latent"',
           "--set", f'autoencoder_path="{tmp_path / "ae" / "autoencoder"}"'], tmp_path)

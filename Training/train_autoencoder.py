@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(DEFAULTS, args.config, args.set)
     except InputError as exc:
         ap.error(str(exc))
+    if (Path(args.out) / "autoencoder" / "autoencoder.json").exists():
+        ap.error(f"{args.out} already holds a trained autoencoder; choose another --out (nothing was changed).")
     train(cfg, Path(args.out))
     return 0
 

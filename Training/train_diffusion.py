@@ -684,6 +684,9 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
         from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
         lesion_class_draw_cdf(np.array(LESION_LOAD_CLASSES), data["lesion_class_draw"])
+    if float(cfg.get("lesion_prior_weight") or 0.0) > 0 and data["kind"] != "synthetic":
+        raise InputError("lesion_prior_weight needs the synthetic pool (where its lesions lie comes from the pool's "
+                         "masks); with a manifest, use lesion_weight and the rows' lesion masks.")
     anchor = check_anchor(cfg)
     manifest = None
     if data["kind"] == "manifest":

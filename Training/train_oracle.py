@@ -485,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(DEFAULTS, args.config, args.set, merge_sections=True)
     except InputError as exc:
         ap.error(str(exc))
+    if (Path(args.out) / "oracle" / "oracle.json").exists():
+        ap.error(f"{args.out} already holds a trained oracle; choose another --out (nothing was changed). "
+                 "To continue from it, set init_from to its oracle folder.")
     train(cfg, Path(args.out), config_path=args.config)
     return 0
 
