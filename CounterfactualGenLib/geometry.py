@@ -219,14 +219,6 @@ class ModelSpaceMapping:
         ones = np.ones(self.grid.shape, np.float32)
         return self.to_source(ones, interpolation="nearest", default=0.0) > 0.5
 
-    def model_volume(self, model_array: np.ndarray, metadata: Mapping[str, str] | None = None) -> Volume:
-        """Wrap a model-grid array as a Volume in the model's *scan-world* geometry.
-
-        The affine places the array where it lies in the scan's world (model grid
-        composed with the registration), so viewers overlay it on the scan.
-        """
-        return Volume(model_array, self.model_to_source_world @ self.grid.affine_ras, dict(metadata or {}))
-
     def to_dict(self) -> dict[str, Any]:
         return {"grid": self.grid.to_dict(), "source_shape": list(self.source_shape),
                 "source_affine_ras": self.source_affine_ras.tolist(),

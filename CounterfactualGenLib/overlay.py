@@ -15,7 +15,7 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["orthogonal_slices", "montage_png", "edit_preview_png", "CHANGE_LABELS", "CHANGE_COLOURS",
+__all__ = ["montage_png", "edit_preview_png", "CHANGE_LABELS", "CHANGE_COLOURS",
            "MONTAGE_LABEL_CHARS", "OTHER_CHANGE_FULL"]
 
 #: Characters of a montage row's label that :func:`montage_png` draws (the rest is cut off).
@@ -60,12 +60,6 @@ def _slice_pixel_mm(spacing: np.ndarray) -> list[tuple[float, float]]:
     """(row, column) pixel size in mm of the axial, coronal and sagittal slices of :func:`_cut`."""
     si, sj, sk = (float(v) for v in spacing)
     return [(sj, si), (sk, si), (sk, sj)]
-
-
-def orthogonal_slices(vol: Volume) -> list[np.ndarray]:
-    """Axial, coronal and sagittal slices through the middle, oriented as in Slicer's views (:func:`_cut`)."""
-    a, _ = _to_ras_canonical(vol)
-    return _cut(a, [s // 2 for s in a.shape])
 
 
 def _window(values: np.ndarray) -> tuple[float, float]:

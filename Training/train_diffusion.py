@@ -785,10 +785,8 @@ def _print_check(cfg: dict) -> None:
 
 
 def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") -> Path:
-    from CounterfactualGenLib.overlay import montage_png
     from CounterfactualGenLib.sampling.samplers import rflow_training_target
     from CounterfactualGenLib.sampling.schedules import resolution_shift_ratio, sample_rflow_train_t
-    from CounterfactualGenLib.volume import Volume
 
     anchor, manifest = check_config(cfg)
     check_run_folder(out, cfg, resume)

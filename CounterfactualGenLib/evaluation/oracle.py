@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -488,8 +488,3 @@ def resolve_oracle(name_or_path: str | None, *, resources: Path | None = None) -
     if not (p / "oracle.json").exists():
         raise ModelError(f"No oracle at {p}. Train one with Training/train_oracle.py, or pass --oracle FOLDER.")
     return p
-
-
-def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
-    """(N, *grid) float32 from a sequence of same-shaped arrays."""
-    return np.stack([np.asarray(a, dtype=np.float32) for a in images])
