@@ -13,8 +13,11 @@ Relative paths are relative to the manifest's own folder, never to the working d
 one message that lists every problem it found (up to :data:`MAX_LISTED` of each kind):
 unknown columns, missing files, rows that give no prompt, and a disease attribute with fewer
 than two classes (nothing for the model to contrast). Classes no row falls in are reported
-as warnings. It reads what spreadsheet programs write: a UTF-8 byte-order mark, ``;`` or tab
-as the separator, spaces around headers and cells, and blank lines.
+as warnings, and so are lesion volumes too large to be in ml. It reads what spreadsheet programs
+write: a UTF-8 byte-order mark, Windows-1252 or UTF-16 text, ``;`` or tab as the separator (with
+``;``, decimal commas), spaces around headers and cells, a trailing separator, blank lines;
+column names are matched without regard to case, and cells such as ``NA``, ``n/a`` or ``-`` count
+as not recorded (:data:`~CounterfactualGenLib.text.prompts.MISSING_VALUES`).
 
 Which clauses make the prompt is set by a :class:`~CounterfactualGenLib.text.prompts.PromptConfig`,
 built from a training config's ``data.prompts`` by :func:`prompt_config_from_dict`. Without
@@ -28,8 +31,9 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -47,9 +51,12 @@ __all__ = ["Manifest", "ManifestRow", "PATH_COLUMNS", "read_manifest", "prompt_c
 
 #: Columns that hold file paths (``image`` is required).
 PATH_COLUMNS = ("image", "t1", "brain_mask", "lesion_mask")
+#: A lesion volume above this (ml) is warned about: probably mm³ (a whole brain is about 1200 ml).
+MAX_PLAUSIBLE_LESION_ML = 300.0
 #: How many problems of each kind an error lists before it says "… and N more".
 MAX_LISTED = 10
 
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
 _PROMPT_KEYS = {"clauses", "optional_clauses", "columns", "thresholds_ml", "diagnosis_aliases"}
 _COLUMN_KEYS = {"lesion": "lesion_column", "diagnosis": "diagnosis_column", "age": "age_column",
                 "sex": "sex_column", "edss": "edss_column"}
@@ -102,36 +109,49 @@ class Manifest:
         return f"Manifest {self.path}: {len(self.rows)} scans; prompt clauses {clauses}; {counts}."
 
 
-def prompt_config_from_dict(d: Mapping[str, Any] | None) -> PromptConfig | None:
+def prompt_config_from_dict(d: Mapping[str, Any] | None, header: Sequence[str] | None = None) -> PromptConfig | None:
     """A :class:`PromptConfig` from a config's ``data.prompts`` (``None`` → ``None``: the columns decide).
 
-    Keys: ``clauses`` and ``optional_clauses`` (of lesion_load, diagnosis, age_sex, edss),
+    Keys: ``clauses`` and ``optional_clauses`` (lists of lesion_load, diagnosis, age_sex, edss),
     ``columns`` ({"lesion", "diagnosis", "age", "sex", "edss"} → column name),
     ``thresholds_ml`` ({"none", "minimal", "moderate"} → the largest volume in ml of that class),
-    ``diagnosis_aliases`` ({spelling → CN/MCI/AD}). Example::
+    ``diagnosis_aliases`` ({spelling → CN/MCI/AD}). Without ``clauses`` and ``optional_clauses``
+    the clauses are those whose columns ``header`` has, as without ``data.prompts``. Example::
 
-        {"clauses": ["lesion_load"], "optional_clauses": ["age_sex"],
-         "columns": {"lesion": "t2_lesion_volume"}, "thresholds_ml": {"minimal": 3, "moderate": 10}}
+        {"columns": {"lesion": "t2_volume", "diagnosis": "dx"}, "thresholds_ml": {"minimal": 3, "moderate": 10}}
     """
     if d is None:
         return None
-    if not isinstance(d, Mapping):
-        raise InputError(f"data.prompts must be a JSON object; got {d!r}.")
     _refuse_unknown("data.prompts", d, _PROMPT_KEYS)
     kwargs: dict[str, Any] = {}
-    if "clauses" in d:
-        kwargs["clauses"] = tuple(d["clauses"])
-    if "optional_clauses" in d:
-        kwargs["optional_clauses"] = tuple(d["optional_clauses"])
+    for key in ("clauses", "optional_clauses"):
+        if key in d:
+            if not isinstance(d[key], (list, tuple)) or not all(isinstance(c, str) for c in d[key]):
+                raise InputError(f"data.prompts.{key} must be a list of clause names, e.g. [\"diagnosis\"]; "
+                                 f"got {d[key]!r}.")
+            kwargs[key] = tuple(d[key])
     columns = d.get("columns") or {}
     _refuse_unknown("data.prompts.columns", columns, set(_COLUMN_KEYS))
-    kwargs.update({_COLUMN_KEYS[k]: str(v) for k, v in columns.items()})
+    kwargs.update({_COLUMN_KEYS[k]: str(v).strip().lower() for k, v in columns.items()})
     thresholds = d.get("thresholds_ml") or {}
     _refuse_unknown("data.prompts.thresholds_ml", thresholds, set(_THRESHOLD_KEYS))
     if thresholds:
-        kwargs["thresholds"] = LesionLoadThresholds(**{_THRESHOLD_KEYS[k]: float(v) for k, v in thresholds.items()})
-    if d.get("diagnosis_aliases"):
-        kwargs["diagnosis_aliases"] = {str(k).upper(): str(v) for k, v in d["diagnosis_aliases"].items()}
+        try:
+            values = {_THRESHOLD_KEYS[k]: float(v) for k, v in thresholds.items()}
+        except (TypeError, ValueError):
+            raise InputError(f"data.prompts.thresholds_ml must map classes to numbers of ml; got {dict(thresholds)}."
+                             ) from None
+        kwargs["thresholds"] = LesionLoadThresholds(**values)
+    aliases = d.get("diagnosis_aliases") or {}
+    if not isinstance(aliases, Mapping):
+        raise InputError(f"data.prompts.diagnosis_aliases must map spellings to CN/MCI/AD; got {aliases!r}.")
+    kwargs["diagnosis_aliases"] = {str(k).strip().upper(): str(v).strip().upper() for k, v in aliases.items()}
+    if "clauses" not in kwargs and "optional_clauses" not in kwargs:
+        if header is None:
+            raise InputError("data.prompts without clauses needs the manifest's header to choose them.")
+        kwargs["clauses"] = ()
+        kwargs["optional_clauses"] = _clauses_from_columns(PromptConfig(**{**kwargs, "clauses": ("lesion_load",)}),
+                                                           header)
     return PromptConfig(**kwargs)
 
 
@@ -143,59 +163,77 @@ def _refuse_unknown(where: str, d: Mapping[str, Any], known: set[str]) -> None:
         raise InputError(f"{where}: unknown key(s) {unknown}; use {sorted(known)}.")
 
 
-def _config_from_columns(columns: Sequence[str]) -> PromptConfig:
-    """The default prompt configuration: one optional clause per tabular column the manifest has."""
-    base = PromptConfig()
-    have = set(columns)
-    optional = [clause for clause, needs in (("lesion_load", (base.lesion_column,)),
-                                              ("diagnosis", (base.diagnosis_column,)),
-                                              ("age_sex", (base.age_column, base.sex_column)),
-                                              ("edss", (base.edss_column,)))
-                if have & set(needs)]
-    if not {"lesion_load", "diagnosis"} & set(optional):
-        raise InputError(f"The manifest has neither a '{base.lesion_column}' nor a '{base.diagnosis_column}' column, "
-                         "so its prompts would name no disease state; add one (or name your columns in the "
-                         "config's data.prompts.columns).")
-    return PromptConfig(clauses=(), optional_clauses=tuple(optional))
+def _clauses_from_columns(cfg: PromptConfig, header: Sequence[str]) -> tuple[str, ...]:
+    """The clauses whose columns (named as in ``cfg``) the manifest has, each optional; at least one
+    disease clause (lesion load or diagnosis), else a clear error."""
+    have = set(header)
+    clauses = tuple(clause for clause, needs in (("lesion_load", (cfg.lesion_column,)),
+                                                  ("diagnosis", (cfg.diagnosis_column,)),
+                                                  ("age_sex", (cfg.age_column, cfg.sex_column)),
+                                                  ("edss", (cfg.edss_column,)))
+                    if have & set(needs))
+    if not {"lesion_load", "diagnosis"} & set(clauses):
+        raise InputError(f"The manifest has neither a '{cfg.lesion_column}' nor a '{cfg.diagnosis_column}' column, "
+                         "so its prompts would name no disease state; add one, or name your columns in the "
+                         "config's data.prompts.columns.")
+    return clauses
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text" export
+        return raw.decode("utf-16")
+    for encoding in ("utf-8-sig", "cp1252"):  # Excel writes a byte-order mark, or Windows-1252
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise InputError(f"The manifest {path} is not text in UTF-8 or Windows-1252; save it as \"CSV UTF-8\".")
 
 
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header (lower-case, stripped) and rows (line number, column → stripped cell) of a CSV file."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"Cannot read the manifest {path}: {exc.strerror or exc}.") from None
-    for encoding in ("utf-8-sig", "cp1252"):  # Excel writes a byte-order mark, or Windows-1252
-        try:
-            text = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
+    text = _decode(raw, path)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise InputError(f"The manifest {path} is empty.")
     delimiter = max((",", ";", "\t"), key=lines[0].count)  # European spreadsheets write ';'
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
-    rows: list[tuple[int, dict[str, str]]] = []
+    table: list[tuple[int, list[str]]] = []
     for cells in reader:
-        line = reader.line_num
         if not any(c.strip() for c in cells):
             continue
         cells = [c.strip() for c in cells]
         if header is None:
-            header = cells
-            dup = sorted({c for c in header if header.count(c) > 1})
-            if dup or "" in header:
-                raise InputError(f"The manifest {path} has {'repeated' if dup else 'empty'} column name(s) "
-                                 f"{dup or ['']} in its header.")
+            header = [c.lower() for c in cells]
             continue
+        table.append((reader.line_num, cells))
+    header = header or []
+    while header and header[-1] == "" and all(len(c) < len(header) or not c[len(header) - 1] for _, c in table):
+        header.pop()  # a trailing separator on every line (spreadsheets write one): an empty last column
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise InputError(f"The manifest {path} has the column name(s) {dup} more than once in its header.")
+    if "" in header:
+        raise InputError(f"The manifest {path} has a column without a name (column {header.index('') + 1} of the "
+                         "header); name it, or delete it if it is empty.")
+    rows: list[tuple[int, dict[str, str]]] = []
+    for line, cells in table:
+        if len(cells) > len(header) and not any(cells[len(header):]):
+            cells = cells[:len(header)]
         if len(cells) != len(header):
             raise InputError(f"The manifest {path}, line {line}: {len(cells)} cells for {len(header)} columns "
                              f"(separator '{delimiter}'; a path or value with that character must be quoted).")
+        if delimiter == ";":  # the decimal comma of the spreadsheets that write ';'
+            cells = [c.replace(",", ".") if _DECIMAL_COMMA.fullmatch(c) else c for c in cells]
         rows.append((line, dict(zip(header, cells))))
     if not rows:
         raise InputError(f"The manifest {path} has a header but no rows.")
-    return header or [], rows
+    return header, rows
 
 
 def _listed(problems: list[str]) -> str:
@@ -203,22 +241,41 @@ def _listed(problems: list[str]) -> str:
     return "\n  ".join(problems[:MAX_LISTED]) + (f"\n  … and {more} more" if more > 0 else "")
 
 
-def read_manifest(path: str | Path, prompt_config: PromptConfig | None = None, *,
+def read_manifest(path: str | Path, prompts: PromptConfig | Mapping[str, Any] | None = None, *,
                   ignore_columns: Sequence[str] = (), check_files: bool = True) -> Manifest:
     """Read and check a manifest (see the module doc); raise one :class:`InputError` listing every problem.
 
+    Column names are matched without regard to case.
+
     Args:
-        path: the CSV file.
-        prompt_config: which columns make the prompt; ``None`` = the manifest's own columns decide.
+        path: the CSV file (a relative path is relative to the working directory).
+        prompts: which columns make the prompt: a config's ``data.prompts`` (see
+            :func:`prompt_config_from_dict`), a :class:`PromptConfig`, or ``None`` = the columns
+            the manifest has decide.
         ignore_columns: columns to leave out of the check for unknown columns (e.g. a subject id).
         check_files: check that every path exists (off only for tests of the table itself).
     """
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()
     header, table = _read_table(path)
     if "image" not in header:
         raise InputError(f"The manifest {path} needs an 'image' column (the scan of each row); "
                          f"its columns are {header}.")
-    cfg = prompt_config or _config_from_columns(header)
+    if isinstance(prompts, PromptConfig):
+        cfg = prompts
+    elif prompts is None:
+        cfg = PromptConfig(clauses=(), optional_clauses=_clauses_from_columns(PromptConfig(), header))
+    else:
+        cfg = prompt_config_from_dict(prompts, header)
+    cfg = replace(cfg, **{f: getattr(cfg, f).lower() for f in _COLUMN_KEYS.values()})
+    column_of = {"lesion_load": [cfg.lesion_column], "diagnosis": [cfg.diagnosis_column],
+                 "age_sex": [cfg.age_column, cfg.sex_column], "edss": [cfg.edss_column]}
+    absent = [f"{clause} (column {' or '.join(repr(c) for c in column_of[clause])})" for clause in cfg.clauses
+              if not set(column_of[clause]) & set(header)]
+    if absent:
+        raise InputError(f"The manifest {path} lacks the column(s) of the required prompt clause(s) "
+                         f"{', '.join(absent)}; its columns are {header}. Name your columns in data.prompts.columns, "
+                         "or list the clauses you want in data.prompts.clauses (e.g. [\"diagnosis\"]).")
+    ignore_columns = [str(c).strip().lower() for c in ignore_columns]
     tabular = {cfg.lesion_column, cfg.diagnosis_column, cfg.age_column, cfg.sex_column, cfg.edss_column}
     known = set(PATH_COLUMNS) | tabular | set(ignore_columns)
     unknown = [c for c in header if c not in known]
@@ -279,6 +336,16 @@ def read_manifest(path: str | Path, prompt_config: PromptConfig | None = None, *
         if empty:
             manifest.warnings.append(f"No row of the manifest has {attr.replace('_', ' ')} {empty}: the model will "
                                      "not learn what those prompts mean.")
+    used = {c for clause in (*cfg.clauses, *cfg.optional_clauses) for c in column_of[clause]}
+    unused = [c for c in header if c in tabular and c not in used]
+    if unused:
+        manifest.warnings.append(f"Column(s) {unused} make no part of the prompts (data.prompts lists the clauses "
+                                 f"{list(cfg.clauses) + list(cfg.optional_clauses)}).")
+    huge = [r for r in rows if r.lesion_ml is not None and r.lesion_ml > MAX_PLAUSIBLE_LESION_ML]
+    if huge:
+        manifest.warnings.append(f"{len(huge)} row(s) give a lesion volume above {MAX_PLAUSIBLE_LESION_ML:g} ml (e.g. "
+                                 f"line {huge[0].line}: {huge[0].lesion_ml:g}); a whole brain is about 1200 ml. Is "
+                                 "the column in mm³ rather than ml?")
     dup = [p for p, n in Counter(r.image for r in rows).items() if n > 1]
     if dup:
         manifest.warnings.append(f"{len(dup)} scan(s) are listed more than once (e.g. {dup[0]}): they weigh more.")

@@ -404,8 +404,8 @@ class ModelSpaceScan:
 
 def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_brain: np.ndarray | None, *,
                    brain_mask: np.ndarray | None = None, registration: str = "affine", contrast: str = "",
-                   upper_percentile: float = 99.5,
-                   min_correlation: float = MIN_REGISTRATION_CORRELATION) -> ModelSpaceScan:
+                   upper_percentile: float = 99.5, min_correlation: float = MIN_REGISTRATION_CORRELATION,
+                   transform: np.ndarray | None = None) -> ModelSpaceScan:
     """A scan in a model's space: affine registration to the model's template (or none), the brain
     mask (``brain_mask``, else the template's brain carried back, else an estimate), the scan resampled
     onto the model grid and its intensities normalised (background −1, brain p``upper_percentile`` +1).
@@ -413,6 +413,9 @@ def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_br
     One function for both sides of a model: :func:`edit_scan` brings the scan to edit here, and
     ``Training/train_diffusion.py`` brings each scan of a manifest here, so a model trained on your
     scans sees them exactly as its edits will.
+
+    ``transform`` (model world → scan world, from an earlier registration of this scan) is used
+    instead of registering again.
 
     Raises:
         InputError: the registration's correlation inside the template brain is below
@@ -422,7 +425,9 @@ def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_br
     from .intensity import IntensityNormalizer
 
     score = None
-    if registration == "affine":
+    if transform is not None:
+        mapping = ModelSpaceMapping(grid, scan.shape, scan.affine_ras, np.asarray(transform, np.float64))
+    elif registration == "affine":
         if template is None:
             raise InputError("Registration needs the model's template image.")
         reg = register_affine(scan, template, template_mask=template_brain)

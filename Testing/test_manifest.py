@@ -69,7 +69,9 @@ def test_every_problem_is_listed_with_its_line(tmp_path):
     ("image,lesion_ml,diagnosis,lesoin_ml\na.nii.gz,1,CN,1\n", "'lesoin_ml' (did you mean 'lesion_ml'?)"),
     ("image,lesion_ml\na.nii.gz,1\nb.nii.gz,2\n", "every row's lesion load is 'minimal'"),
     ("image,lesion_ml,age\na.nii.gz,1,50\nb.nii.gz,,60\n", "names no lesion load and no diagnosis"),
-    ("image,image\na.nii.gz,a.nii.gz\n", "repeated"),
+    ("image,image\na.nii.gz,a.nii.gz\n", "more than once"),
+    ("image,,lesion_ml\na.nii.gz,x,1\n", "a column without a name (column 2"),
+    ("image,lesion_ml\na.nii.gz,NA\nb.nii.gz,-\n", "cells are all empty or not recorded ('NA')"),
     ("image,lesion_ml\na.nii.gz,1,extra\n", "3 cells for 2 columns"),
     ("image,lesion_ml\n", "no rows"),
     ("", "is empty"),
@@ -85,7 +87,7 @@ def test_ignored_columns_and_a_configured_prompt(tmp_path):
     _touch(tmp_path, "a.nii.gz", "b.nii.gz")
     (tmp_path / "m.csv").write_text("image,subject,t2_volume,dx\na.nii.gz,S1,2.5,CN\nb.nii.gz,S2,12,AD\n")
     with pytest.raises(InputError, match="'subject'"):
-        read_manifest(tmp_path / "m.csv", prompt_config_from_dict({"columns": {"lesion": "t2_volume"}}))
+        read_manifest(tmp_path / "m.csv", {"columns": {"lesion": "t2_volume"}})
     cfg = prompt_config_from_dict({"clauses": ["lesion_load"], "optional_clauses": ["diagnosis"],
                                    "columns": {"lesion": "t2_volume", "diagnosis": "dx"},
                                    "thresholds_ml": {"minimal": 3, "moderate": 10}})
@@ -93,9 +95,43 @@ def test_ignored_columns_and_a_configured_prompt(tmp_path):
     assert [r.prompt for r in m.rows] == ["Subject has minimal lesion load. Subject is cognitively normal (CN).",
                                           "Subject has high lesion load. Subject has mild Alzheimer's dementia (AD)."]
     with pytest.raises(InputError, match="unknown key"):
-        prompt_config_from_dict({"columns": {"lesions": "x"}})
+        prompt_config_from_dict({"columns": {"lesions": "x"}, "clauses": ["lesion_load"]})
     with pytest.raises(InputError, match="increase strictly"):
-        prompt_config_from_dict({"thresholds_ml": {"minimal": 20}})
+        prompt_config_from_dict({"thresholds_ml": {"minimal": 20}, "clauses": ["lesion_load"]})
+    with pytest.raises(InputError, match="numbers of ml"):
+        prompt_config_from_dict({"thresholds_ml": {"minimal": "3 ml"}, "clauses": ["lesion_load"]})
+    with pytest.raises(InputError, match="must be a list"):
+        prompt_config_from_dict({"clauses": "diagnosis"})
+
+
+def test_configured_columns_keep_the_other_clauses_and_say_what_is_unused(tmp_path):
+    """data.prompts naming columns (no clauses) keeps every clause whose column the manifest has; required
+    clauses whose column is absent are refused by name; configured-out columns are reported."""
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "m.csv").write_text("Image,T2_Volume,DX,Age\na.nii.gz,2.5,HC,70\nb.nii.gz,12,Dementia,80\n")
+    m = read_manifest(tmp_path / "m.csv", {"columns": {"lesion": "t2_volume", "diagnosis": "dx"},
+                                           "diagnosis_aliases": {"HC": "cn"}})
+    assert m.rows[0].prompt == "Subject has minimal lesion load. Subject is cognitively normal (CN). Subject is a 70-year-old subject."
+    assert m.rows[1].diagnosis == "AD" and not any("make no part" in w for w in m.warnings)
+    adni = read_manifest(tmp_path / "m.csv", {"columns": {"diagnosis": "dx"}, "clauses": ["diagnosis"]},
+                         ignore_columns=["t2_volume"])
+    assert [r.prompt for r in adni.rows] == ["Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD)."]
+    assert any("['age']" in w for w in adni.warnings)  # a prompt column the clauses leave out
+    with pytest.raises(InputError, match="lacks the column.*lesion_load \\(column 'lesion_ml'\\).*data.prompts.clauses"):
+        read_manifest(tmp_path / "m.csv", {"columns": {"diagnosis": "dx"}, "clauses": ["lesion_load"]},
+                      ignore_columns=["t2_volume"])
+
+
+def test_european_and_unicode_exports_and_implausible_volumes(tmp_path):
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "semi.csv").write_text("image;lesion_ml;\na.nii.gz;12,4;\nb.nii.gz;0;\n")  # decimal comma, trailing ';'
+    assert [r.lesion_ml for r in read_manifest(tmp_path / "semi.csv").rows] == [12.4, 0.0]
+    (tmp_path / "u16.csv").write_bytes("image\tlesion_ml\na.nii.gz\t1\nb.nii.gz\t4500\n".encode("utf-16"))
+    m = read_manifest(tmp_path / "u16.csv")
+    assert any("mm³" in w and "4500" in w for w in m.warnings)
+    (tmp_path / "bin.csv").write_bytes(b"image,lesion_ml\na\x81.nii.gz,1\n")
+    with pytest.raises(InputError, match="not text in UTF-8"):
+        read_manifest(tmp_path / "bin.csv")
 
 
 def test_config_keys_and_overrides_are_checked():
@@ -157,6 +193,10 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
     assert "4 scans" in p.stdout and "lesion_load: none 1, minimal 1, moderate 1, high 1" in p.stdout
     assert not out.exists()
     for bad, words in ((['--set', 'iteration=2'], "did you mean 'iterations'"),
+                       (['--set', 'text_encoder={"id": "tiny-hash", "dim": 32, "max_token": 16}'],
+                        "'max_token' (did you mean 'max_tokens'?)"),
+                       (['--set', 'contrast="T2"'], "contrast 'T2'"),
+                       (['--set', 'denoiser_overrides={"chanels": [8, 16, 32]}', '--check'], "does not build"),
                        (['--set', 'schedule={"kind": "ddpm"}'], "rectified-flow"),
                        (['--set', 'data={"kind": "manifest"}'], "needs data.manifest"),
                        (['--set', 'lesion_prior_weight=2'], "lesion_prior_weight needs the synthetic pool"),
@@ -164,9 +204,23 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
         p = _train(["--config", str(config), "--out", str(out), *bad], tmp_path)
         assert p.returncode == 2 and words in p.stderr, (bad, p.stderr[-1500:])
         assert not out.exists()
+    # a scan that registration would refuse stops --check and training before the first step
+    from CounterfactualGenLib.volume import Volume, write_volume
+
+    write_volume(Volume(np.random.default_rng(0).random((40, 48, 40)).astype(np.float32), np.diag([4.0, 4, 4, 1])),
+                 manifest.parent / "noise.nii.gz")
+    noisy = manifest.parent / "noisy.csv"
+    noisy.write_text(manifest.read_text() + "noise.nii.gz,,1.5,MCI\n")
+    for extra in (["--check"], []):
+        p = _train(["--config", str(config), "--out", str(out), "--set",
+                    f'data={{"kind": "manifest", "manifest": "{noisy}"}}', *extra], tmp_path)
+        assert p.returncode == 2 and "line 6 (noise.nii.gz)" in p.stderr and "correlation" in p.stderr, p.stderr[-1500:]
+        assert "Traceback" not in p.stderr and not out.exists()
     p = _train(["--config", str(config), "--out", str(out)], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Warning" not in p.stderr  # masks, volumes and names agree with their rows
+    reg = json.loads((out / "registration.json").read_text())["scans"]
+    assert len(reg) == 4 and min(e["correlation"] for e in reg) >= 0.3
     from CounterfactualGenLib.models import load_model
 
     model = load_model(out / "model")

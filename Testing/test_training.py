@@ -119,6 +119,12 @@ def test_shipped_diffusion_configs_build(name):
     spec.loader.exec_module(mod)
     cfg = json.loads((ROOT / "Training" / "configs" / name).read_text())
     assert set(cfg) <= set(mod.DEFAULTS), set(cfg) - set(mod.DEFAULTS)
+    cwd = os.getcwd()
+    try:  # paths in configs (anchor models) are relative to the repository root
+        os.chdir(ROOT)
+        mod.check_config({**mod.DEFAULTS, **cfg})  # every nested key, the schedule, the data source
+    finally:
+        os.chdir(cwd)
     model = mod.build_model({**mod.DEFAULTS, **cfg}, 384)  # MiniLM width
     assert model.spec.grid.shape == tuple(cfg["grid"]["shape"])
     assert model.diffusion_shape(1)[2:] == tuple(s // 2 for s in cfg["grid"]["shape"])

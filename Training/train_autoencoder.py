@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from CounterfactualGenLib.config import load_config  # noqa: E402
+from CounterfactualGenLib.config import check_keys, load_config  # noqa: E402
 from CounterfactualGenLib.errors import InputError, ModelError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
 from CounterfactualGenLib.volume import sha256_file, umask_mode  # noqa: E402
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(DEFAULTS, args.config, args.set)
+    except InputError as exc:
+        ap.error(str(exc))
+    try:
+        check_keys(cfg["data"] or {}, dict.fromkeys(("kind", "pool_size", "pool_workers")), "data")
     except InputError as exc:
         ap.error(str(exc))
     if (Path(args.out) / "autoencoder" / "autoencoder.json").exists():

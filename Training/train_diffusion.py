@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from CounterfactualGenLib.config import load_config  # noqa: E402
-from CounterfactualGenLib.errors import InputError  # noqa: E402
+from CounterfactualGenLib.errors import InputError, ModelError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
 from CounterfactualGenLib.manifest import Manifest, ManifestRow, prompt_config_from_dict, read_manifest  # noqa: E402
 from CounterfactualGenLib.models import DiffusionModel, ModelSpec, save_model  # noqa: E402
@@ -233,22 +233,79 @@ def pool_prompt_set() -> list[str]:
     return list(dict.fromkeys(lesion + dx + [f"{a} {b}" for a in lesion for b in dx]))
 
 
-def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest
+def register_manifest(cfg: dict, grid: ModelGrid, manifest: Manifest, *, cache: Path | None = None,
+                      verbose: bool = True) -> dict[int, dict]:
+    """Register every scan of a manifest to the template the model ships, before any training.
+
+    Each scan goes through :func:`CounterfactualGenLib.pipeline.to_model_space`, the function
+    edits use, so a scan that an edit would refuse (registration correlation below the QC
+    threshold, an empty brain) is refused here, all of them in one message with their lines.
+    Returns {line: {"scan", "correlation", "transform"}}; ``cache`` (a JSON file in the run folder)
+    keeps the results for a resumed run (entries of unchanged files are reused).
+    """
+    from tqdm import tqdm
+
+    from CounterfactualGenLib.geometry import mask_on_grid
+    from CounterfactualGenLib.pipeline import to_model_space
+    from CounterfactualGenLib.volume import read_volume
+
+    old = {}
+    if cache is not None and cache.exists():
+        old = {e["scan"]: e for e in json.loads(cache.read_text()).get("scans", [])}
+    tpl = edit_templates(cfg, grid)
+    tpl_brain = tpl["brain_mask"].array > 0.5
+    out: dict[int, dict] = {}
+    failed: list[str] = []
+    for row in tqdm(manifest.rows, desc="register", file=sys.stderr, disable=not verbose, mininterval=2.0):
+        scan = row.scan(cfg["contrast"])
+        st = scan.stat()
+        prev = old.get(str(scan))
+        if prev and prev.get("size") == st.st_size and prev.get("mtime") == st.st_mtime:
+            out[row.line] = prev
+            continue
+        try:
+            vol = read_volume(scan)
+            mask = (mask_on_grid(read_volume(row.brain_mask, validate=False), vol.shape, vol.affine_ras,
+                                 name="brain mask")[0] if row.brain_mask else None)
+            ms = to_model_space(vol, grid, tpl["image"], tpl_brain, brain_mask=mask, contrast=cfg["contrast"])
+        except InputError as exc:
+            failed.append(f"line {row.line} ({scan.name}): {exc}")
+            continue
+        out[row.line] = {"scan": str(scan), "size": st.st_size, "mtime": st.st_mtime,
+                         "correlation": round(float(ms.correlation), 4),
+                         "transform": ms.mapping.model_to_source_world.tolist()}
+    if failed:
+        raise InputError(f"{len(failed)} scan(s) of {manifest.path} cannot be used (an edit would refuse them too; "
+                         "fix or remove the rows):\n  " + "\n  ".join(failed[:20])
+                         + (f"\n  … and {len(failed) - 20} more" if len(failed) > 20 else ""))
+    if verbose:
+        c = sorted(e["correlation"] for e in out.values())
+        print(f"Registered {len(c)} scans to the model's template: correlation inside its brain min {c[0]:.3f}, "
+              f"median {c[len(c) // 2]:.3f} (QC threshold 0.3).", file=sys.stderr)
+    return out
+
+
+def _registration_note(registered: dict[int, dict]) -> str:
+    c = sorted(e["correlation"] for e in registered.values())
+    return f" Registration to the template: correlation min {c[0]:.3f}, median {c[len(c) // 2]:.3f}."
+
+
+def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, registered: dict[int, dict]
                     ) -> Iterator[tuple[np.ndarray, ManifestRow, np.ndarray]]:
     """(image on the model grid, its manifest row, lesion mask on the grid), drawn at random from a
-    checked manifest (:func:`CounterfactualGenLib.manifest.read_manifest`).
+    checked manifest (:func:`CounterfactualGenLib.manifest.read_manifest`) whose scans
+    :func:`register_manifest` registered.
 
     Each scan is brought into the model's space once, and cached, by the function edits use
-    (:func:`CounterfactualGenLib.pipeline.to_model_space`): affine registration to the template the
-    model ships (:func:`edit_templates`), the row's brain mask or the template's, intensities
-    normalised. The lesion mask is zeros for a row without one.
+    (:func:`CounterfactualGenLib.pipeline.to_model_space`, with the registration already made): the
+    row's brain mask or the template's, intensities normalised. The lesion mask is zeros for a row
+    without one.
     """
     from CounterfactualGenLib.geometry import mask_on_grid
     from CounterfactualGenLib.pipeline import MODEL_INPUT_RANGE, to_model_space
     from CounterfactualGenLib.volume import read_volume
 
-    tpl = edit_templates(cfg, grid)
-    tpl_brain = tpl["brain_mask"].array > 0.5
+    tpl_brain = edit_templates(cfg, grid)["brain_mask"].array > 0.5
     rng = random.Random(seed)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
@@ -258,7 +315,8 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest
                 vol = read_volume(row.scan(cfg["contrast"]))
                 mask = (mask_on_grid(read_volume(row.brain_mask, validate=False), vol.shape, vol.affine_ras,
                                      name="brain mask")[0] if row.brain_mask else None)
-                ms = to_model_space(vol, grid, tpl["image"], tpl_brain, brain_mask=mask, contrast=cfg["contrast"])
+                ms = to_model_space(vol, grid, None, tpl_brain, brain_mask=mask, contrast=cfg["contrast"],
+                                    transform=np.array(registered[row.line]["transform"]))
                 lesions = np.zeros(grid.shape, np.uint8)
                 if row.lesion_mask:
                     lm = mask_on_grid(read_volume(row.lesion_mask, validate=False), vol.shape, vol.affine_ras,
@@ -315,8 +373,9 @@ class Stream(torch.utils.data.IterableDataset):
     lesion-load class index into LESION_LOAD_CLASSES (-1: the prompt names none))."""
 
     def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, registered: dict[int, dict] | None = None) -> None:
         self.cfg, self.grid, self.seed, self.pool, self.manifest = cfg, grid, seed, pool, manifest
+        self.registered = registered
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -337,7 +396,7 @@ class Stream(torch.utils.data.IterableDataset):
 
             rng = random.Random(seed + 1)
             both = self.cfg["data"].get("both_clauses_prob", 0.2)
-            for img, row, lesions in manifest_stream(self.cfg, self.grid, seed, self.manifest):
+            for img, row, lesions in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered):
                 prompt, names = row.prompt, row.lesion_load is not None
                 if row.lesion_load is not None and row.diagnosis is not None:
                     # as in the synthetic pool: the whole row's prompt with probability both_clauses_prob,
@@ -654,6 +713,10 @@ def anchored_targets(v: torch.Tensor, anchor_pred: torch.Tensor, learn: torch.Te
     return target, weights
 
 
+#: Keys of the config's "grid", "text_encoder" and "schedule" objects.
+GRID_KEYS = ("shape", "spacing_mm", "center_ras")
+TEXT_ENCODER_KEYS = ("id", "max_tokens", "dim", "path", "seed")
+SCHEDULE_KEYS = ("kind", "default_steps", "default_guidance", "default_share", "default_separation", "base_numel")
 #: Keys of the config's "data" object.
 DATA_KEYS = {"kind": "synthetic", "manifest": None, "prompts": None, "ignore_columns": [], "paraphrase_prob": 0.3,
              "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None}
@@ -667,6 +730,18 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
     from CounterfactualGenLib.config import check_keys
 
     check_keys(cfg, DEFAULTS)
+    for section, known in (("grid", GRID_KEYS), ("text_encoder", TEXT_ENCODER_KEYS), ("schedule", SCHEDULE_KEYS)):
+        if not isinstance(cfg.get(section), dict):
+            raise InputError(f"{section} must be a JSON object; got {cfg.get(section)!r}.")
+        check_keys(cfg[section], dict.fromkeys(known), section)
+    missing = [k for k in ("shape", "spacing_mm") if k not in cfg["grid"]]
+    if missing:
+        raise InputError(f"grid needs {missing}; e.g. {DEFAULTS['grid']}.")
+    from CounterfactualGenLib.synth import CONTRASTS
+
+    if cfg.get("contrast") not in CONTRASTS:
+        raise InputError(f"contrast {cfg.get('contrast')!r}: the synthetic engine and the templates make "
+                         f"{list(CONTRASTS)}.")
     kind = (cfg.get("schedule") or {}).get("kind")
     if kind != "rflow":
         raise InputError(f"schedule.kind {kind!r}: this script trains rectified-flow models (\"rflow\"), the schedule "
@@ -771,6 +846,10 @@ def check_run_folder(out: Path, cfg: dict, resume: bool) -> None:
 def _print_check(cfg: dict) -> None:
     """What ``--check`` prints: the checked config's data, model and schedule, and the manifest's prompts."""
     _, manifest = check_config(cfg)
+    try:
+        build_model(cfg, load_encoder(cfg).dim)  # the network builds: denoiser overrides, autoencoder, grid
+    except (ModelError, TypeError, ValueError) as exc:
+        raise InputError(f"The model of this config does not build: {exc}") from None
     g = cfg["grid"]
     print(f"Config OK: {cfg['family']} ({cfg['size']}) at {g['shape']} × {g['spacing_mm']} mm, {cfg['contrast']}, "
           f"text encoder {cfg['text_encoder']['id']}, {cfg['iterations']} iterations × batch {cfg['batch_size']}.")
@@ -780,6 +859,7 @@ def _print_check(cfg: dict) -> None:
     print(manifest.summary())
     for w in manifest.warnings:
         print("Warning: " + w)
+    register_manifest(cfg, ModelGrid.from_dict(cfg["grid"]), manifest)
     for row in manifest.rows[:3]:
         print(f"  line {row.line}: {row.scan(cfg['contrast'])} -> {row.prompt!r}")
 
@@ -791,11 +871,15 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     anchor, manifest = check_config(cfg)
     check_run_folder(out, cfg, resume)
     rank, world, device = ddp_setup()
-    if manifest is not None and is_main(rank):
-        print(manifest.summary() + " Each scan is registered to the model's template when first drawn.",
-              file=sys.stderr)
-        for w in manifest.warnings:
-            print("Warning: " + w, file=sys.stderr)
+    registered = None
+    if manifest is not None:
+        if is_main(rank):
+            print(manifest.summary(), file=sys.stderr)
+            for w in manifest.warnings:
+                print("Warning: " + w, file=sys.stderr)
+        # every rank registers (the same result): a refusal stops them all before anything is written
+        registered = register_manifest(cfg, ModelGrid.from_dict(cfg["grid"]), manifest,
+                                       cache=out / "registration.json", verbose=is_main(rank))
     if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"] + rank)
@@ -812,6 +896,9 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     ema = EMA(net, cfg["ema_decay"])
     out.mkdir(parents=True, exist_ok=True)
+    if registered is not None and is_main(rank):
+        (out / "registration.json").write_text(json.dumps({"manifest": str(manifest.path),
+                                                           "scans": list(registered.values())}, indent=1))
     start = load_checkpoint(out, net, ema, opt) if resume else 0
     init_info, prior_minutes = None, 0.0
     if start and (out / "model" / "model.json").exists():  # resumed: keep what earlier runs of this stage recorded
@@ -869,7 +956,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 pool = synthetic_pool(cfg, grid, cfg["seed"], size, cache)
     if pool is not None and cfg["data"].get("lesion_class_draw"):  # this pool has something to draw
         lesion_class_draw_cdf(pool["lesion"], cfg["data"]["lesion_class_draw"])
-    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool, manifest),
+    loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool, manifest,
+                                                registered),
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     data = iter(loader)
     null_tokens = encoder.null(1).tokens.to(device)
@@ -1002,7 +1090,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                    "final_loss": float(loss_ema or 0.0),
                    "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path,
                    "out": str(out),
-                   **({"data": manifest.summary()} if manifest is not None else {}),
+                   **({"data": manifest.summary() + _registration_note(registered)} if manifest is not None else {}),
                    **({"init_from": init_info} if init_info else {}),
                    **({"anchor": anchor_info} if anchor_info else {})}
         spec.training = {**summary, "config": cfg}
@@ -1079,7 +1167,11 @@ def main(argv: list[str] | None = None) -> int:
         check_run_folder(Path(args.out), cfg, args.resume)
     except InputError as exc:
         ap.error(str(exc))
-    train(cfg, Path(args.out), resume=args.resume, config_path=args.config)
+    try:
+        train(cfg, Path(args.out), resume=args.resume, config_path=args.config)
+    except (InputError, ModelError) as exc:  # found while training (e.g. a scan that cannot be read)
+        print(f"train_diffusion.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -46,7 +46,7 @@ from CounterfactualGenLib.evaluation.oracle import (  # noqa: E402
     fit_calibration,
     save_oracle,
 )
-from CounterfactualGenLib.config import load_config  # noqa: E402
+from CounterfactualGenLib.config import check_keys, load_config  # noqa: E402
 from CounterfactualGenLib.errors import InputError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
 
@@ -483,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--config is required (except with --revalidate)")
     try:
         cfg = load_config(DEFAULTS, args.config, args.set, merge_sections=True)
+    except InputError as exc:
+        ap.error(str(exc))
+    try:
+        for section in ("data", "augment", "loss_weights"):
+            check_keys(cfg[section], DEFAULTS[section], section)
     except InputError as exc:
         ap.error(str(exc))
     if (Path(args.out) / "oracle" / "oracle.json").exists():

@@ -270,12 +270,16 @@ ADNI_PROMPT_CONFIG = PromptConfig(clauses=("diagnosis",))
 # ---------------------------------------------------------------------------------------
 
 
+#: Cell values read as "not recorded" (besides empty cells): what tables and statistics packages write.
+MISSING_VALUES = ("nan", "na", "n/a", "n.a.", "none", "null", "missing", "unknown", "-", "--", ".", "?")
+
+
 def _is_missing(value: Any) -> bool:
     """True for None, NaN (pandas' missing value) and blank strings."""
     if value is None:
         return True
     if isinstance(value, str):
-        return value.strip() == "" or value.strip().lower() in ("nan", "na", "n/a", "none")
+        return value.strip() == "" or value.strip().lower() in MISSING_VALUES
     try:
         return math.isnan(float(value))
     except (TypeError, ValueError):
@@ -338,7 +342,7 @@ def normalise_diagnosis(value: Any, aliases: Mapping[str, str] | None = None) ->
         raise InputError(
             f"Unknown diagnosis {value!r}; expected one of {list(DIAGNOSIS_CLASSES)} "
             f"(or a known alias such as EMCI, LMCI, Dementia). "
-            "Map other values with PromptConfig(diagnosis_aliases={...})."
+            "Map other values with diagnosis_aliases (a training config's data.prompts.diagnosis_aliases)."
         )
     return table[key]
 
@@ -469,7 +473,10 @@ def row_to_prompt(row: Mapping[str, Any], config: PromptConfig | None = None) ->
                     raise InputError(f"EDSS must be in [0, 10], got {edss}.")
                 sentences.append(_edss_sentence(edss))
     if not sentences:
-        raise InputError("The row gave no prompt: every optional clause was empty.")
+        used = [c for c in (cfg.lesion_column, cfg.diagnosis_column, cfg.age_column, cfg.sex_column, cfg.edss_column)
+                if c in row]
+        raise InputError(f"The row gave no prompt: its {used or 'prompt'} cells are all empty or not recorded "
+                         f"({', '.join(repr(row[c]) for c in used) or 'none'}).")
     return " ".join(sentences)
 
 
