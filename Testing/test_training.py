@@ -369,7 +369,7 @@ def test_gpu_lease_sweep_trains_side_by_side_from_one_pool(tmp_path):
                         "--", "--set", f"grid={json.dumps(grid)}", "--set", f"data={json.dumps(data)}",
                         "--set", "batch_size=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stdout[-3000:]
-    assert "== wdm_5mm_gpu: rc=0" in p.stdout and "== wdm_5mm_gpu_ft: rc=0" in p.stdout and "== broken: rc=1" in p.stdout
+    assert "== wdm_5mm_gpu: rc=0" in p.stdout and "== wdm_5mm_gpu_ft: rc=0" in p.stdout and "== broken: rc=2" in p.stdout  # a clean one-line error
     pools = [next((runs / n).glob("pool_*.npz")) for n in ("wdm_5mm_gpu", "wdm_5mm_gpu_ft")]
     assert pools[0].stat().st_ino == pools[1].stat().st_ino  # one pool, linked
     parts = sorted(out.glob("runs.tar.part-*"))

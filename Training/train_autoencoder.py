@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         ap.error(str(exc))
     try:
-        check_keys(cfg["data"] or {}, dict.fromkeys(("kind", "pool_size", "pool_workers")), "data")
+        check_keys(cfg["data"] or {}, td.DATA_KEYS, "data")  # the diffusion configs' data keys (a shared block)
     except InputError as exc:
         ap.error(str(exc))
     if (Path(args.out) / "autoencoder" / "autoencoder.json").exists():
