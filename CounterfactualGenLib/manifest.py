@@ -149,9 +149,8 @@ def prompt_config_from_dict(d: Mapping[str, Any] | None, header: Sequence[str] |
     if "clauses" not in kwargs and "optional_clauses" not in kwargs:
         if header is None:
             raise InputError("data.prompts without clauses needs the manifest's header to choose them.")
-        kwargs["clauses"] = ()
-        kwargs["optional_clauses"] = _clauses_from_columns(PromptConfig(**{**kwargs, "clauses": ("lesion_load",)}),
-                                                           header)
+        named = PromptConfig(**{k: v for k, v in kwargs.items() if k.endswith("_column")})  # the column names
+        kwargs["clauses"], kwargs["optional_clauses"] = (), _clauses_from_columns(named, header)
     return PromptConfig(**kwargs)
 
 

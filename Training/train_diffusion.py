@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from CounterfactualGenLib.config import load_config  # noqa: E402
+from CounterfactualGenLib.config import check_keys, load_config  # noqa: E402
 from CounterfactualGenLib.errors import InputError, ModelError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
 from CounterfactualGenLib.manifest import Manifest, ManifestRow, prompt_config_from_dict, read_manifest  # noqa: E402
@@ -233,13 +233,14 @@ def pool_prompt_set() -> list[str]:
     return list(dict.fromkeys(lesion + dx + [f"{a} {b}" for a in lesion for b in dx]))
 
 
-def register_manifest(cfg: dict, grid: ModelGrid, manifest: Manifest, *, cache: Path | None = None,
-                      verbose: bool = True) -> dict[int, dict]:
+def register_manifest(cfg: dict, grid: ModelGrid, manifest: Manifest, templates: dict, *,
+                      cache: Path | None = None, verbose: bool = True) -> dict[int, dict]:
     """Register every scan of a manifest to the template the model ships, before any training.
 
     Each scan goes through :func:`CounterfactualGenLib.pipeline.to_model_space`, the function
     edits use, so a scan that an edit would refuse (registration correlation below the QC
     threshold, an empty brain) is refused here, all of them in one message with their lines.
+    ``templates`` are the model's (:func:`edit_templates`).
     Returns {line: {"scan", "correlation", "transform"}}; ``cache`` (a JSON file in the run folder)
     keeps the results for a resumed run (entries of unchanged files are reused).
     """
@@ -252,8 +253,7 @@ def register_manifest(cfg: dict, grid: ModelGrid, manifest: Manifest, *, cache: 
     old = {}
     if cache is not None and cache.exists():
         old = {e["scan"]: e for e in json.loads(cache.read_text()).get("scans", [])}
-    tpl = edit_templates(cfg, grid)
-    tpl_brain = tpl["brain_mask"].array > 0.5
+    tpl_brain = templates["brain_mask"].array > 0.5
     out: dict[int, dict] = {}
     failed: list[str] = []
     for row in tqdm(manifest.rows, desc="register", file=sys.stderr, disable=not verbose, mininterval=2.0):
@@ -267,7 +267,7 @@ def register_manifest(cfg: dict, grid: ModelGrid, manifest: Manifest, *, cache: 
             vol = read_volume(scan)
             mask = (mask_on_grid(read_volume(row.brain_mask, validate=False), vol.shape, vol.affine_ras,
                                  name="brain mask")[0] if row.brain_mask else None)
-            ms = to_model_space(vol, grid, tpl["image"], tpl_brain, brain_mask=mask, contrast=cfg["contrast"])
+            ms = to_model_space(vol, grid, templates["image"], tpl_brain, brain_mask=mask, contrast=cfg["contrast"])
         except InputError as exc:
             failed.append(f"line {row.line} ({scan.name}): {exc}")
             continue
@@ -290,11 +290,11 @@ def _registration_note(registered: dict[int, dict]) -> str:
     return f" Registration to the template: correlation min {c[0]:.3f}, median {c[len(c) // 2]:.3f}."
 
 
-def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, registered: dict[int, dict]
-                    ) -> Iterator[tuple[np.ndarray, ManifestRow, np.ndarray]]:
+def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, registered: dict[int, dict],
+                    tpl_brain: np.ndarray) -> Iterator[tuple[np.ndarray, ManifestRow, np.ndarray]]:
     """(image on the model grid, its manifest row, lesion mask on the grid), drawn at random from a
     checked manifest (:func:`CounterfactualGenLib.manifest.read_manifest`) whose scans
-    :func:`register_manifest` registered.
+    :func:`register_manifest` registered (``tpl_brain``: the template's brain, a bool array on the grid).
 
     Each scan is brought into the model's space once, and cached, by the function edits use
     (:func:`CounterfactualGenLib.pipeline.to_model_space`, with the registration already made): the
@@ -305,7 +305,6 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, r
     from CounterfactualGenLib.pipeline import MODEL_INPUT_RANGE, to_model_space
     from CounterfactualGenLib.volume import read_volume
 
-    tpl_brain = edit_templates(cfg, grid)["brain_mask"].array > 0.5
     rng = random.Random(seed)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
@@ -373,9 +372,10 @@ class Stream(torch.utils.data.IterableDataset):
     lesion-load class index into LESION_LOAD_CLASSES (-1: the prompt names none))."""
 
     def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None,
-                 manifest: Manifest | None = None, registered: dict[int, dict] | None = None) -> None:
+                 manifest: Manifest | None = None, registered: dict[int, dict] | None = None,
+                 tpl_brain: np.ndarray | None = None) -> None:
         self.cfg, self.grid, self.seed, self.pool, self.manifest = cfg, grid, seed, pool, manifest
-        self.registered = registered
+        self.registered, self.tpl_brain = registered, tpl_brain
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -396,7 +396,8 @@ class Stream(torch.utils.data.IterableDataset):
 
             rng = random.Random(seed + 1)
             both = self.cfg["data"].get("both_clauses_prob", 0.2)
-            for img, row, lesions in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered):
+            for img, row, lesions in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered,
+                                                     self.tpl_brain):
                 prompt, names = row.prompt, row.lesion_load is not None
                 if row.lesion_load is not None and row.diagnosis is not None:
                     # as in the synthetic pool: the whole row's prompt with probability both_clauses_prob,
@@ -727,8 +728,6 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
     registration can take minutes): unknown keys, the schedule, the data source and, for a manifest,
     the whole table (:func:`~CounterfactualGenLib.manifest.read_manifest`). Returns the checked anchor
     and the manifest (None for the synthetic pool)."""
-    from CounterfactualGenLib.config import check_keys
-
     check_keys(cfg, DEFAULTS)
     for section, known in (("grid", GRID_KEYS), ("text_encoder", TEXT_ENCODER_KEYS), ("schedule", SCHEDULE_KEYS)):
         if not isinstance(cfg.get(section), dict):
@@ -859,7 +858,8 @@ def _print_check(cfg: dict) -> None:
     print(manifest.summary())
     for w in manifest.warnings:
         print("Warning: " + w)
-    register_manifest(cfg, ModelGrid.from_dict(cfg["grid"]), manifest)
+    grid = ModelGrid.from_dict(cfg["grid"])
+    register_manifest(cfg, grid, manifest, edit_templates(cfg, grid))
     for row in manifest.rows[:3]:
         print(f"  line {row.line}: {row.scan(cfg['contrast'])} -> {row.prompt!r}")
 
@@ -871,6 +871,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     anchor, manifest = check_config(cfg)
     check_run_folder(out, cfg, resume)
     rank, world, device = ddp_setup()
+    templates = edit_templates(cfg, ModelGrid.from_dict(cfg["grid"]))  # shipped with the model; manifests register to it
     registered = None
     if manifest is not None:
         if is_main(rank):
@@ -878,7 +879,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             for w in manifest.warnings:
                 print("Warning: " + w, file=sys.stderr)
         # every rank registers (the same result): a refusal stops them all before anything is written
-        registered = register_manifest(cfg, ModelGrid.from_dict(cfg["grid"]), manifest,
+        registered = register_manifest(cfg, ModelGrid.from_dict(cfg["grid"]), manifest, templates,
                                        cache=out / "registration.json", verbose=is_main(rank))
     if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
         torch.set_num_threads(int(cfg["threads"]))
@@ -957,7 +958,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     if pool is not None and cfg["data"].get("lesion_class_draw"):  # this pool has something to draw
         lesion_class_draw_cdf(pool["lesion"], cfg["data"]["lesion_class_draw"])
     loader = torch.utils.data.DataLoader(Stream(cfg, grid, cfg["seed"] * 7919 + rank + 131 * start, pool, manifest,
-                                                registered),
+                                                registered, templates["brain_mask"].array > 0.5),
                                          batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     data = iter(loader)
     null_tokens = encoder.null(1).tokens.to(device)
@@ -1096,7 +1097,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         spec.training = {**summary, "config": cfg}
         dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
         save_model(final, folder, dtype=dtype, card=model_card(cfg, spec, summary), overwrite=True,
-                   templates=edit_templates(cfg, grid))
+                   templates=templates)
         _sample_montage(final, None, encoder, out / "samples_final.png", device)
         logf.close()
         if writer:
@@ -1108,7 +1109,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     return folder
 
 
-def edit_templates(cfg: dict, grid: ModelGrid) -> dict | None:
+def edit_templates(cfg: dict, grid: ModelGrid) -> dict:
     """Registration target + masks on the model grid, shipped inside the model for editing.
 
     An undeformed, lesion-free, noise-free CN subject of the engine in the model's contrast (its
@@ -1163,13 +1164,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             _print_check(cfg)
             return 0
-        check_config(cfg)
-        check_run_folder(Path(args.out), cfg, args.resume)
     except InputError as exc:
         ap.error(str(exc))
     try:
         train(cfg, Path(args.out), resume=args.resume, config_path=args.config)
-    except (InputError, ModelError) as exc:  # found while training (e.g. a scan that cannot be read)
+    except (InputError, ModelError) as exc:  # train checks everything before any work, then reads the scans
         print(f"train_diffusion.py: error: {exc}", file=sys.stderr)
         return 2
     return 0
