@@ -4,7 +4,7 @@ The Slicer module, headless batch mode, the tests and shell users all run these
 commands. With ``--progress-json`` stdout carries one JSON object per line
 (``progress``, ``log``, ``error`` and a final ``done`` event naming the summary file);
 human messages go to stderr. Exit codes: 0 ok, 2 usage/user error, 3 bad input,
-4 model problem, 130 cancelled, 1 internal error.
+4 model problem, 5 out of memory or a missing package, 130 cancelled, 1 internal error.
 
 Outputs are written into a hidden staging folder and moved into ``--out`` only when
 the whole job succeeded; on error or SIGINT/SIGTERM nothing half-made is left.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import Cancelled, CounterfactualGenError, InputError, ModelError
+from .errors import Cancelled, CounterfactualGenError, InputError, ModelError, ResourceError
 from .overlay import MONTAGE_LABEL_CHARS
 
 LESION_SERIES = [
@@ -669,11 +669,17 @@ def main(argv: list[str] | None = None) -> int:
     except CounterfactualGenError as exc:
         return _report(ev, exc)
     except MemoryError:
-        return _report(ev, CounterfactualGenError("Out of memory. Try --device cpu, fewer prompts or a smaller model."),
+        return _report(ev, ResourceError("Out of memory. Try --device cpu, fewer prompts or a smaller model."),
                        kind="OutOfMemory")
+    except ImportError as exc:  # a package of the install is missing or broken: not a bug of ours
+        name = getattr(exc, "name", None) or str(exc)
+        return _report(ev, ResourceError(
+            f"A Python package this command needs cannot be imported ({name}: {exc}). Install the dependencies: "
+            "pip install 'counterfactualgen[all]' (in Slicer: the module's Setup section, Install dependencies)."),
+            kind="MissingDependency")
     except Exception as exc:  # noqa: BLE001 — a bug: keep the traceback for the report
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            return _report(ev, CounterfactualGenError("The GPU ran out of memory. Try --device cpu or fewer prompts."),
+            return _report(ev, ResourceError("The GPU ran out of memory. Try --device cpu or fewer prompts."),
                            kind="OutOfMemory")
         traceback.print_exc()
         if ev.json_mode:

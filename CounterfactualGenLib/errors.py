@@ -27,6 +27,12 @@ class ModelError(CounterfactualGenError):
     exit_code = 4
 
 
+class ResourceError(CounterfactualGenError):
+    """The machine lacks what the run needs: memory, or a Python package the command uses."""
+
+    exit_code = 5
+
+
 class Cancelled(CounterfactualGenError):
     """The run was cancelled (SIGINT/SIGTERM or a cancel callback); partial outputs were removed."""
 

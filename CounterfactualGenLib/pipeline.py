@@ -333,8 +333,8 @@ MIN_REGISTRATION_CORRELATION = 0.3
 TEXT_ONLY_FILL_WARNING = (
     "Lesion filling without a lesion mask and without the oracle: the whole brain is regenerated from the text "
     "alone, which does not find the lesions and changes healthy tissue too (for the bundled model, further from "
-    "the lesion-free truth than the unedited scan; see the README's numbers). Give a lesion mask (--lesion-mask), "
-    "or let the oracle find the lesions (--oracle auto)."
+    "the lesion-free truth than the unedited scan; see the README's numbers). Give a lesion mask (--lesion-mask, or "
+    "a segmentation in Slicer), or let the oracle find the lesions (--oracle auto)."
 )
 
 #: Said when lesion filling without a lesion mask fills the oracle's segmentation of a scan whose voxels are
@@ -625,7 +625,8 @@ def edit_scan(
         lesion_region, mask_source = oracle_lesion_region(before["lesion_prob"], brain_model), "oracle"
         rep.log(f"Lesion filling without a lesion mask: filling the oracle's segmentation "
                 f"({float(lesion_region.sum()) * grid.spacing_mm ** 3 / 1000.0:.2f} ml on the model grid, lesion probability "
-                f"≥ {AUTO_MASK_PROBABILITY}). Give --lesion-mask to choose the voxels.")
+                f"≥ {AUTO_MASK_PROBABILITY}). Give a lesion mask (--lesion-mask, or a segmentation in Slicer) to "
+                "choose the voxels.")
 
     # -- 2. inversion ------------------------------------------------------------------
     source_origin = "given"
@@ -693,7 +694,7 @@ def edit_scan(
     null_text = None
     if inpaint and not lesion_region.any():  # only an oracle's segmentation can be empty (a given mask is checked)
         rep.log("The oracle finds no lesion voxels in the scan: nothing to fill, the counterfactual equals the scan. "
-                "Give --lesion-mask to fill chosen voxels.")
+                "Give a lesion mask (--lesion-mask, or a segmentation in Slicer) to fill chosen voxels.")
         with torch.inference_mode():
             pair = model.decode(z0.float()).float().cpu().numpy()[:, 0].repeat(2, axis=0)
     elif inpaint:

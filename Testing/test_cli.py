@@ -330,3 +330,23 @@ def test_demo_takes_a_text_encoder_table_and_the_precision(tiny, tmp_path, monke
     partial = write_embedding_table(tiny_encoder(), LESION_SERIES, tmp_path / "p.safetensors")
     assert main(base + ["--text-encoder-path", str(partial), "--out", str(tmp_path / "c")]) != 0
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("exc, kind, words", [
+    (MemoryError(), "OutOfMemory", "Out of memory"),
+    (ModuleNotFoundError("No module named 'monai'", name="monai"), "MissingDependency", "monai"),
+])
+def test_memory_and_missing_packages_are_not_reported_as_bugs(monkeypatch, capsys, exc, kind, words):
+    """The machine's limits get their own exit code (5) and event kind, which the Slicer module explains;
+    they are not a bug of ours (1, with a traceback)."""
+    import CounterfactualGenLib.cli as cli
+
+    def boom(args, ev):
+        raise exc
+
+    monkeypatch.setitem(cli.COMMANDS, "demo", boom)
+    assert main(["demo", "--out", "unused", "--progress-json"]) == 5
+    out, err = capsys.readouterr()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == kind and words in events[-1]["message"]
+    assert "Traceback" not in err

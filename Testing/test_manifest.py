@@ -200,6 +200,12 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
                        (['--set', 'schedule={"kind": "ddpm"}'], "rectified-flow"),
                        (['--set', 'data={"kind": "manifest"}'], "needs data.manifest"),
                        (['--set', 'lesion_prior_weight=2'], "lesion_prior_weight needs the synthetic pool"),
+                       (['--set', 'text_encoder={"id": "tiny-hash", "dim": 32, "max_tokens": 8}'],
+                        "longer than text_encoder.max_tokens = 8"),
+                       (['--set', 'text_encoder={"id": "tiny-hash", "dim": 32, "max_tokens": 8}', '--check'],
+                        "Set text_encoder.max_tokens to"),
+                       (['--set', f'data={{"kind": "manifest", "manifest": "{manifest}", "cache_mb": -1}}'],
+                        "data.cache_mb"),
                        (['--set', f'data={{"kind": "manifest", "manifest": "{manifest}", "ignore": 1}}'], "'ignore'")):
         p = _train(["--config", str(config), "--out", str(out), *bad], tmp_path)
         assert p.returncode == 2 and words in p.stderr, (bad, p.stderr[-1500:])
@@ -216,6 +222,20 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
                     f'data={{"kind": "manifest", "manifest": "{noisy}"}}', *extra], tmp_path)
         assert p.returncode == 2 and "line 6 (noise.nii.gz)" in p.stderr and "correlation" in p.stderr, p.stderr[-1500:]
         assert "Traceback" not in p.stderr and not out.exists()
+    # a lesion mask outside the brain, or far from the row's volume, is reported by --check
+    from CounterfactualGenLib.volume import read_volume
+
+    s0 = read_volume(manifest.parent / "s0.nii.gz")
+    corner = np.zeros(s0.shape, np.float32)
+    corner[:4, :4, :4] = 1
+    write_volume(Volume(corner, s0.affine_ras), manifest.parent / "corner.nii.gz")
+    odd = manifest.parent / "odd.csv"
+    odd.write_text(manifest.read_text() + "s0.nii.gz,corner.nii.gz,30,CN\n")
+    p = _train(["--config", str(config), "--out", str(out), "--check", "--set",
+                f'data={{"kind": "manifest", "manifest": "{odd}"}}'], tmp_path)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert "line 6: most of the lesion mask lies outside the brain" in p.stderr
+    assert "line 6: the lesion mask holds 4.1 ml, the table says 30 ml" in p.stderr and not out.exists()
     p = _train(["--config", str(config), "--out", str(out)], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Warning" not in p.stderr  # masks, volumes and names agree with their rows

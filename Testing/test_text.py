@@ -361,6 +361,8 @@ def test_minilm_long_prompt_truncates_tokens_only(minilm):
     long_prompt = " ".join(["Subject has high lesion load."] * 20)
     emb = minilm.encode([long_prompt])
     assert emb.mask.all() and emb.tokens.shape == (1, 32, 384)
+    # token_count tells how much is cut: [CLS] + 7 word pieces per sentence ("les", "##ion") + [SEP]
+    assert minilm.token_count(long_prompt) == 2 + 7 * 20 and minilm.token_count("Subject has no lesions.") == 7
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,6 +379,7 @@ def test_biomedclip_round_trip_matches_open_clip(tiny_open_clip):
         reference = model.encode_text(tokenizer(prompts), normalize=True)
     emb = enc.encode(prompts)
     assert torch.allclose(emb.pooled, reference, atol=1e-6), "pooled must be open_clip's encode_text"
+    assert [enc.token_count(p) for p in prompts] == [int((t != 0).sum()) for t in tokenizer(prompts)]
     # Tokens are projected into the joint space: the CLS position reproduces pooled.
     assert torch.allclose(torch.nn.functional.normalize(emb.tokens[:, 0], dim=-1), emb.pooled, atol=1e-5)
     desc = enc.describe()

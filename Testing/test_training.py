@@ -64,6 +64,8 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path, config):
          tmp_path)
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    seconds = [float(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and seconds[2] >= seconds[1] > 0  # the resumed run's time counts on
     assert load_model(out / "model").spec.training["iterations"] == 4
     # resuming at the checkpoint's own step writes its model without training (how a stopped run is exported)
     (out / "model" / "model.json").unlink()

@@ -32,6 +32,7 @@ import platform
 import random
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,7 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "size": "tiny",
     "grid": {"shape": [40, 48, 40], "spacing_mm": 4.0, "center_ras": [0.0, -18.0, 8.0]},
     "contrast": "FLAIR",
-    "text_encoder": {"id": "minilm-l6-v2", "max_tokens": 24},
+    # 48 tokens fit a manifest's four clauses (lesion load, diagnosis, age/sex, EDSS: about 40 MiniLM
+    # tokens) and the paraphrases; the bundled configs keep the 24 they were trained with.
+    "text_encoder": {"id": "minilm-l6-v2", "max_tokens": 48},
     # data.kind "synthetic" (the engine) or "manifest": data.manifest is a CSV of your scans
     # (CounterfactualGenLib/manifest.py: columns, checks), data.prompts how its tabular columns
     # become prompts (default: the columns it has), data.ignore_columns columns to leave alone.
@@ -268,6 +271,12 @@ def register_manifest(cfg: dict, grid: ModelGrid, manifest: Manifest, templates:
             mask = (mask_on_grid(read_volume(row.brain_mask, validate=False), vol.shape, vol.affine_ras,
                                  name="brain mask")[0] if row.brain_mask else None)
             ms = to_model_space(vol, grid, templates["image"], tpl_brain, brain_mask=mask, contrast=cfg["contrast"])
+            if row.lesion_mask:  # every rank reads it: a refusal must stop them all
+                lm = mask_on_grid(read_volume(row.lesion_mask, validate=False), vol.shape, vol.affine_ras,
+                                  name="lesion mask")[0]
+                if verbose:
+                    _check_lesion_mask(manifest, row, lm > 0, ms.brain_mask,
+                                       abs(np.linalg.det(vol.affine_ras[:3, :3])))
         except InputError as exc:
             failed.append(f"line {row.line} ({scan.name}): {exc}")
             continue
@@ -306,10 +315,15 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, r
     from CounterfactualGenLib.volume import read_volume
 
     rng = random.Random(seed)
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # Scans in model space, most recently drawn last, up to data.cache_mb per process (each data worker
+    # keeps its own): a large cohort at 128³ would otherwise fill the memory.
+    cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+    budget, held = float(cfg["data"].get("cache_mb", DATA_KEYS["cache_mb"])) * 2**20, 0
     while True:
         row = rng.choice(manifest.rows)
-        if row.line not in cache:
+        if row.line in cache:
+            cache.move_to_end(row.line)
+        else:
             try:
                 vol = read_volume(row.scan(cfg["contrast"]))
                 mask = (mask_on_grid(read_volume(row.brain_mask, validate=False), vol.shape, vol.affine_ras,
@@ -322,10 +336,12 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, r
                                       name="lesion mask")[0]
                     lesions = (ms.mapping.to_model(lm.astype(np.float32), interpolation="linear") > 0.01
                                ).astype(np.uint8)
-                    _check_lesion_mask(manifest, row, lm > 0, ms.brain_mask, abs(np.linalg.det(vol.affine_ras[:3, :3])))
             except InputError as exc:
                 raise InputError(f"{manifest.path}, line {row.line} ({row.scan(cfg['contrast'])}): {exc}") from None
-            cache[row.line] = (np.clip(ms.x_model, *MODEL_INPUT_RANGE), lesions)  # what an edit reads
+            cache[row.line] = (np.clip(ms.x_model, *MODEL_INPUT_RANGE).astype(np.float32), lesions)  # what an edit reads
+            held += sum(a.nbytes for a in cache[row.line])
+            while held > budget and len(cache) > 1:
+                held -= sum(a.nbytes for a in cache.popitem(last=False)[1])
         yield cache[row.line][0], row, cache[row.line][1]
 
 
@@ -720,7 +736,8 @@ TEXT_ENCODER_KEYS = ("id", "max_tokens", "dim", "path", "seed")
 SCHEDULE_KEYS = ("kind", "default_steps", "default_guidance", "default_share", "default_separation", "base_numel")
 #: Keys of the config's "data" object.
 DATA_KEYS = {"kind": "synthetic", "manifest": None, "prompts": None, "ignore_columns": [], "paraphrase_prob": 0.3,
-             "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None}
+             "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None,
+             "cache_mb": 2048}
 
 
 def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
@@ -749,6 +766,10 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
     check_keys(data, DATA_KEYS, "data")
     if data.get("kind") not in ("synthetic", "manifest"):
         raise InputError(f"data.kind must be \"synthetic\" or \"manifest\"; got {data.get('kind')!r}.")
+    mb = data.get("cache_mb", DATA_KEYS["cache_mb"])
+    if not (isinstance(mb, (int, float)) and not isinstance(mb, bool) and math.isfinite(mb) and mb >= 0):
+        raise InputError(f"data.cache_mb must be a number of MiB >= 0 (scans kept in memory per data process; 0 "
+                         f"keeps only the current one); got {mb!r}.")
     ref = cfg.get("lesion_weight_volume_ref_ml")
     if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
         raise InputError(f"lesion_weight_volume_ref_ml must be a positive number of ml (or null); got {ref!r}.")
@@ -779,6 +800,33 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
         raise InputError('data.manifest and data.prompts apply to data.kind "manifest"; this config trains on '
                          "the synthetic engine.")
     return anchor, manifest
+
+
+def check_prompt_lengths(cfg: dict, encoder, manifest: Manifest) -> None:
+    """Refuse a manifest whose prompts are longer than ``text_encoder.max_tokens``: the network's
+    cross-attention sees only the first L tokens, so the clauses past them (age, sex, EDSS, often
+    the diagnosis) would be trained on as if absent, without a word. The message gives the L that
+    fits every row's prompt and its paraphrases."""
+    from CounterfactualGenLib.text.prompts import paraphrase
+
+    L = encoder.max_tokens
+    prompts = sorted({r.prompt for r in manifest.rows if r.prompt})
+    counts = {p: encoder.token_count(p) for p in prompts}
+    long = [p for p in prompts if counts[p] > L]
+    if not long:
+        return
+    rng = random.Random(0)
+    need = max(max(counts.values()),
+               max(encoder.token_count(paraphrase(p, rng)) for p in long for _ in range(8)))
+    worst = max(long, key=counts.get)
+    kept = encoder.token_strings(worst)
+    raise InputError(
+        f"{len(long)} of the manifest's {len(prompts)} distinct prompts are longer than text_encoder.max_tokens = {L} "
+        f"tokens; the model would see only their first {L}, so what follows is lost. The longest ({counts[worst]} "
+        f"tokens): {worst!r}, read only up to its token {kept[-1]!r}. Set text_encoder.max_tokens to {need} "
+        f"(it fits every row's prompt and their paraphrases; {cfg['text_encoder']['id']} takes up to "
+        f"{getattr(encoder, 'model_max_tokens', need)}), e.g. --set 'text_encoder={json.dumps({**cfg['text_encoder'], 'max_tokens': need})}', "
+        "or leave clauses out with data.prompts.clauses.")
 
 
 #: Config keys that fix the network's shape or meaning: a resumed run must keep them.
@@ -845,8 +893,9 @@ def check_run_folder(out: Path, cfg: dict, resume: bool) -> None:
 def _print_check(cfg: dict) -> None:
     """What ``--check`` prints: the checked config's data, model and schedule, and the manifest's prompts."""
     _, manifest = check_config(cfg)
+    encoder = load_encoder(cfg)
     try:
-        build_model(cfg, load_encoder(cfg).dim)  # the network builds: denoiser overrides, autoencoder, grid
+        build_model(cfg, encoder.dim)  # the network builds: denoiser overrides, autoencoder, grid
     except (ModelError, TypeError, ValueError) as exc:
         raise InputError(f"The model of this config does not build: {exc}") from None
     g = cfg["grid"]
@@ -858,6 +907,7 @@ def _print_check(cfg: dict) -> None:
     print(manifest.summary())
     for w in manifest.warnings:
         print("Warning: " + w)
+    check_prompt_lengths(cfg, encoder, manifest)
     grid = ModelGrid.from_dict(cfg["grid"])
     register_manifest(cfg, grid, manifest, edit_templates(cfg, grid))
     for row in manifest.rows[:3]:
@@ -872,19 +922,20 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     check_run_folder(out, cfg, resume)
     rank, world, device = ddp_setup()
     templates = edit_templates(cfg, ModelGrid.from_dict(cfg["grid"]))  # shipped with the model; manifests register to it
+    encoder = load_encoder(cfg)
     registered = None
     if manifest is not None:
         if is_main(rank):
             print(manifest.summary(), file=sys.stderr)
             for w in manifest.warnings:
                 print("Warning: " + w, file=sys.stderr)
+        check_prompt_lengths(cfg, encoder, manifest)
         # every rank registers (the same result): a refusal stops them all before anything is written
         registered = register_manifest(cfg, ModelGrid.from_dict(cfg["grid"]), manifest, templates,
                                        cache=out / "registration.json", verbose=is_main(rank))
     if cfg.get("threads"):  # CPU: one thread per process avoids OpenMP spin-waits when cores are shared
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"] + rank)
-    encoder = load_encoder(cfg)
     model = build_model(cfg, encoder.dim)
     net = model.denoiser.to(device).train()
     if model.autoencoder is not None:
@@ -978,6 +1029,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
 
     log_path = out / "log.csv"
     writer = None
+    seconds_before = 0.0  # a resumed run's log counts on from the checkpoint's time
     if is_main(rank):
         new = not log_path.exists() or not resume
         if not new:  # rows logged after the checkpoint belong to steps this run trains again
@@ -985,6 +1037,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 kept = [r for r in csv.reader(f) if r and (not r[0].isdigit() or int(r[0]) <= start)]
             with log_path.open("w", newline="") as f:
                 csv.writer(f).writerows(kept)
+            try:
+                seconds_before = float(kept[-1][3]) if kept[-1][0].isdigit() else 0.0
+            except (IndexError, ValueError):
+                seconds_before = 0.0
         logf = log_path.open("w" if new else "a", newline="")
         log = csv.writer(logf)
         if new:
@@ -1061,7 +1117,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             bar.update(1)
             if is_main(rank) and step % cfg["log_every"] == 0:
                 el = time.perf_counter() - t0
-                log.writerow([step, f"{total:.5f}", cfg["lr"], f"{el:.1f}",
+                log.writerow([step, f"{total:.5f}", cfg["lr"], f"{seconds_before + el:.1f}",
                               f"{(step - start) * cfg['batch_size'] * cfg['grad_accum'] * world / el:.2f}"])
                 logf.flush()
                 bar.set_postfix(loss=f"{loss_ema:.4f}")

@@ -271,6 +271,14 @@ class TextEncoder:
         """
         return (["<s>"] + _WORD_RE.findall(" ".join(str(prompt).split()).lower()))[: self.max_tokens]
 
+    def token_count(self, prompt: str) -> int:
+        """How many tokens ``prompt`` has before truncation to L (the start token included).
+
+        Only the first L reach the model's cross-attention, so a clause past them is lost;
+        the training script refuses prompts longer than L for that reason.
+        """
+        return 1 + len(_WORD_RE.findall(" ".join(str(prompt).split()).lower()))
+
     def clear_cache(self) -> None:
         """Forget all cached embeddings."""
         with self._lock:
@@ -555,6 +563,9 @@ class MiniLMEncoder(TextEncoder):
                               max_length=self.model_max_tokens)["input_ids"]
         return list(self._tokenizer.convert_ids_to_tokens(ids))[: self.max_tokens]
 
+    def token_count(self, prompt: str) -> int:
+        return len(self._tokenizer(" ".join(str(prompt).split()))["input_ids"])
+
     def _describe_extra(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -666,6 +677,12 @@ class EmbeddingTableEncoder(TextEncoder):
         if key in self._index and self._token_strings:
             return list(self._token_strings[self._index[key]])
         return super().token_strings(prompt)
+
+    def token_count(self, prompt: str) -> int:
+        key = " ".join(str(prompt).split())
+        if key in self._index:  # the table keeps L tokens: a longer prompt was cut when it was written
+            return int(self._mask[self._index[key]].sum())
+        return super().token_count(prompt)
 
     def describe(self) -> dict[str, Any]:
         return dict(self._description)
@@ -925,6 +942,9 @@ class BiomedCLIPEncoder(TextEncoder):
         tokens = text.proj(out.last_hidden_state).float()
         tokens, mask = self._fit_length(tokens, attn.bool())
         return tokens, mask, pooled
+
+    def token_count(self, prompt: str) -> int:
+        return int((self._tokenizer([" ".join(str(prompt).split())]) != self._pad_id).sum())
 
     @property
     def weights_sha256(self) -> str:
