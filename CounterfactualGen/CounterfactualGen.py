@@ -90,6 +90,47 @@ EXIT_CANCELLED = 130
 # Warn when a GPU has less memory than this (GB): 3D diffusion at full resolution needs it.
 LOW_GPU_MEMORY_GB = 8.0
 
+#: Readable names of the command line's progress stages (``pipeline.Reporter``).
+STAGE_LABELS = {
+    "register": "Registering to the template",
+    "oracle": "Reading the scan (oracle)",
+    "encode": "Encoding the scan",
+    "edit_region": "Finding the edit region",
+    "invert": "Inverting the scan",
+    "null_text": "Null-text optimisation",
+    "sample": "Sampling",
+    "decode": "Decoding",
+    "map_back": "Mapping the change onto the scan",
+    "encode_text": "Encoding the descriptions",
+    "batch": "Batch",
+}
+
+#: The stages of one command-line job in the order they run, with rough shares of its time (the progress bar
+#: is one bar over all of them; a stage that does not come is skipped over, and the bar never goes back).
+EDIT_STAGES = (("register", 10), ("oracle", 3), ("encode", 2), ("edit_region", 8), ("invert", 25),
+               ("null_text", 25), ("sample", 30), ("decode", 2), ("map_back", 5))
+GENERATE_STAGES = (("encode_text", 4), ("sample", 90), ("decode", 6))
+
+#: Words in a volume's name that name an MRI contrast (whole words, lower case). The same table as the library's
+#: ``pipeline.CONTRAST_NAME_WORDS`` (a test keeps them equal): the module must not import the library.
+CONTRAST_NAME_WORDS = {
+    "FLAIR": ("flair", "tirm", "darkfluid"),
+    "T1": ("t1", "t1w", "mprage", "mp2rage", "spgr", "bravo", "t1c", "t1ce", "t1gd"),
+    "T2": ("t2", "t2w", "t2star", "swi", "pd", "pdw"),
+    "diffusion": ("dwi", "adc", "dti"),
+    "CT": ("ct",),
+}
+
+#: Temporary work folders: ``<Slicer temp>/<WORK_DIR_KEY><date>/run_*``, each with an ``OWNER_FILE`` naming the
+#: Slicer process and the workers that use it. Folders left by a crashed Slicer are removed at start-up.
+WORK_DIR_KEY = "CounterfactualGen"
+OWNER_FILE = "counterfactualgen_owner.json"
+#: A work folder without a readable owner file (or whose owner cannot be checked) is stale only after this long.
+STALE_WORK_DIR_AGE_S = 24 * 3600.0
+
+#: Difference overlay: entries of its colour table within this fraction of the window around 0 are transparent.
+DIFFERENCE_TRANSPARENT_FRACTION = 0.05
+
 
 #
 # CounterfactualGen
@@ -124,6 +165,7 @@ Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal 
 Built on MONAI, PyTorch, SimpleITK and 3D Slicer.
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", removeStaleWorkFolders)
 
 
 #
@@ -153,6 +195,16 @@ def registerSampleData():
         nodeNames="CounterfactualGenSample",
         loadFileTypes="VolumeFile",
     )
+
+
+def removeStaleWorkFolders():
+    """Remove the temporary work folders a crashed Slicer left behind (never raises)."""
+    try:
+        removed = CounterfactualGenLogic.removeStaleWorkDirs()
+        if removed:
+            logging.info(f"CounterfactualGen: removed {len(removed)} stale temporary folder(s).")
+    except Exception as exc:  # noqa: BLE001 - housekeeping must never break start-up
+        logging.warning(f"CounterfactualGen: stale temporary folders were not removed ({exc}).")
 
 
 #
@@ -210,6 +262,12 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     LOCAL_MODEL = "__local_folder__"
 
+    #: Widgets that must not change while a run is active (the run has its arguments; changing the model would
+    #: rewrite the sampler settings, installing packages would clash with the running worker).
+    RUN_LOCKED_WIDGETS = ("editTab", "generateTab", "modelComboBox", "modelFolderButton", "deviceComboBox",
+                          "refreshDevicesButton", "stepsSpinBox", "guidanceSpinBox", "seedSpinBox",
+                          "installDependenciesButton")
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -218,7 +276,11 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNodeGuiTag = None
         self._run = None
         self._warnings: list[str] = []  # warnings the worker logged during the current run
+        self._contrastConfirmed = False  # the user confirmed the contrast-name warning before this run
         self._deviceWorker = None
+        self._devicesKnown = False  # the worker's device list has arrived (only then is a saved device judged)
+        self._missing: list[str] = []  # missing Python packages (checked at setup and after an install)
+        self._notified: set = set()  # fallbacks already told in the status line
         self._updatingGUI = False
         self._timer = None
 
@@ -255,14 +317,16 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.refreshDevices)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
 
-        self.initializeParameterNode()
+        removeStaleWorkFolders()  # also here: the module may be loaded after start-up (reload, module paths)
         self._updateDependencyStatus()
+        self.initializeParameterNode()
         self.refreshDevices()
 
     def cleanup(self) -> None:
+        """The module is closed or Slicer quits: stop the worker (a short bounded wait) and remove its folder."""
         if self._run is not None:
-            self._run.cancel()
-            self._run = None
+            run, self._run = self._run, None
+            run.abort()
         if self._deviceWorker is not None:
             self._deviceWorker.cancel()
             self._deviceWorker = None
@@ -281,7 +345,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._run is not None:
-            self._run.cancel()
+            self._run.cancel()  # returns at once; the timer finishes the run and removes its folder
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -311,6 +375,8 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         if self._parameterNode is None or self._updatingGUI:
             return
+        if self._applyFallbacks():
+            return  # the parameter node was changed: its Modified event has updated the GUI already
         self._updatingGUI = True
         try:
             p = self._parameterNode
@@ -320,9 +386,14 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             index = self.ui.modelComboBox.findData(wanted)
             if index >= 0 and index != self.ui.modelComboBox.currentIndex:
                 self.ui.modelComboBox.setCurrentIndex(index)
+            self.ui.modelFolderButton.setVisible(self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex)
+                                                 == self.LOCAL_MODEL)
             if p.modelFolder and self.ui.modelFolderButton.directory != p.modelFolder:
                 self.ui.modelFolderButton.directory = p.modelFolder
             index = self.ui.deviceComboBox.findData(p.device)
+            if index < 0 and not self._devicesKnown and p.device:
+                self._addUncheckedDevice(p.device)  # the combo shows what the run will use
+                index = self.ui.deviceComboBox.findData(p.device)
             if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
                 self.ui.deviceComboBox.setCurrentIndex(index)
         finally:
@@ -331,8 +402,52 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updateModelInfo()
         self._checkCanApply()
 
+    def _applyFallbacks(self) -> bool:
+        """A saved model or device that is not available here: write what the panel falls back to into the
+        parameter node (the run uses the node's values) and say so once in the status line. True if changed."""
+        p = self._parameterNode
+        notes = []
+        if p.modelId and p.modelId != self.LOCAL_MODEL and self.ui.modelComboBox.findData(p.modelId) < 0:
+            if p.modelId != self.logic.registeredModels()[0]:  # (the default itself is listed as "")
+                notes.append(("model", p.modelId, _("The saved model '{model}' is not installed here: using the "
+                                                    "bundled default.").format(model=p.modelId)))
+            fixModel = True
+        else:
+            fixModel = False
+        fixDevice = (self._devicesKnown and p.device != "auto" and self.ui.deviceComboBox.findData(p.device) < 0)
+        if fixDevice:
+            notes.append(("device", p.device, _("The saved device '{device}' is not available here: using "
+                                                "automatic device choice.").format(device=p.device)))
+        if not fixModel and not fixDevice:
+            return False
+        for key in notes:
+            if key[:2] not in self._notified:
+                self._notified.add(key[:2])
+                self.ui.statusLabel.text = key[2]
+        if fixModel:
+            p.modelId = ""
+        if fixDevice:
+            p.device = "auto"
+        return True
+
+    def _runProblem(self) -> str | None:
+        """Why Apply cannot work now (cheap checks only: files and package metadata, never torch), or None."""
+        p = self._parameterNode
+        if p.modelId == self.LOCAL_MODEL and not p.modelFolder:
+            return _("Choose a local model folder (it holds model.json and *.safetensors).")
+        problem = self.logic.modelProblem(self._modelArgument())
+        if problem:
+            return problem
+        if self._missing:
+            return _("Python packages are missing ({names}): click 'Install dependencies' in the Setup "
+                     "section.").format(names=", ".join(self._missing))
+        return None
+
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._run is not None:
+        running = self._run is not None
+        for name in self.RUN_LOCKED_WIDGETS:
+            getattr(self.ui, name).enabled = not running
+        if running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the running job; partial outputs are removed.")
             self.ui.applyButton.enabled = True
@@ -349,6 +464,10 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             ok = bool(p.inputVolume) and bool(p.targetPrompt.strip())
             self.ui.applyButton.toolTip = (_("Create a counterfactual of the input volume") if ok
                                            else _("Select an input volume and a target description"))
+        problem = self._runProblem() if ok else None
+        if problem:
+            ok = False
+            self.ui.applyButton.toolTip = problem
         self.ui.applyButton.enabled = ok
 
     def _isGenerateTask(self) -> bool:
@@ -392,11 +511,28 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._updatingGUI = False
         if self._parameterNode is not None:
             index = combo.findData(self._parameterNode.device)
-            combo.setCurrentIndex(index if index >= 0 else 0)
+            if index < 0 and self._devicesKnown:
+                self._applyFallbacks()  # writes "auto" into the node and says so
+            elif index < 0 and self._parameterNode.device:
+                self._addUncheckedDevice(self._parameterNode.device)
+            index = combo.findData(self._parameterNode.device)
+            self._updatingGUI = True
+            try:
+                combo.setCurrentIndex(index if index >= 0 else 0)
+            finally:
+                self._updatingGUI = False
         small = [d for d in devices if d.get("memory_gb") and float(d["memory_gb"]) < LOW_GPU_MEMORY_GB]
         if small:
             combo.toolTip = _("{dev} has {gb:.0f} GB of memory: if it runs out, choose CPU or use fewer steps.").format(
                 dev=small[0].get("id"), gb=float(small[0]["memory_gb"]))
+
+    def _addUncheckedDevice(self, device) -> None:
+        """A saved device before the worker's device list has arrived: listed as it is, judged once the list comes."""
+        wasUpdating, self._updatingGUI = self._updatingGUI, True
+        try:
+            self.ui.deviceComboBox.addItem(_("{device} (not checked yet)").format(device=device), device)
+        finally:
+            self._updatingGUI = wasUpdating
 
     def onTargetPromptChanged(self, text) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
@@ -434,7 +570,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def refreshDevices(self) -> None:
         """List devices in the background (``info --devices --json`` imports torch: seconds)."""
-        if self._deviceWorker is not None:
+        if self._deviceWorker is not None or self._run is not None:
             return
         try:
             self._deviceWorker = self.logic.createWorker(["info", "--devices", "--json"], device="auto").start()
@@ -459,21 +595,32 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 devices = []
         else:
             self._appendLog(_("Device list not available: {msg}").format(msg=result.user_message))
+        if isinstance(devices, list) and devices:
+            self._devicesKnown = True
         self._populateDevices(devices if isinstance(devices, list) else [])
 
     # ------------------------------------------------------------------ run
     def onApplyButton(self) -> None:
         if self._run is not None:
             self.ui.statusLabel.text = _("Cancelling...")
-            self._run.cancel()
+            self._run.cancel()  # never blocks; the timer sees the worker end and cleans up
             return
         p = self._parameterNode
         model = self._modelArgument()
-        if p.modelId == self.LOCAL_MODEL and not model:
-            slicer.util.errorDisplay(_("Choose a local model folder (it holds model.json and *.safetensors)."),
-                                     windowTitle=_("CounterfactualGen"))
+        problem = self._runProblem()
+        if problem:
+            slicer.util.errorDisplay(problem, windowTitle=_("CounterfactualGen"))
             return
+        self._contrastConfirmed = False
+        if not self._isGenerateTask() and p.inputVolume is not None:
+            warning = self.logic.contrastNameWarning(p.inputVolume.GetName(), model)
+            if warning:
+                if not slicer.util.confirmOkCancelDisplay(warning + "\n\n" + _("Run the edit anyway?"),
+                                                          windowTitle=_("CounterfactualGen")):
+                    return
+                self._contrastConfirmed = True
         common = dict(model=model, steps=p.steps, guidance=p.guidance, seed=p.seed, device=p.device)
+        # (Slicer's tryWithErrorDisplay shows the error and raises it again)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CounterfactualGen."), waitCursor=True):
             if self._isGenerateTask():
                 self._run = self.logic.startGenerate(self._promptLines(), count=p.count, share=p.share,
@@ -500,12 +647,14 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._pollDeviceWorker()
         run = self._run
         if run is not None:
-            for ev in run.poll():
-                self._showEvent(ev)
-            self.ui.progressBar.setValue(int(1000 * run.fraction))
-            if run.finished:
-                self._run = None
-                self._onRunFinished(run)
+            try:
+                for ev in run.poll():
+                    self._showEvent(ev)
+                self.ui.progressBar.setValue(int(1000 * run.fraction))
+            finally:
+                if run.finished:
+                    self._run = None
+                    self._onRunFinished(run)
         if self._run is None and self._deviceWorker is None:
             self._timer.stop()
 
@@ -513,9 +662,12 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         kind = ev.get("event")
         if kind == "progress":
             stage, step, total = ev.get("stage", ""), ev.get("step", 0), ev.get("total", 0)
-            text = _("{stage}: step {step}/{total}").format(stage=stage, step=step, total=total)
+            text = _("{stage}: step {step}/{total}").format(stage=stageLabel(stage), step=step, total=total)
             if ev.get("eta_s") is not None:
                 text += _(", about {eta:.0f} s left").format(eta=float(ev["eta_s"]))
+            run = self._run
+            if run is not None and len(run.jobs) > 1:
+                text = _("Subject {n}/{count}").format(n=run.jobIndex + 1, count=len(run.jobs)) + " - " + text
             self.ui.statusLabel.text = text
         elif kind == "log" and ev.get("level") == "warning":
             self._warnings.append(str(ev.get("message", "")))
@@ -534,9 +686,11 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if result.ok:
             self.ui.statusLabel.text = _("Done: {n} synthetic node(s) added.").format(n=len(run.nodes))
             self.logic.showResults(run)
-            if self._warnings:
+            warnings = [w for w in dict.fromkeys(self._warnings)
+                        if not (self._contrastConfirmed and isContrastNameWarning(w))]  # asked before the run
+            if warnings:
                 self.ui.statusLabel.text += " " + _("With a warning: see the log.")
-                slicer.util.warningDisplay("\n\n".join(dict.fromkeys(self._warnings)), windowTitle=_("CounterfactualGen"))
+                slicer.util.warningDisplay("\n\n".join(warnings), windowTitle=_("CounterfactualGen"))
         elif result.cancelled:
             self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
         else:
@@ -550,18 +704,36 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     # ------------------------------------------------------------------ setup section
     def _updateDependencyStatus(self) -> None:
-        missing = self.logic.missingDependencies()
-        self.ui.dependenciesStatusLabel.text = (_("All Python dependencies are installed.") if not missing
-                                                else _("Missing: {names}").format(names=", ".join(missing)))
+        self._missing = list(self.logic.missingDependencies())
+        self.ui.dependenciesStatusLabel.text = (_("All Python dependencies are installed.") if not self._missing
+                                                else _("Missing: {names}").format(names=", ".join(self._missing)))
+        if self._parameterNode is not None:
+            self._checkCanApply()
 
     def onInstallDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed."), waitCursor=False):
-            installed = self.logic.installDependencies(askConfirmation=True)
-            if installed:
-                slicer.util.infoDisplay(_("Dependencies are installed. Restart Slicer if you are asked to."),
-                                        windowTitle=_("CounterfactualGen"))
-        self._updateDependencyStatus()
-        self.refreshDevices()
+        if self._run is not None:  # (the button is disabled during a run)
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed."), waitCursor=False):
+                installed = self.logic.installDependencies(askConfirmation=True)
+                if installed:
+                    slicer.util.infoDisplay(_("Dependencies are installed. Restart Slicer if you are asked to."),
+                                            windowTitle=_("CounterfactualGen"))
+        finally:  # a failed or partial install still changes what is there
+            self._updateDependencyStatus()
+            self.refreshDevices()
+
+
+def stageLabel(stage) -> str:
+    """A readable name of a progress stage (unknown ones: the id with spaces)."""
+    stage = str(stage or "")
+    return _(STAGE_LABELS[stage]) if stage in STAGE_LABELS else stage.replace("_", " ").capitalize()
+
+
+def isContrastNameWarning(message) -> bool:
+    """Whether a warning of the command line is its contrast-name warning (``pipeline.contrast_name_warning``)."""
+    text = str(message)
+    return text.startswith("The scan's name '") and "was trained on" in text
 
 
 #
@@ -574,15 +746,17 @@ class CounterfactualGenRun:
 
     ``poll()`` (GUI thread) drains worker events, starts the next job, and when the last
     job ends loads the outputs (success) or removes everything (failure or cancel).
+    ``fraction`` is one overall progress (0..1) over every job and stage; it never goes back.
     """
 
-    def __init__(self, logic, kind, jobs, workDir, ownsOutputDir, loader, describeText):
+    def __init__(self, logic, kind, jobs, workDir, ownsOutputDir, loader, describeText, stages=()):
         self.logic = logic
         self.kind = kind
         self.jobs = list(jobs)  # [(cliArgs, outDir, device)]
         self.workDir = workDir
         self.ownsOutputDir = ownsOutputDir
         self.loader = loader
+        self.stages = list(stages)  # [(stage, weight)] of one job, in the order they run
         self.nodes = []
         self.result = None
         self.finished = False
@@ -592,29 +766,62 @@ class CounterfactualGenRun:
         self._index = -1
         self._worker = None
         self._cancelled = False
+        # what a user-given output folder held before: on failure only what this run left there is removed
+        self.outputDirEntries = {outDir: set(os.listdir(outDir)) if os.path.isdir(outDir) else None
+                                 for _args, outDir, _device in self.jobs} if not ownsOutputDir else {}
         self._startNext()
 
     def describe(self):
         return self._describe
 
+    @property
+    def jobIndex(self) -> int:
+        return max(self._index, 0)
+
     def _startNext(self) -> None:
         self._index += 1
         args, _outDir, device = self.jobs[self._index]
         self._worker = self.logic.createWorker(args, device=device).start()
+        if self._worker.proc is not None:
+            self.logic.recordWorkDirProcess(self.workDir, self._worker.proc.pid)
 
     def cancel(self) -> None:
+        """Ask the worker to stop; returns at once (``poll`` sees it end and cleans up)."""
         self._cancelled = True
         if self._worker is not None:
             self._worker.cancel()
+
+    def abort(self, waitS: float = 1.0):
+        """Stop now and clean up, blocking at most about ``waitS`` + 0.5 s: the worker's process tree is killed
+        if it has not ended by then, new nodes are removed and the work folder is deleted (module cleanup,
+        application exit, an interrupted blocking run). Returns the (cancelled) result."""
+        if self.finished:
+            return self.result
+        self._cancelled = True
+        worker = self._worker
+        if worker is not None:
+            worker.kill(waitS)
+        self._finish(_cancelledResult(worker.result() if worker is not None else None))
+        return self.result
+
+    def _progress(self, ev) -> None:
+        stage, total = ev.get("stage"), ev.get("total")
+        names = [name for name, _weight in self.stages]
+        if stage not in names:
+            return
+        i = names.index(stage)
+        weights = [float(weight) for _name, weight in self.stages]
+        frac = min(1.0, max(0.0, float(ev.get("step", 0)) / float(total))) if total else 0.0
+        job = (sum(weights[:i]) + weights[i] * frac) / (sum(weights) or 1.0)
+        self.fraction = max(self.fraction, min(1.0, (self._index + job) / len(self.jobs)))
 
     def poll(self):
         if self.finished or self._worker is None:
             return []
         events = self._worker.poll()
         for ev in events:
-            if ev.get("event") == "progress" and ev.get("total"):
-                frac = min(1.0, float(ev.get("step", 0)) / float(ev["total"]))
-                self.fraction = (self._index + frac) / len(self.jobs)
+            if ev.get("event") == "progress":
+                self._progress(ev)
         if self._worker.finished:
             result = self._worker.result()
             if self._cancelled and result.ok:
@@ -622,7 +829,11 @@ class CounterfactualGenRun:
             if result.ok:
                 self.summaries.append(result.summary_path or os.path.join(self.jobs[self._index][1], "summary.json"))
                 if self._index + 1 < len(self.jobs) and not self._cancelled:
-                    self._startNext()
+                    try:
+                        self._startNext()
+                    except Exception as exc:  # noqa: BLE001 - e.g. PythonSlicer gone: end the run, report
+                        logging.exception("CounterfactualGen: starting the next job failed")
+                        self._finish(_failedResult(result, f"The next job could not be started: {exc}"))
                     return events
                 self._finish(result)
             else:
@@ -630,15 +841,23 @@ class CounterfactualGenRun:
         return events
 
     def waitBlocking(self, callback=None):
-        """Run every job to the end on this thread (batch mode, tests)."""
+        """Run every job to the end on this thread (batch mode, tests).
+
+        On any exception (an error in ``callback``, KeyboardInterrupt, SystemExit from a signal handler) the
+        run is aborted: the worker's process tree (in its own session, so it would outlive us) is stopped, the
+        new nodes and the work folder are removed, and the exception is raised again."""
         import time
 
-        while not self.finished:
-            for ev in self.poll():
-                if callback is not None:
-                    callback(ev)
-            if not self.finished:
-                time.sleep(0.05)
+        try:
+            while not self.finished:
+                for ev in self.poll():
+                    if callback is not None:
+                        callback(ev)
+                if not self.finished:
+                    time.sleep(0.05)
+        except BaseException:
+            self.abort(waitS=_workerModule().CounterfactualGenWorker.TERMINATE_GRACE_S)
+            raise
         return self.result
 
     def _finish(self, result) -> None:
@@ -671,7 +890,8 @@ def _workerModule():
 
 def _cancelledResult(result):
     return _workerModule().WorkerResult(False, EXIT_CANCELLED, None, "Cancelled",
-                                        "The run was cancelled; partial outputs were removed.", True, result.events)
+                                        "The run was cancelled; partial outputs were removed.", True,
+                                        [] if result is None else result.events)
 
 
 def _failedResult(result, message):
@@ -796,25 +1016,89 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         parameterNode.samplerDefaultsFor = model or ""
         return True
 
-    def modelDescription(self, model: str) -> str:
-        """One line about a model for the panel: name, licence, expected time (no torch needed)."""
-        if not model:
-            return _("No model is installed: choose a local model folder.")
-        defaultId, entries = self.registeredModels()
+    def _modelSpecPath(self, model: str) -> str | None:
+        """The model.json of a registry id (its folder under Resources/Models) or of a model folder."""
+        _defaultId, entries = self.registeredModels()
         entry = next((e for e in entries if e.get("id") == model), None)
-        if entry is None and os.path.isdir(model):
-            spec = os.path.join(model, "model.json")
-            if not os.path.isfile(spec):
-                return _("This folder has no model.json: choose a model folder.")
+        if entry is not None:
+            return (os.path.join(self.sharedResourcesDir(), "Models", str(entry["path"]), "model.json")
+                    if entry.get("path") else None)
+        if model and os.path.isdir(model):
+            return os.path.join(model, "model.json")
+        return None
+
+    def _modelEntry(self, model: str):
+        """(registry entry or the folder's model.json as a dict, or None; a problem text or None)."""
+        if not model:
+            return None, _("No model is installed: choose a local model folder.")
+        _defaultId, entries = self.registeredModels()
+        entry = next((e for e in entries if e.get("id") == model), None)
+        spec = self._modelSpecPath(model)
+        if entry is not None:
+            if spec is not None and not os.path.isfile(spec):
+                return entry, _("The files of model '{model}' are missing: reinstall the extension or choose another "
+                                "model.").format(model=model)
+            return entry, None
+        if not os.path.isdir(model):
+            return None, _("Unknown model '{model}'.").format(model=model)
+        if not os.path.isfile(spec):
+            return None, _("This folder has no model.json: choose a model folder (it holds model.json and "
+                           "*.safetensors).")
+        try:
+            with open(spec, encoding="utf-8") as f:
+                entry = json.load(f)
+        except (OSError, ValueError):
+            entry = None
+        if not isinstance(entry, dict):
+            return None, _("model.json in this folder cannot be read.")
+        return entry, None
+
+    def modelProblem(self, model: str) -> str | None:
+        """Why ``model`` cannot run (no model installed, unknown id, missing files, a folder without a readable
+        model.json), or None. File checks only: cheap enough for every GUI update."""
+        return self._modelEntry(model)[1]
+
+    def modelContrast(self, model: str) -> str | None:
+        """The MRI contrast a model was trained on ("FLAIR", ...): its registry entry, else its model.json."""
+        entry, _problem = self._modelEntry(model)
+        contrast = entry.get("contrast") if entry else None
+        spec = self._modelSpecPath(model) if model else None
+        if not contrast and spec:
             try:
                 with open(spec, encoding="utf-8") as f:
-                    entry = json.load(f)
-            except (OSError, ValueError):
-                return _("model.json in this folder cannot be read.")
-        if entry is None:
-            return _("Unknown model '{model}'.").format(model=model)
+                    contrast = json.load(f).get("contrast")
+            except (OSError, ValueError, AttributeError):
+                contrast = None
+        return str(contrast) if contrast else None
+
+    def contrastNameWarning(self, name: str, model: str) -> str | None:
+        """A warning when a volume's name names another MRI contrast than the model's ("..._T1W" with a FLAIR
+        model), else None. The command line applies the same rule (``pipeline.contrast_name_warning``) to the
+        exported file, which is named after the node; a name that names no contrast is not warned about."""
+        contrast = self.modelContrast(model)
+        if not contrast:
+            return None
+        words = set(re.split(r"[^a-z0-9]+", str(name).lower()))
+        if words & set(CONTRAST_NAME_WORDS.get(contrast.upper(), (contrast.lower(),))):
+            return None
+        for other, names in CONTRAST_NAME_WORDS.items():
+            if other.upper() != contrast.upper() and words & set(names):
+                return _("The volume's name '{name}' suggests a {other} scan, but the model was trained on {contrast}: "
+                         "an edit of another contrast is not meaningful.").format(name=name, other=other,
+                                                                                   contrast=contrast)
+        return None
+
+    def modelDescription(self, model: str) -> str:
+        """One line about a model for the panel: name, contrast, licence, expected time (no torch needed)."""
+        entry, problem = self._modelEntry(model)
+        if problem:
+            return problem
         parts = [str(entry.get("name") or entry.get("id", ""))]
+        contrast = self.modelContrast(model)
+        if contrast:
+            parts.append(_("contrast: {contrast}").format(contrast=contrast))
         if entry.get("licence"):
+
             parts.append(_("licence: {licence}").format(licence=entry["licence"]))
         expected = entry.get("expected_time")
         if isinstance(expected, dict) and expected:
@@ -860,7 +1144,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
                       strength=0.6, nullTextIterations=0, model="", steps=None, guidance=None, seed=0,
-                      device="auto", localEdit=False) -> list:
+                      device="auto", localEdit=False, overwrite=False) -> list:
         args = ["edit", "--input", inputPath, "--to", targetPrompt]
         if sourcePrompt:
             args += ["--from", sourcePrompt]
@@ -878,7 +1162,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         args += CounterfactualGenLogic._samplerArgs(steps, guidance)
         args += ["--seed", str(int(seed)), "--device", device or "auto", "--format", "nrrd", "--out", outDir,
                  "--progress-json"]
-        return args
+        return args + (["--overwrite"] if overwrite else [])
 
     @staticmethod
     def _samplerArgs(steps, guidance) -> list:
@@ -892,7 +1176,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def buildGenerateArgs(prompts, outDir, *, model="", steps=None, guidance=None, seed=0, device="auto",
-                          share=None, separation=None) -> list:
+                          share=None, separation=None, overwrite=False) -> list:
         args = ["generate"]
         if model:
             args += ["--model", model]
@@ -904,7 +1188,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         if separation is not None:  # None: the model's default
             args += ["--separation", f"{float(separation):g}"]
         args += ["--device", device or "auto", "--format", "nrrd", "--out", outDir, "--progress-json"]
-        return args
+        return args + (["--overwrite"] if overwrite else [])
 
     @staticmethod
     def _samplerText(steps, guidance) -> str:
@@ -924,10 +1208,110 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _newWorkDir() -> str:
-        """A fresh private folder under Slicer's temp dir (unique even for runs in the same millisecond)."""
+        """A fresh private folder under Slicer's temp dir (unique even for runs in the same millisecond), with an
+        owner file naming this process (see :meth:`removeStaleWorkDirs`)."""
         import tempfile
 
-        return tempfile.mkdtemp(prefix="run_", dir=slicer.util.tempDirectory(key="CounterfactualGen"))
+        workDir = tempfile.mkdtemp(prefix="run_", dir=slicer.util.tempDirectory(key=WORK_DIR_KEY))
+        CounterfactualGenLogic._writeOwner(workDir, [])
+        return workDir
+
+    @staticmethod
+    def _writeOwner(workDir, workerPids) -> None:
+        import socket
+
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "workers": [int(p) for p in workerPids]}
+        tmp = os.path.join(workDir, OWNER_FILE + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(owner, f)
+            os.replace(tmp, os.path.join(workDir, OWNER_FILE))
+        except OSError as exc:  # without it the folder is removed only once it is a day old
+            logging.warning(f"CounterfactualGen: could not write {OWNER_FILE} in {workDir} ({exc}).")
+
+    @staticmethod
+    def _readOwner(workDir):
+        try:
+            with open(os.path.join(workDir, OWNER_FILE), encoding="utf-8") as f:
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
+    def recordWorkDirProcess(cls, workDir, pid) -> None:
+        """Add a worker's process id to the folder's owner file (a worker, in its own session, outlives a crash)."""
+        owner = cls._readOwner(workDir) or {}
+        cls._writeOwner(workDir, list(owner.get("workers") or []) + [int(pid)])
+
+    @staticmethod
+    def _processAlive(pid) -> bool:
+        """POSIX: whether a process with this id exists (a zombie or someone else's process counts as alive)."""
+        try:
+            pid = int(pid)
+        except (TypeError, ValueError):
+            return True
+        if pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)  # signal 0: only checks (POSIX; never called on Windows, where it would stop the process)
+        except ProcessLookupError:
+            return False
+        except OSError:  # PermissionError: it exists
+            return True
+        return True
+
+    @classmethod
+    def _isStaleWorkDir(cls, path, now, maxAgeS) -> bool:
+        """A work folder nobody uses any more. With an owner file of this machine (POSIX): when neither the Slicer
+        that made it nor any of its workers is alive. Otherwise (no owner file, Windows, another machine): when
+        nothing in it changed for ``maxAgeS``."""
+        import socket
+
+        owner = cls._readOwner(path)
+        if owner is not None and os.name == "posix" and owner.get("host") == socket.gethostname():
+            if owner.get("pid") == os.getpid():
+                return False  # this Slicer's own folder
+            pids = [owner.get("pid")] + list(owner.get("workers") or [])
+            return not any(cls._processAlive(pid) for pid in pids)
+        try:
+            newest = max([os.path.getmtime(path)] + [os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)])
+        except OSError:
+            return False
+        return now - newest > maxAgeS
+
+    @classmethod
+    def removeStaleWorkDirs(cls, maxAgeS: float = STALE_WORK_DIR_AGE_S) -> list:
+        """Remove work folders a crashed Slicer left (copies of scans and masks): only folders this module makes
+        (``<Slicer temp>/CounterfactualGen<date>/run_*``) that no live process owns. Returns the removed folders."""
+        import time
+
+        root = slicer.app.temporaryPath
+        pattern = re.compile(re.escape(WORK_DIR_KEY) + r"\d{4}-\d{2}-\d{2}_\d{2}\+\d{2}\+\d{2}\.\d{3}")
+        removed = []
+        now = time.time()
+        try:
+            parents = [os.path.join(root, n) for n in sorted(os.listdir(root)) if pattern.fullmatch(n)]
+        except OSError:
+            return removed
+        for parent in parents:
+            if not os.path.isdir(parent) or os.path.islink(parent):
+                continue
+            try:
+                runs = [os.path.join(parent, n) for n in sorted(os.listdir(parent)) if n.startswith("run_")]
+            except OSError:
+                continue
+            for run in runs:
+                if os.path.isdir(run) and not os.path.islink(run) and cls._isStaleWorkDir(run, now, maxAgeS):
+                    shutil.rmtree(run, ignore_errors=True)
+                    if not os.path.exists(run):
+                        removed.append(run)
+            try:
+                if not os.listdir(parent) and now - os.path.getmtime(parent) > 3600.0:
+                    os.rmdir(parent)  # empty for an hour: not one another Slicer is about to fill
+            except OSError:
+                pass
+        return removed
 
     @staticmethod
     def _removeWorkDir(workDir) -> None:
@@ -951,11 +1335,24 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Could not write '{name}' to a temporary file.").format(name=node.GetName()))
         return path
 
+    @staticmethod
+    def _labelmapEmpty(labelmap) -> bool:
+        """No voxel > 0 (also an export with no voxels at all: the segments' extent can be empty)."""
+        if labelmap.GetImageData() is None:
+            return True
+        try:
+            array = slicer.util.arrayFromVolume(labelmap)
+        except (AttributeError, ValueError):  # an image without scalars
+            return True
+        return array is None or not np.any(array)
+
     def _exportMask(self, node, path, referenceVolume) -> str:
         """A mask node as a file: a labelmap or scalar volume as it is (the command line takes voxels > 0); a
-        segmentation (what the Segment Editor makes) as a labelmap of its visible segments on the input volume's
-        grid. Its segments are not changed; the temporary labelmap and the display and colour nodes Slicer's
-        export makes for it are removed again."""
+        segmentation (what the Segment Editor makes) as a labelmap of its visible segments with the input volume's
+        voxel grid (spacing, directions). Slicer's export crops that grid to the segments' extent (its default
+        extent mode): the command line resamples any mask onto the scan's grid in world coordinates
+        (``geometry.mask_on_grid``), so the cropped file is placed right. Its segments are not changed; the
+        temporary labelmap and the display and colour nodes Slicer's export makes for it are removed again."""
         if not node.IsA("vtkMRMLSegmentationNode"):
             return self._export(node, path)
         segmentIds = vtk.vtkStringArray()
@@ -976,7 +1373,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                                                                                       referenceVolume):
                 raise RuntimeError(_("Could not convert the segmentation '{name}' to a labelmap.").format(
                     name=node.GetName()))
-            if not np.any(slicer.util.arrayFromVolume(labelmap)):
+            if self._labelmapEmpty(labelmap):
                 raise ValueError(_("The visible segments of '{name}' are empty inside the input volume.").format(
                     name=node.GetName()))
             return self._export(labelmap, path)
@@ -1012,7 +1409,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             args = self.buildEditArgs(inputPath, outDir, targetPrompt.strip(), sourcePrompt=sourcePrompt,
                                       brainMaskPath=brainPath, lesionMaskPath=lesionPath, strength=strength,
                                       nullTextIterations=nullTextIterations, model=model, steps=steps, guidance=guidance, seed=seed, device=device,
-                                      localEdit=bool(localEdit))
+                                      localEdit=bool(localEdit),
+                                      overwrite=not ownsOutputDir)  # a caller's folder: the caller checked it
 
             def loader(summaries):
                 return self.loadEditOutputs(summaries[0], inputVolume)
@@ -1020,7 +1418,10 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             describe = ["Edit", repr(inputVolume.GetName()), "->", repr(targetPrompt.strip()),
                         f"(model {model or 'default'}, {self._samplerText(steps, guidance)}, seed {int(seed)},"
                         f" device {device})"]
-            return CounterfactualGenRun(self, "edit", [(args, outDir, device)], workDir, ownsOutputDir, loader, describe)
+            stages = [(name, weight) for name, weight in EDIT_STAGES
+                      if (name != "null_text" or int(nullTextIterations) > 0) and (name != "edit_region" or localEdit)]
+            return CounterfactualGenRun(self, "edit", [(args, outDir, device)], workDir, ownsOutputDir, loader,
+                                        describe, stages=stages)
         except Exception:
             self._removeWorkDir(workDir)
             raise
@@ -1057,6 +1458,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         for s in range(int(seed), int(seed) + int(count)):
             outDir = os.path.join(base, f"seed_{s}") if int(count) > 1 else base
             jobs.append((self.buildGenerateArgs(prompts, outDir, model=model, steps=steps, guidance=guidance,
+                                                overwrite=not ownsOutputDir,
                                                 seed=s, device=device, share=share, separation=separation),
                          outDir, device))
 
@@ -1076,7 +1478,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                     f"{'model default' if separation is None else f'{float(separation):g}'}, seed {int(seed)},"
                     f" device {device})"]
         try:
-            return CounterfactualGenRun(self, "generate", jobs, workDir, ownsOutputDir, loader, describe)
+            return CounterfactualGenRun(self, "generate", jobs, workDir, ownsOutputDir, loader, describe,
+                                        stages=GENERATE_STAGES)
         except Exception:
             self._removeWorkDir(workDir)
             raise
@@ -1133,7 +1536,10 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                                         f"{base} difference{SYNTHETIC_SUFFIX}")
                 nodes.append(diff)
                 self.markSynthetic(diff, role="difference", **meta)
-                self.styleDifference(diff)
+                diffColors = self.createDifferenceColorTable(f"{base} difference colours{SYNTHETIC_SUFFIX}")
+                nodes.append(diffColors)
+                self.markSynthetic(diffColors, role="difference_colors", **meta)
+                self.styleDifference(diff, diffColors)
             if summary.get("change_labels"):
                 labels = self._loadVolume(self._outputPath(summary, summary["change_labels"]),
                                           f"{base} change labels{SYNTHETIC_SUFFIX}", labelmap=True)
@@ -1209,37 +1615,48 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             + ". Not a real acquisition; not for diagnosis.")
 
     @staticmethod
-    def differenceDisplayRange(array):
-        """(window half-width, threshold low, threshold high) for a signed difference map.
-
-        The window is symmetric (±robust max of |d|). Slicer thresholds keep one interval,
-        so the threshold shows the dominant sign's changes above 5 % of the window and hides
-        untouched voxels (d == 0); the change labelmap shows both signs.
-        """
+    def differenceWindow(array) -> float:
+        """Half-width v of the symmetric display window (-v, v) of a signed difference map: a robust maximum of
+        |d| (99.5th percentile of the changed voxels); 1 when nothing changed."""
         a = np.asarray(array, dtype=np.float32)
         nonzero = np.abs(a[a != 0])
         if nonzero.size == 0:
-            return 1.0, 1.0, 1.0
-        v = float(np.percentile(nonzero, 99.5)) or float(nonzero.max())
-        t = 0.05 * v
-        positive = int(np.count_nonzero(a > t))
-        negative = int(np.count_nonzero(a < -t))
-        big = float(np.abs(a).max())
-        if positive >= negative:
-            return v, t, big
-        return v, -big, -t
+            return 1.0
+        return float(np.percentile(nonzero, 99.5)) or float(nonzero.max())
 
-    def styleDifference(self, diffNode) -> None:
+    @staticmethod
+    def createDifferenceColorTable(name, numberOfColors: int = 256):
+        """A diverging colour table for a signed difference shown in a window symmetric around 0: blue (negative)
+        through transparent to red (positive), paler near 0. Entries within ``DIFFERENCE_TRANSPARENT_FRACTION`` of
+        the window around 0 have opacity 0: Slicer's slice views draw a scalar volume's voxels whose colour has
+        opacity 0 transparent (vtkMRMLScalarVolumeDisplayNode ANDs the table's alpha with the threshold), so the
+        unchanged voxels do not cover the scan and both signs stay visible (a threshold keeps only one interval)."""
+        colors = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+        colors.SetTypeToUser()
+        colors.HideFromEditorsOff()
+        colors.SetNumberOfColors(numberOfColors)
+        blue, red = (0.10, 0.35, 0.95), (0.95, 0.15, 0.10)
+        for i in range(numberOfColors):
+            x = 2.0 * (i + 0.5) / numberOfColors - 1.0  # -1 .. 1 over the window
+            t = 0.4 + 0.6 * min(1.0, abs(x))
+            r, g, b = (1.0 + (c - 1.0) * t for c in (blue if x < 0 else red))
+            unchanged = abs(x) < DIFFERENCE_TRANSPARENT_FRACTION
+            colors.SetColor(i, "unchanged" if unchanged else ("decrease" if x < 0 else "increase"), r, g, b,
+                            0.0 if unchanged else 1.0)
+        return colors
+
+    def styleDifference(self, diffNode, colorNode) -> None:
+        """Both signs of the difference in one symmetric window (-v, v) through ``colorNode``
+        (:meth:`createDifferenceColorTable`, transparent around 0); no threshold."""
         display = diffNode.GetDisplayNode()
         if display is None:
             diffNode.CreateDefaultDisplayNodes()
             display = diffNode.GetDisplayNode()
-        v, lo, hi = self.differenceDisplayRange(slicer.util.arrayFromVolume(diffNode))
-        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+        v = self.differenceWindow(slicer.util.arrayFromVolume(diffNode))
+        display.SetAndObserveColorNodeID(colorNode.GetID())
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(-v, v)
-        display.SetApplyThreshold(1)
-        display.SetThreshold(lo, hi)
+        display.SetApplyThreshold(0)
 
     @staticmethod
     def createChangeColorTable(name):
@@ -1324,8 +1741,14 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         """Remove the temporary folder; a user-given output folder is kept on success."""
         if not run.ownsOutputDir and not success:
             for _args, outDir, _device in run.jobs:
-                if os.path.isdir(outDir) and not os.listdir(outDir):
-                    os.rmdir(outDir)
+                if not os.path.isdir(outDir):
+                    continue
+                before = run.outputDirEntries.get(outDir) or set()
+                for name in set(os.listdir(outDir)) - before:
+                    if name.startswith(".partial-"):  # the command line's staging folder, left by a killed worker
+                        shutil.rmtree(os.path.join(outDir, name), ignore_errors=True)
+                if not os.listdir(outDir) and run.outputDirEntries.get(outDir) is None:
+                    os.rmdir(outDir)  # it did not exist before the run
         self._removeWorkDir(run.workDir)
         # Loaded nodes must be written when the user saves the scene (their temp files are gone).
         if success:
@@ -1480,8 +1903,7 @@ class CounterfactualGenTest(ScriptedLoadableModuleTest):
         logic.markSynthetic(node, role="test", model="m", seed=1, target="t", source="", sourceNode=None)
         self.assertEqual(node.GetAttribute(SYNTHETIC_ATTRIBUTE), "true")
         self.assertTrue(node.GetName().endswith(SYNTHETIC_SUFFIX))
-        v, lo, hi = logic.differenceDisplayRange(np.array([0.0, 0.0, 2.0, 3.0, -0.5]))
-        self.assertTrue(v > 0 and lo > 0 and hi >= lo)
+        self.assertGreater(logic.differenceWindow(np.array([0.0, 0.0, 2.0, 3.0, -0.5])), 0)
 
     def test_CounterfactualGen_editSample(self):
         logic = CounterfactualGenLogic()

@@ -9,10 +9,15 @@ queue; the GUI drains it with :meth:`CounterfactualGenWorker.poll` from a ``qt.Q
 on the GUI thread (Qt objects must never be touched from the reader threads), batch
 mode uses :meth:`CounterfactualGenWorker.run_blocking`.
 
-Cancel kills the whole process tree: ``PythonSlicer`` is a launcher that starts the
+Cancel ends the whole process tree: ``PythonSlicer`` is a launcher that starts the
 real interpreter as its own child, so killing only the direct child would leave the
-worker running. On POSIX the child gets its own session (process group) and the group
-is signalled; on Windows ``taskkill /T`` ends the tree.
+worker running. On POSIX the child gets its own session (process group): :meth:`cancel`
+sends SIGTERM to the group and returns at once (it is called on the GUI thread); a
+background thread sends SIGKILL if the group is still there after
+:attr:`CounterfactualGenWorker.TERMINATE_GRACE_S`, and the ``exit`` event is queued only
+once the group is gone, so the caller may then remove the worker's folders. On Windows
+``taskkill /T /F`` ends the tree. :meth:`kill` is the bounded, blocking variant for
+application exit and interrupted batch runs.
 
 Example::
 
@@ -37,7 +42,10 @@ from typing import Any, Callable
 __all__ = ["CounterfactualGenWorker", "WorkerResult", "friendly_error_message", "EXIT_CODE_KINDS"]
 
 #: Exit codes of the command line (CounterfactualGenLib.errors) and what they mean.
-EXIT_CODE_KINDS = {2: "UsageError", 3: "InputError", 4: "ModelError", 130: "Cancelled"}
+EXIT_CODE_KINDS = {2: "UsageError", 3: "InputError", 4: "ModelError", 5: "ResourceError", 130: "Cancelled"}
+
+#: Exception names that mean a Python package of the install is missing or broken (not a bug of ours).
+_IMPORT_ERRORS = ("ModuleNotFoundError", "ImportError")
 
 # What to tell the user for each error kind: what happened and what to do next.
 _ADVICE = {
@@ -48,9 +56,30 @@ _ADVICE = {
                     "that use the GPU, then try again."),
     "Cancelled": "The run was cancelled; partial outputs were removed.",
     "MissingDependency": "Python packages are missing: click 'Install dependencies' in the Setup section, then restart Slicer.",
+    "ResourceError": ("The computer lacks memory or a Python package for this run: see the log. Choose the CPU "
+                      "device or fewer steps, or click 'Install dependencies' in the Setup section."),
+    "Killed": "Close other programs that use much memory (or crop the input volume), then try again.",
+    "StartFailed": "The worker could not be started: check that Slicer is installed completely (PythonSlicer).",
     "UsageError": "The command line rejected an option; see the log for details.",
     "InternalError": "This is a bug in CounterfactualGen; please report it with the log shown below.",
 }
+
+
+def _missing_package_message(text: str) -> str | None:
+    """The line of ``text`` that says a package cannot be imported, unless it is our own library (a packaging bug)."""
+    for line in reversed(text.splitlines()):
+        if "No module named" in line or line.lstrip().startswith(_IMPORT_ERRORS):
+            if "CounterfactualGen" in line:
+                return None
+            return line.strip()
+    return None
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def friendly_error_message(kind: str, message: str = "", returncode: int | None = None) -> str:
@@ -110,6 +139,8 @@ class CounterfactualGenWorker:
         self._threads: list[threading.Thread] = []
         self._cancel_requested = False
         self._exit_seen = False
+        self._leader_done = threading.Event()  # the direct child has exited (set by the wait thread)
+        self._reaper: threading.Thread | None = None
         self.returncode: int | None = None
         self.summary_path: str | None = None
         self.error: dict[str, Any] | None = None
@@ -138,7 +169,7 @@ class CounterfactualGenWorker:
             self.proc = subprocess.Popen(self.args, **kwargs)
         except OSError as exc:
             self.returncode = -1
-            self.error = {"event": "error", "kind": "InternalError",
+            self.error = {"event": "error", "kind": "StartFailed",
                           "message": f"Could not start {self.args[0]!r}: {exc}."}
             self.queue.put(self.error)
             self.queue.put({"event": "exit", "returncode": -1})
@@ -185,6 +216,14 @@ class CounterfactualGenWorker:
     def _wait(self) -> None:
         assert self.proc is not None
         rc = self.proc.wait()
+        self._leader_done.set()
+        reaper = self._reaper
+        if reaper is not None:  # cancelled: the exit event only once the whole group is gone (or killed)
+            deadline = time.monotonic() + self.TERMINATE_GRACE_S + 2.0
+            while not reaper.is_alive() and reaper.ident is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # created but not started yet
+            if reaper.ident is not None:
+                reaper.join(timeout=max(0.0, deadline - time.monotonic()))
         for t in self._threads:
             t.join(timeout=5.0)  # all lines are queued before the exit event
         self.queue.put({"event": "exit", "returncode": rc})
@@ -234,36 +273,71 @@ class CounterfactualGenWorker:
 
     # ------------------------------------------------------------------ ending
     def cancel(self) -> None:
-        """Stop the child and everything it started. Safe to call at any time."""
+        """Ask the child and everything it started to stop; never blocks (safe on the GUI thread, at any time).
+
+        POSIX: SIGTERM to the process group (the command line then removes its partial outputs); a
+        background thread sends SIGKILL to the group if it is still there after :attr:`TERMINATE_GRACE_S`.
+        """
+        first = not self._cancel_requested
         self._cancel_requested = True
         if self.proc is None:
             return
-        if os.name == "nt" and self.proc.poll() is not None:
-            return  # taskkill needs a live root; POSIX still signals the group (children may outlive the leader)
-        self._kill_tree(self.proc.pid)
-
-    def _kill_tree(self, pid: int) -> None:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            if self.proc.poll() is None:  # taskkill needs a live root
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             return
-        try:
-            pgid = os.getpgid(pid)
-        except ProcessLookupError:
-            pgid = pid  # the leader is gone; its group may still hold children
-        # SIGTERM first: the command line turns it into Cancelled and removes partial outputs.
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
+        if not first:
             return
+        # (set before signalling: the wait thread must see it once the leader dies of the signal)
+        self._reaper = threading.Thread(target=self._reap, daemon=True, name="CounterfactualGen-reaper")
+        # the group still exists while any member lives, even after the leader (its id) has exited
+        self._signal_group(signal.SIGTERM)
+        self._reaper.start()
+
+    def _signal_group(self, signum: int) -> bool:
+        """Signal the child's process group (POSIX; its id is the child's pid). False when it is gone."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # the id was reused by someone else's group: ours is gone
+            return False
+        return True
+
+    def _tree_alive(self) -> bool:
+        if self.proc is None:
+            return False
+        if os.name == "nt":
+            return self.proc.poll() is None
+        return not self._leader_done.is_set() or _group_alive(self.proc.pid)
+
+    def _reap(self) -> None:
+        """Background: SIGKILL the group if it outlives the grace period after SIGTERM."""
         deadline = time.monotonic() + self.TERMINATE_GRACE_S
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None and not _group_alive(pgid):
+            if not self._tree_alive():
                 return
             time.sleep(0.05)
+        self._signal_group(signal.SIGKILL)
+
+    def kill(self, timeout_s: float = 1.0) -> None:
+        """Cancel and make sure the tree is gone, blocking at most about ``timeout_s`` + 0.5 s.
+
+        For application exit and interrupted batch runs, where nobody polls afterwards: SIGTERM, a
+        bounded wait, then SIGKILL to the group."""
+        self.cancel()
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while self._tree_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if os.name != "nt" and self._tree_alive():
+            self._signal_group(signal.SIGKILL)
         try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
+            self.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
             pass
 
     def wait(self, timeout_s: float | None = None) -> bool:
@@ -304,17 +378,28 @@ class CounterfactualGenWorker:
         rc = self.returncode
         if self._cancel_requested or rc == 130 or (self.error or {}).get("kind") == "Cancelled":
             return WorkerResult(False, rc, None, "Cancelled", _ADVICE["Cancelled"], True, self.events)
+        tail = "\n".join(self.stderr_tail[-12:])
         if self.error is not None:
             kind = str(self.error.get("kind") or "InternalError")
-            return WorkerResult(False, rc, None, kind, str(self.error.get("message", "")), False, self.events)
+            message = str(self.error.get("message", ""))
+            if kind == "InternalError":
+                # an older command line reports a missing package as an internal error ("ModuleNotFoundError: ...")
+                missing = _missing_package_message(message) or (
+                    _missing_package_message(tail) if message.startswith(_IMPORT_ERRORS) else None)
+                if missing is not None:
+                    kind, message = "MissingDependency", f"A Python package cannot be imported: {missing}"
+            return WorkerResult(False, rc, None, kind, message, False, self.events)
+        if rc is not None and rc < 0:  # POSIX: killed by a signal we did not send (e.g. SIGKILL from the OOM killer)
+            msg = (f"The worker process was killed by the system ({_signal_name(-rc)}, signal {-rc}), often because "
+                   "memory ran out; try a smaller input, the CPU device or fewer steps.")
+            return WorkerResult(False, rc, None, "Killed", msg, False, self.events)
         if rc == 0 and self.summary_path:
             return WorkerResult(True, rc, self.summary_path, None, "", False, self.events)
         if rc == 0 and not self.summary_path and not any(e.get("event") == "done" for e in self.events):
             # Commands such as ``info`` print JSON and no done event: success is the exit code.
             return WorkerResult(True, rc, None, None, "", False, self.events)
-        tail = "\n".join(self.stderr_tail[-12:])
         kind = EXIT_CODE_KINDS.get(rc or 0, "InternalError")
-        if "No module named" in tail or "ModuleNotFoundError" in tail:
+        if _missing_package_message(tail) is not None:
             kind = "MissingDependency"
         elif "out of memory" in tail.lower():
             kind = "OutOfMemory"

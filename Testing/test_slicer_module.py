@@ -85,19 +85,34 @@ FAKE_CLI = textwrap.dedent(r'''
     os.makedirs(out, exist_ok=True)
     print("UserWarning: this goes to stderr", file=sys.stderr, flush=True)
     emit(event="log", level="info", message=f"fake {cmd} starting")
-    if mode == "hang":
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    if cmd == "edit" and "T1W" in os.path.basename(opt("--input")):  # the library's contrast-name warning
+        emit(event="log", level="warning", message=f"The scan's name '{os.path.basename(opt('--input'))}' suggests a "
+             "T1 scan, but model 'fake' was trained on FLAIR: an edit of another contrast is not meaningful.")
+    if mode in ("hang", "stubborn"):
+        if mode == "stubborn":  # ignores SIGTERM (and so does its child): only SIGKILL ends it
+            import signal
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(15, signal.SIG_IGN) "
+                                  "if %r == 'stubborn' else None; time.sleep(120)" % mode])
         with open(os.environ["FAKE_CLI_PIDS"] + ".tmp", "w") as f:  # then renamed: the test never reads half a file
             json.dump({"parent": os.getpid(), "child": child.pid}, f)
         os.replace(os.environ["FAKE_CLI_PIDS"] + ".tmp", os.environ["FAKE_CLI_PIDS"])
-        open(os.path.join(out, "partial.nrrd"), "w").write("partial")
+        os.makedirs(os.path.join(out, ".partial-fake"), exist_ok=True)  # as cli.StagedOutput stages its files
+        open(os.path.join(out, ".partial-fake", "partial.nrrd"), "w").write("partial")
         for i in range(1000):
             emit(event="progress", stage="sample", step=i, total=1000, eta_s=100.0)
             time.sleep(0.05)
         sys.exit(0)
-    for i in range(1, 4):
-        emit(event="progress", stage="invert" if cmd == "edit" else "sample", step=i, total=3, eta_s=0.01 * (3 - i))
-        time.sleep(0.02)
+    if mode == "killed":  # as the OOM killer does
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    stages = ([("register", 1), ("oracle", 1), ("encode", 1), ("invert", 3), ("sample", 3), ("decode", 1),
+               ("map_back", 1), ("oracle", 1)] if mode == "stages" and cmd == "edit"
+              else [("invert" if cmd == "edit" else "sample", 3)])
+    for stage, n in stages:
+        for i in range(1, n + 1):
+            emit(event="progress", stage=stage, step=i, total=n, eta_s=0.01 * (n - i))
+            time.sleep(0.02)
     if mode == "error":
         emit(event="error", kind="InputError", message="The input is not a brain scan.")
         sys.exit(3)
@@ -110,6 +125,16 @@ FAKE_CLI = textwrap.dedent(r'''
     if mode == "nomodule":
         print("ModuleNotFoundError: No module named 'torch'", file=sys.stderr, flush=True)
         sys.exit(1)
+    if mode in ("internal_import", "own_import"):  # how cli.main reported an ImportError as a bug (InternalError)
+        name = "monai" if mode == "internal_import" else "CounterfactualGenLib.nets"
+        print(f"Traceback (most recent call last):\nModuleNotFoundError: No module named '{name}'", file=sys.stderr,
+              flush=True)
+        emit(event="error", kind="InternalError", message=f"ModuleNotFoundError: No module named '{name}'")
+        sys.exit(1)
+    if mode == "missing5":  # the command line's own MissingDependency (exit 5)
+        emit(event="error", kind="MissingDependency", message="A Python package this command needs cannot be imported "
+             "(monai: No module named 'monai').")
+        sys.exit(5)
     import numpy as np  # only now: keeps the error/info paths fast
     import SimpleITK as sitk
     if cmd == "edit":
@@ -614,7 +639,8 @@ def test_logic_edit_creates_marked_nodes_and_keeps_input(cfg, logic, scene, slic
     nodes = logic.editBlocking(node, "Subject has high lesion load.", callback=events.append,
                                sourcePrompt="Subject has minimal lesion load.", steps=5, guidance=1.5, seed=3,
                                device="cpu")
-    assert set(nodes) == {"counterfactual", "difference", "change_labels", "change_label_names", "report"}
+    assert set(nodes) == {"counterfactual", "difference", "difference_colors", "change_labels", "change_label_names",
+                          "report"}
     np.testing.assert_array_equal(slicer_stub.util.arrayFromVolume(node), before)  # input untouched
     for role, n in nodes.items():
         assert n.GetAttribute(cfg.SYNTHETIC_ATTRIBUTE) == "true", role
@@ -637,11 +663,18 @@ def test_logic_edit_creates_marked_nodes_and_keeps_input(cfg, logic, scene, slic
     sh = slicer_stub.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     parent = sh.GetItemParent(sh.GetItemByDataNode(node))
     assert all(sh.GetItemParent(sh.GetItemByDataNode(n)) == parent for n in nodes.values())
-    # display: diverging colours, symmetric window, threshold; named labels; report
+    # display: both signs of the difference (diverging colours in a symmetric window, transparent around 0, no
+    # threshold, which would keep one sign only); named labels; report
     d = nodes["difference"].GetDisplayNode()
-    assert d.GetColorNodeID() == "vtkMRMLColorTableNodeFileDivergingBlueRed.txt" and not d.autoWindowLevel
+    assert d.GetColorNodeID() == nodes["difference_colors"].GetID() and not d.autoWindowLevel
     lo, hi = d.windowLevelMinMax
-    assert lo == -hi and hi > 0 and d.applyThreshold == 1 and d.threshold[0] > 0
+    assert lo == -hi and hi > 0 and d.applyThreshold == 0
+    diff = slicer_stub.util.arrayFromVolume(nodes["difference"])
+    assert diff.max() > 0 > diff.min()  # the fake CLI's difference has both signs
+    shown = [_difference_colour(nodes["difference_colors"], x, hi) for x in (diff.min(), 0.0, diff.max())]
+    negative, zero, positive = shown
+    assert zero[3] == 0 and negative[3] == 1 and positive[3] == 1  # unchanged voxels transparent, both signs shown
+    assert negative[2] > negative[0] and positive[0] > positive[2]  # blue below 0, red above
     colors = scene.GetNodeByID(nodes["change_labels"].GetDisplayNode().GetColorNodeID())
     assert [colors.GetColorName(i) for i in (1, 2, 3)] == ["lesion added", "lesion removed", "other change"]
     rgba = [[0.0] * 4 for _ in range(4)]
@@ -692,10 +725,23 @@ def _segmentation(slicer, name, segments, display=True):
     return seg
 
 
-def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub, fake_cli, monkeypatch):
+def _on_input_grid(mask_file, input_file):
+    """A mask file as the command line reads it: resampled onto the input's grid in world coordinates
+    (``geometry.mask_on_grid``, what ``cli._mask_for`` does), as a KJI array like a node's."""
+    from CounterfactualGenLib.geometry import mask_on_grid
+    from CounterfactualGenLib.volume import read_volume
+
+    scan = read_volume(input_file, name="input")
+    arr, _resampled = mask_on_grid(read_volume(mask_file, validate=False, name="mask"), scan.shape, scan.affine_ras)
+    return arr.transpose(2, 1, 0)
+
+
+def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub, fake_cli, monkeypatch, tmp_path):
     """A lesion mask drawn in the Segment Editor is a segmentation node: its visible segments go to the command line
-    as one labelmap on the input's grid (found by world position), the node itself untouched, no node left over."""
-    import SimpleITK as sitk
+    as one labelmap with the input's voxel grid (found by world position; cropped to the segments' extent, as
+    Slicer's export does, and put back in place by the command line), the node itself untouched, no node left
+    over."""
+    import shutil
 
     node = _input_volume(slicer_stub)
     ijk = node.GetIJKToRASMatrixArray()
@@ -715,7 +761,7 @@ def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub,
 
     def export(n, path):
         out = original(n, path)
-        written[os.path.basename(path)] = sitk.GetArrayFromImage(sitk.ReadImage(out))  # KJI, as the node's array
+        written[os.path.basename(path)] = shutil.copy(out, tmp_path / os.path.basename(path))  # (the run removes it)
         return out
 
     monkeypatch.setattr(logic, "_export", export)
@@ -725,7 +771,9 @@ def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub,
     assert argv[argv.index("--lesion-mask") + 1].endswith("lesion_mask.nrrd")
     expected = np.zeros((4, 5, 6), bool)
     expected[1, 2, 3] = expected[2, 0, 0] = True
-    np.testing.assert_array_equal(written["lesion_mask.nrrd"] > 0, expected)
+    inputFile = written[logic.exportFileName(node)]
+    assert _read_kji(written["lesion_mask.nrrd"]).shape == (2, 3, 4)  # Slicer's export: the segments' extent only
+    np.testing.assert_array_equal(_on_input_grid(written["lesion_mask.nrrd"], inputFile), expected)
     # nothing but the outputs and their helpers is left: not the temporary labelmap, nor the display and colour
     # table nodes the export made for it
     outputs = set()
@@ -743,7 +791,37 @@ def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub,
     bare = _segmentation(slicer_stub, "Scripted", [("a", lesion_a, ijk, True), ("brain", hidden, ijk, True)],
                          display=False)
     logic.editBlocking(node, "Subject has no lesions.", brainMask=bare, steps=2)
-    assert int((written["brain_mask.nrrd"] > 0).sum()) == 2
+    assert int(_on_input_grid(written["brain_mask.nrrd"], inputFile).sum()) == 2
+
+
+def _read_kji(path):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_stand_in_segment_export_crops_like_slicer(slicer_stub, scene):
+    """Slicer's ExportSegmentsToLabelmapNode with a reference volume keeps its voxel grid but, in its default extent
+    mode (EXTENT_UNION_OF_EFFECTIVE_SEGMENTS), only the segments' bounding box; EXTENT_REFERENCE_GEOMETRY keeps the
+    whole grid. The stand-in does the same (the module must not rely on a full-grid export)."""
+    node = _input_volume(slicer_stub)
+    ijk = node.GetIJKToRASMatrixArray()
+    one = np.zeros((4, 5, 6), np.uint8)
+    one[1:3, 2, 3:5] = 1
+    seg = _segmentation(slicer_stub, "S", [("a", one, ijk, True)])
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue("a")
+    logic = slicer_stub.modules.segmentations.logic()
+    cropped = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "c")
+    assert logic.ExportSegmentsToLabelmapNode(seg, ids, cropped, node)
+    assert slicer_stub.util.arrayFromVolume(cropped).shape == (2, 1, 2) and slicer_stub.util.arrayFromVolume(cropped).all()
+    np.testing.assert_allclose(cropped.GetIJKToRASMatrixArray()[:3, 3], (ijk @ [3, 2, 1, 1])[:3])  # origin moved
+    assert cropped.GetTransformNodeID() == node.GetTransformNodeID()
+    full = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "f")
+    assert logic.ExportSegmentsToLabelmapNode(seg, ids, full, node, slicer_stub.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    np.testing.assert_array_equal(slicer_stub.util.arrayFromVolume(full) > 0, one > 0)
 
 
 def test_logic_refuses_a_segmentation_with_nothing_to_use(cfg, logic, scene, slicer_stub, fake_cli):
@@ -858,13 +936,25 @@ def test_logic_validates_inputs(logic, scene, slicer_stub):
         logic.startGenerate([])
 
 
-def test_difference_display_range(cfg):
-    f = cfg.CounterfactualGenLogic.differenceDisplayRange
-    v, lo, hi = f(np.array([0, 0, 4.0, 5.0, -0.2]))
-    assert v > 0 and 0 < lo < hi
-    v, lo, hi = f(np.array([0, -3.0, -4.0, 0.1]))
-    assert lo < hi < 0
-    assert f(np.zeros(5)) == (1.0, 1.0, 1.0)
+def _difference_colour(colors, value, v):
+    """RGBA the slice view shows for ``value`` in the window (-v, v): window/level maps it to 0..255, which the
+    colour table's entries span (vtkMRMLScalarVolumeDisplayNode)."""
+    n = colors.GetNumberOfColors()
+    level = np.clip((float(value) + v) / (2 * v) * 255.0, 0, 255)
+    rgba = [0.0] * 4
+    assert colors.GetColor(min(n - 1, int(level / 255.0 * n)), rgba)
+    return rgba
+
+
+def test_difference_window_and_colours(cfg, scene):
+    f = cfg.CounterfactualGenLogic.differenceWindow
+    assert f(np.array([0, 0, 4.0, 5.0, -0.2])) == pytest.approx(np.percentile([4.0, 5.0, 0.2], 99.5))
+    assert f(np.array([0, -3.0, -4.0, 0.1])) > 3.0
+    assert f(np.zeros(5)) == 1.0
+    colors = cfg.CounterfactualGenLogic.createDifferenceColorTable("d")
+    alphas = [_difference_colour(colors, x, 1.0)[3] for x in np.linspace(-1, 1, 41)]
+    assert alphas[20] == 0 and alphas[0] == alphas[-1] == 1  # transparent only around 0
+    assert sum(a == 0 for a in alphas) <= 3
 
 
 def test_model_registry_reading(cfg, tmp_path, monkeypatch):
@@ -876,10 +966,17 @@ def test_model_registry_reading(cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(cfg.CounterfactualGenLogic, "sharedResourcesDir", staticmethod(lambda: str(res)))
     lg = cfg.CounterfactualGenLogic()
     assert lg.registeredModels() == ("tiny", registry["models"])
+    # a registered model whose files are not there cannot run (Apply is disabled with this reason)
+    assert "missing" in lg.modelDescription("tiny") and "missing" in lg.modelProblem("tiny")
+    (res / "Models" / "tiny").mkdir(parents=True)
+    (res / "Models" / "tiny" / "model.json").write_text(json.dumps({"contrast": "T1"}))
+    assert lg.modelProblem("tiny") is None
     assert "CC-BY-4.0" in lg.modelDescription("tiny") and "2 min" in lg.modelDescription("tiny")
+    assert "contrast: T1" in lg.modelDescription("tiny")  # from model.json when the registry does not say
     (res / "Models.json").write_text(json.dumps(registry["models"]))  # bare list form
     assert lg.registeredModels()[0] == "tiny"
-    assert "model.json" in lg.modelDescription(str(tmp_path))
+    assert "model.json" in lg.modelDescription(str(tmp_path)) and "model.json" in lg.modelProblem(str(tmp_path))
+    assert "Unknown model" in lg.modelProblem("nope") and "No model" in lg.modelProblem("")
 
 
 def test_model_defaults_fill_in_once_per_model(cfg, scene, tmp_path, monkeypatch):
@@ -1117,7 +1214,7 @@ def test_widget_shows_a_worker_warning_and_repeats_it_when_the_run_ends(cfg, sce
     ui = SimpleNamespace(logTextEdit=SimpleNamespace(appendPlainText=logged.append), statusLabel=SimpleNamespace(text=""),
                          progressBar=SimpleNamespace(setVisible=lambda v: None))
     shown = []
-    w = SimpleNamespace(ui=ui, _warnings=[], _checkCanApply=lambda: None,
+    w = SimpleNamespace(ui=ui, _warnings=[], _contrastConfirmed=False, _checkCanApply=lambda: None,
                         logic=SimpleNamespace(showResults=lambda run: shown.append(run)))
     W = cfg.CounterfactualGenWidget
     w._appendLog = lambda text: W._appendLog(w, text)
@@ -1133,3 +1230,557 @@ def test_widget_shows_a_worker_warning_and_repeats_it_when_the_run_ends(cfg, sce
     w._warnings = []
     W._onRunFinished(w, run)
     assert "warning" not in ui.statusLabel.text.lower() and not slicer_stub.util.displayed
+
+
+# ------------------------------------------------------------------------------------------ widget (fake Qt widgets)
+class _FakeWidget:
+    """A Qt widget as the module uses it through PythonQt: properties as attributes, ``connect(signal, slot)``;
+    ``emit`` fires a signal as Qt would."""
+
+    def __init__(self, name):
+        self.objectName = name
+        self.enabled = True
+        self.visible = True
+        self.toolTip = ""
+        self.text = ""
+        self._slots = {}
+
+    def connect(self, signal, slot):
+        self._slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        for slot in list(self._slots.get(signal, [])):
+            slot(*args)
+
+    def setVisible(self, visible):
+        self.visible = bool(visible)
+
+    def setMRMLScene(self, scene):
+        self.scene = scene
+
+
+class _FakeComboBox(_FakeWidget):
+    def __init__(self, name):
+        super().__init__(name)
+        self.items = []  # [(text, data)]
+        self.currentIndex = -1
+        self.currentText = ""
+
+    def addItem(self, text, data=None):
+        self.items.append((text, data))
+        if self.currentIndex < 0:  # Qt: the first item becomes current
+            self.setCurrentIndex(0)
+
+    def clear(self):
+        self.items = []
+        if self.currentIndex != -1:
+            self.currentIndex = -1
+            self.emit("currentIndexChanged(int)", -1)
+
+    def findData(self, data):
+        return next((i for i, (_t, d) in enumerate(self.items) if d == data), -1)
+
+    def itemData(self, index):
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def setCurrentIndex(self, index):
+        if index != self.currentIndex:
+            self.currentIndex = index
+            self.currentText = self.items[index][0] if 0 <= index < len(self.items) else ""
+            self.emit("currentIndexChanged(int)", index)
+
+    def setEditText(self, text):
+        self.currentText = text
+        self.emit("editTextChanged(QString)", text)
+
+
+class _FakeProgressBar(_FakeWidget):
+    def __init__(self, name):
+        super().__init__(name)
+        self.values = []
+        self.maximum = 100
+
+    def setMaximum(self, maximum):
+        self.maximum = maximum
+
+    def setValue(self, value):
+        self.values.append(value)
+
+
+class _FakeLog(_FakeWidget):
+    def __init__(self, name):
+        super().__init__(name)
+        self.lines = []
+
+    def appendPlainText(self, text):
+        self.lines.append(text)
+
+    def clear(self):
+        self.lines = []
+
+
+class _FakeTabs(_FakeWidget):
+    def __init__(self, name):
+        super().__init__(name)
+        self.currentIndex = 0
+
+    def setCurrentIndex(self, index):
+        self.currentIndex = index
+        self.emit("currentChanged(int)", index)
+
+
+class _FakeDirectoryButton(_FakeWidget):
+    directory = ""
+
+
+def _fake_ui():
+    kinds = {"QComboBox": _FakeComboBox, "QProgressBar": _FakeProgressBar, "QPlainTextEdit": _FakeLog,
+             "QTabWidget": _FakeTabs, "ctkDirectoryButton": _FakeDirectoryButton}
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{name: kinds.get(w.get("class"), _FakeWidget)(name) for name, w in _ui_widgets().items()})
+
+
+@pytest.fixture()
+def make_widget(cfg, scene, slicer_stub, fake_cli, monkeypatch):
+    """The module's widget set up as Slicer does, on fake widgets, with the fake command line; drive its timer
+    with ``drive(widget)``."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "cliCommand",
+                        lambda self, args: list(fake_cli.prefix) + [str(a) for a in args])
+    made = []
+
+    def make(missing=()):
+        ui = _fake_ui()
+        monkeypatch.setattr(slicer_stub.util, "loadUI", lambda path: _FakeWidget("CounterfactualGen"))
+        monkeypatch.setattr(slicer_stub.util, "childWidgetVariables", lambda widget: ui)
+        monkeypatch.setattr(cfg.CounterfactualGenLogic, "missingDependencies", classmethod(lambda cls: list(missing)))
+        w = cfg.CounterfactualGenWidget(SimpleNamespace(isEntered=True))
+        w.layout = SimpleNamespace(addWidget=lambda widget: None)
+        w.setup()
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.cleanup()
+
+
+def _drive(w, until=None, timeout=30.0):
+    """Call the widget's timer slot until ``until()`` (default: no run and no device listing)."""
+    until = until or (lambda: w._run is None and w._deviceWorker is None)
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the widget did not get there in time"
+        w.onTimer()
+        time.sleep(0.02)
+
+
+def test_widget_run_locks_inputs_shows_one_progress_and_readable_stages(make_widget, scene, slicer_stub, fake_cli):
+    """During a run only Apply (as Cancel) changes: inputs, model, device, Refresh and Install dependencies are
+    disabled, and enabled again after success and after failure; the progress bar is one bar over all stages
+    (never going back) and the status line names stages in words."""
+    _input_volume(slicer_stub)
+    w = make_widget()
+    _drive(w)
+    assert w.ui.applyButton.enabled, w.ui.applyButton.toolTip
+    fake_cli.mode("stages")
+    w.onApplyButton()
+    assert w._run is not None and w.ui.applyButton.text == "Cancel" and w.ui.applyButton.enabled
+    for name in w.RUN_LOCKED_WIDGETS:
+        assert getattr(w.ui, name).enabled is False, name
+    statuses = []
+    _drive(w, until=lambda: statuses.append(w.ui.statusLabel.text) or w._run is None)
+    values = w.ui.progressBar.values
+    assert values == sorted(values) and values[-1] >= 990, values  # one monotone bar (the stages restart at 1)
+    assert len(set(values)) > 8
+    assert any(t.startswith("Sampling: step") for t in statuses) and any("Registering" in t for t in statuses)
+    assert not any(re.search(r"\b(map_back|null_text|sample):", t) for t in statuses)
+    assert w.ui.statusLabel.text.startswith("Done")
+    for name in w.RUN_LOCKED_WIDGETS:
+        assert getattr(w.ui, name).enabled is True, name
+    fake_cli.mode("error")
+    w.onApplyButton()
+    assert not w.ui.modelComboBox.enabled
+    _drive(w)
+    assert w.ui.statusLabel.text.startswith("Failed") and w.ui.modelComboBox.enabled and w.ui.applyButton.text == "Apply"
+    assert cfg_stage_label("null_text") == "Null-text optimisation"
+
+
+def cfg_stage_label(stage):
+    return importlib.import_module("CounterfactualGen").stageLabel(stage)
+
+
+def test_run_progress_is_weighted_and_monotone(logic, scene, slicer_stub, fake_cli):
+    """The overall fraction weights the stages of the job (the stages that are not asked for are left out) and
+    jobs; an earlier stage coming again (the oracle reads the scan before and after) never moves it back."""
+    fake_cli.mode("hang")
+    run = logic.startEdit(_input_volume(slicer_stub), "Subject has high lesion load.", steps=2)
+    try:
+        assert [s for s, _w in run.stages] == ["register", "oracle", "encode", "invert", "sample", "decode", "map_back"]
+        seen = []
+        for stage, step, total in [("register", 1, 1), ("oracle", 1, 1), ("encode", 0, 1), ("invert", 5, 10),
+                                   ("invert", 10, 10), ("sample", 1, 10), ("map_back", 1, 1), ("oracle", 0, 1)]:
+            run._progress({"event": "progress", "stage": stage, "step": step, "total": total})
+            seen.append(run.fraction)
+        assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and 0.2 < seen[3] < 0.5
+    finally:
+        run.abort()
+
+
+def test_apply_is_disabled_when_the_run_cannot_work(make_widget, cfg, scene, slicer_stub, tmp_path, monkeypatch):
+    """No model installed, a local folder without model.json, or missing Python packages: Apply is disabled and
+    its tooltip says why (file and package-metadata checks only)."""
+    _input_volume(slicer_stub)
+    w = make_widget(missing=["monai>=1.5"])
+    assert not w.ui.applyButton.enabled and "Install dependencies" in w.ui.applyButton.toolTip
+    assert "monai" in w.ui.applyButton.toolTip
+    w = make_widget()
+    assert w.ui.applyButton.enabled
+    p = w._parameterNode
+    p.modelId = w.LOCAL_MODEL
+    assert not w.ui.applyButton.enabled and "local model folder" in w.ui.applyButton.toolTip
+    p.modelFolder = str(tmp_path)  # no model.json in it
+    assert not w.ui.applyButton.enabled and "model.json" in w.ui.applyButton.toolTip
+    (tmp_path / "model.json").write_text(json.dumps({"id": "mine", "contrast": "FLAIR"}))
+    w._checkCanApply()
+    assert w.ui.applyButton.enabled
+    empty = tmp_path / "Resources"
+    empty.mkdir()
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "sharedResourcesDir", staticmethod(lambda: str(empty)))
+    p.modelId = ""
+    assert not w.ui.applyButton.enabled and "No model is installed" in w.ui.applyButton.toolTip
+
+
+def test_saved_model_or_device_that_is_not_available_falls_back_in_the_parameter_node(make_widget, cfg, scene,
+                                                                                       slicer_stub, fake_cli):
+    """A saved scene naming a device or model this machine lacks: the fallback the combo shows is written into the
+    parameter node (what the run passes), and the status line says so once."""
+    p = cfg.CounterfactualGenLogic().getParameterNode()
+    p.inputVolume = _input_volume(slicer_stub)
+    p.device = "cuda:1"
+    p.modelId = "model-from-another-machine"
+    w = make_widget()
+    assert p.modelId == "" and "model-from-another-machine" in w.ui.statusLabel.text
+    assert p.device == "cuda:1"  # not judged before the device list has arrived, but the combo shows it
+    combo = w.ui.deviceComboBox
+    assert combo.itemData(combo.currentIndex) == "cuda:1" and "not checked" in combo.currentText
+    _drive(w)
+    assert w._devicesKnown and p.device == "auto" and "cuda:1" in w.ui.statusLabel.text
+    p.device = "cuda:0"  # listed by the (fake) worker: kept
+    assert p.device == "cuda:0"
+    w.ui.statusLabel.text = ""
+    p.device = "cuda:7"
+    assert p.device == "auto" and "cuda:7" in w.ui.statusLabel.text
+    p.device = "cuda:7"
+    assert p.device == "auto" and "cuda:7" in w.ui.statusLabel.text  # (said once: the text is the earlier one)
+    w.onApplyButton()
+    _drive(w)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--device") + 1] == "auto" and "model-from-another-machine" not in argv
+
+
+def test_contrast_is_shown_and_a_mismatched_volume_name_asks_first(make_widget, cfg, scene, slicer_stub, fake_cli,
+                                                                   monkeypatch):
+    """The model's contrast is in its description; a volume whose name names another contrast asks before the
+    edit (declined: nothing runs); the command line's own warning about it is then not repeated at the end."""
+    node = _input_volume(slicer_stub)
+    node.SetName("patient04 T1W")
+    w = make_widget()
+    assert "contrast: FLAIR" in w.ui.modelInfoLabel.text  # the bundled model (Models.json "contrast")
+    calls = len(fake_cli.calls())
+    monkeypatch.setattr(slicer_stub.util, "confirmAnswer", False)
+    w.onApplyButton()
+    confirms = [t for k, t in slicer_stub.util.displayed if k == "confirm"]
+    assert len(confirms) == 1 and "T1" in confirms[0] and "FLAIR" in confirms[0]
+    assert w._run is None and len(fake_cli.calls()) == calls
+    monkeypatch.setattr(slicer_stub.util, "confirmAnswer", True)
+    w.onApplyButton()
+    _drive(w)
+    assert w.ui.statusLabel.text.startswith("Done")
+    assert any("suggests a T1 scan" in line for line in w.ui.logTextEdit.lines)  # the CLI's warning is logged
+    assert not [t for k, t in slicer_stub.util.displayed if k == "warning"]  # but not shown a second time
+    slicer_stub.util.displayed.clear()
+    node.SetName("patient04 FLAIR")
+    w.onApplyButton()
+    assert w._run is not None and not [k for k, _t in slicer_stub.util.displayed if k == "confirm"]
+    _drive(w)
+
+
+def test_contrast_words_match_the_library(cfg, logic):
+    from CounterfactualGenLib import pipeline
+
+    assert cfg.CONTRAST_NAME_WORDS == pipeline.CONTRAST_NAME_WORDS
+    for name in ("patient04_T1W", "3: AX MPRAGE", "x-dwi", "longitudinal_patient04_study1_T1W", "T1 FLAIR",
+                 "CounterfactualGenSample", "brain", "T2w_FLAIR", "ct head"):
+        ours = logic.contrastNameWarning(name, logic.registeredModels()[0])  # the bundled FLAIR model
+        theirs = pipeline.contrast_name_warning(name, "FLAIR", "m")
+        assert (ours is None) == (theirs is None), name
+
+
+def test_install_failure_still_refreshes_the_status(make_widget, cfg, scene, slicer_stub, monkeypatch):
+    """Slicer's tryWithErrorDisplay shows the error and raises it again: the dependency status and the device list
+    are refreshed anyway (in a finally)."""
+    w = make_widget(missing=["monai>=1.5"])
+    _drive(w)
+
+    def broken(self, askConfirmation=True):
+        raise RuntimeError("pip failed")
+
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "installDependencies", broken)
+    monkeypatch.setattr(cfg.CounterfactualGenLogic, "missingDependencies", classmethod(lambda cls: []))
+    monkeypatch.setattr(slicer_stub.app, "testing", False)  # dialogs are shown only outside testing mode
+    with pytest.raises(RuntimeError, match="pip failed"):
+        w.onInstallDependencies()
+    assert ("error", "Installing dependencies failed.\n\npip failed") in slicer_stub.util.displayed
+    assert w.ui.dependenciesStatusLabel.text.startswith("All Python dependencies") and w._deviceWorker is not None
+    assert w.ui.applyButton.enabled or "Select an input" in w.ui.applyButton.toolTip
+
+
+def test_stand_in_try_with_error_display_raises_like_slicer(slicer_stub, monkeypatch):
+    slicer_stub.util.displayed.clear()
+    with pytest.raises(ValueError):
+        with slicer_stub.util.tryWithErrorDisplay("m"):
+            raise ValueError("x")
+    assert not slicer_stub.util.displayed  # testing mode: no dialog (as in Slicer)
+    monkeypatch.setattr(slicer_stub.app, "testing", False)
+    with pytest.raises(ValueError):
+        with slicer_stub.util.tryWithErrorDisplay("m"):
+            raise ValueError("x")
+    assert slicer_stub.util.displayed[-1] == ("error", "m\n\nx")
+    slicer_stub.util.displayed.clear()
+
+
+def test_closing_the_module_stops_the_run_and_removes_its_folder(make_widget, cfg, scene, slicer_stub, fake_cli):
+    """cleanup() (module closed, Slicer quits) kills the worker tree within a short bounded wait and removes the
+    temporary folder with the copy of the scan, and leaves no node."""
+    _input_volume(slicer_stub)
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    w = make_widget()
+    _drive(w)
+    fake_cli.mode("stubborn")  # even a worker that ignores SIGTERM
+    w.onApplyButton()
+    run = w._run
+    _drive(w, until=fake_cli.pids.exists)
+    pids = json.loads(fake_cli.pids.read_text())
+    assert os.path.isdir(run.workDir) and any(Path(run.workDir).rglob("*.nrrd"))  # the copy of the scan
+    t0 = time.monotonic()
+    w.cleanup()
+    assert time.monotonic() - t0 < 3.0
+    assert not os.path.exists(run.workDir) and not os.path.exists(os.path.dirname(run.workDir))
+    assert run.finished and run.result.cancelled and w._run is None
+    for _ in range(100):
+        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
+            break
+        time.sleep(0.05)
+    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+    assert {n.GetID() for n in scene.GetNodes()} - before_ids <= {n.GetID() for n in scene.GetNodes()
+                                                                  if n.IsA("vtkMRMLScriptedModuleNode")}
+
+
+def _stale_parent(slicer, stamp):
+    parent = Path(slicer.app.temporaryPath) / f"CounterfactualGen{stamp}"
+    parent.mkdir(exist_ok=True)
+    return parent
+
+
+def test_stale_work_folders_of_a_crashed_slicer_are_removed_at_startup(cfg, slicer_stub, tmp_path):
+    """Only this module's folders (its prefix and run_ folders), and only when no live process owns them: an owner
+    file whose Slicer and workers are all gone, or no owner file and untouched for a day."""
+    import socket
+
+    logic = cfg.CounterfactualGenLogic
+    assert ("startupCompleted()", cfg.removeStaleWorkFolders) in slicer_stub.app._connections
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        parent = _stale_parent(slicer_stub, "2026-01-02_03+04+05.678")
+        folders = {}
+        for key, owner, old in [("crashed", {"pid": dead.pid, "workers": [dead.pid]}, False),
+                                ("worker_alive", {"pid": dead.pid, "workers": [alive.pid]}, False),
+                                ("other_slicer", {"pid": alive.pid, "workers": []}, False),
+                                ("ours", {"pid": os.getpid(), "workers": [dead.pid]}, False),
+                                ("old_no_owner", None, True), ("new_no_owner", None, False)]:
+            folder = parent / f"run_{key}"
+            folder.mkdir()
+            (folder / "patient.nrrd").write_text("scan")
+            if owner is not None:
+                (folder / cfg.OWNER_FILE).write_text(json.dumps(dict(owner, host=socket.gethostname())))
+            if old:
+                for f in (folder / "patient.nrrd", folder):
+                    os.utime(f, (time.time() - 2 * 86400,) * 2)
+            folders[key] = folder
+        foreign = Path(slicer_stub.app.temporaryPath) / "OtherModule2026-01-02_03+04+05.678" / "run_x"
+        foreign.mkdir(parents=True)
+        os.utime(foreign, (time.time() - 9 * 86400,) * 2)
+        not_a_run = parent / "keep_me"
+        not_a_run.mkdir()
+        removed = logic.removeStaleWorkDirs()
+        assert sorted(Path(r).name for r in removed) == ["run_crashed", "run_old_no_owner"]
+        assert not folders["crashed"].exists() and not folders["old_no_owner"].exists()
+        for key in ("worker_alive", "other_slicer", "ours", "new_no_owner"):
+            assert folders[key].exists(), key
+        assert foreign.exists() and not_a_run.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+        import shutil
+
+        shutil.rmtree(parent, ignore_errors=True)
+        shutil.rmtree(foreign.parent, ignore_errors=True)
+
+
+def test_work_folder_records_its_owner_and_workers(logic, scene, slicer_stub, fake_cli):
+    fake_cli.mode("hang")
+    run = logic.startEdit(_input_volume(slicer_stub), "Subject has high lesion load.", steps=2)
+    try:
+        owner = json.loads((Path(run.workDir) / importlib.import_module("CounterfactualGen").OWNER_FILE).read_text())
+        assert owner["pid"] == os.getpid() and owner["workers"] == [run._worker.proc.pid]
+        assert run.workDir not in logic.removeStaleWorkDirs() and os.path.isdir(run.workDir)  # a live run: kept
+    finally:
+        run.abort()
+    assert not os.path.exists(run.workDir)
+
+
+# ------------------------------------------------------------------------------------------ worker: errors, cancel
+@pytest.mark.parametrize("mode,kind,words", [
+    ("internal_import", "MissingDependency", "Install dependencies"),  # an older CLI's InternalError event
+    ("missing5", "MissingDependency", "Install dependencies"),  # the CLI's own kind, exit code 5
+    ("own_import", "InternalError", "bug"),  # our own library missing a module is a bug, not a package to install
+    ("killed", "Killed", "killed by the system (SIGKILL, signal 9)"),
+])
+def test_worker_import_errors_and_signals(fake_cli, tmp_path, scene, slicer_stub, mode, kind, words):
+    fake_cli.mode(mode)
+    res = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).run_blocking(timeout_s=30)
+    assert not res.ok and res.error_kind == kind, res
+    assert words in res.user_message, res.user_message
+    if kind != "InternalError":
+        assert "bug in CounterfactualGen" not in res.user_message
+    if kind == "Killed":
+        assert res.returncode == -9 and "memory" in res.user_message and "CPU" in res.user_message
+
+
+def test_cancel_never_blocks_and_a_stubborn_worker_is_killed_after_the_grace_period(fake_cli, tmp_path, scene,
+                                                                                    slicer_stub, monkeypatch):
+    """cancel() (reached from the Cancel button, scene close) sends SIGTERM and returns at once; a worker that
+    ignores it is killed (SIGKILL to its group) after TERMINATE_GRACE_S, in the background; the exit event comes
+    only when the whole group is gone."""
+    from CounterfactualGenWorker import CounterfactualGenWorker
+
+    monkeypatch.setattr(CounterfactualGenWorker, "TERMINATE_GRACE_S", 1.0)
+    fake_cli.mode("stubborn")
+    w = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).start()
+    deadline = time.monotonic() + 20
+    while not fake_cli.pids.exists() and time.monotonic() < deadline:
+        w.poll()
+        time.sleep(0.02)
+    pids = json.loads(fake_cli.pids.read_text())
+    t0 = time.monotonic()
+    w.cancel()
+    w.cancel()  # twice: still nothing blocks
+    assert time.monotonic() - t0 < 0.2
+    assert not _pid_gone(pids["parent"])  # it ignored SIGTERM
+    while not w.finished and time.monotonic() < t0 + 15:
+        w.poll()
+        time.sleep(0.02)
+    assert w.finished and time.monotonic() - t0 >= 0.9
+    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+    assert w.result().cancelled
+
+
+def test_interrupted_blocking_run_stops_the_worker_and_cleans_up(logic, scene, slicer_stub, fake_cli):
+    """waitBlocking (headless batch) on KeyboardInterrupt/SIGTERM: the worker tree (its own session) is stopped,
+    the work folder removed, nothing added, and the exception raised again."""
+    node = _input_volume(slicer_stub)
+    before_ids = {n.GetID() for n in scene.GetNodes()}
+    fake_cli.mode("hang")
+    run = logic.startEdit(node, "Subject has high lesion load.", steps=2)
+
+    def interrupt(ev):
+        if fake_cli.pids.exists():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run.waitBlocking(interrupt)
+    pids = json.loads(fake_cli.pids.read_text())
+    assert run.finished and run.result.cancelled and not os.path.exists(run.workDir)
+    assert _new_nodes(scene, before_ids) == []
+    for _ in range(100):
+        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
+            break
+        time.sleep(0.05)
+    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+
+
+def test_interrupted_run_into_a_given_folder_leaves_nothing_of_its_own(logic, scene, slicer_stub, fake_cli, tmp_path):
+    out = tmp_path / "given"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    fake_cli.mode("stubborn")
+    run = logic.startEdit(_input_volume(slicer_stub), "Subject has high lesion load.", steps=2, outputDir=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        run.waitBlocking(lambda ev: (_ for _ in ()).throw(KeyboardInterrupt) if fake_cli.pids.exists() else None)
+    assert sorted(os.listdir(out)) == ["mine.txt"]
+
+
+# ------------------------------------------------------------------------------------------ batch: names, reruns
+def _batch_inputs(slicer, folder, names):
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        slicer.util.exportNode(_input_volume(slicer), str(folder / name), {})
+    slicer.mrmlScene.Clear()
+
+
+def test_batch_refuses_two_inputs_with_one_output_folder(batch, logic, scene, slicer_stub, fake_cli, tmp_path):
+    _batch_inputs(slicer_stub, tmp_path / "in", ["a.nii.gz", "a.nrrd", "b.nrrd"])
+    log = []
+    code = batch.main(["--input", str(tmp_path / "in"), "--to", "x", "--out", str(tmp_path / "out")], logic=logic,
+                      log=log.append)
+    assert code == batch.EXIT_USAGE
+    assert any("'a.nii.gz' and 'a.nrrd'" in line for line in log), log
+    assert not (tmp_path / "out").exists() and fake_cli.calls() == []  # refused before anything ran
+
+
+def test_batch_refuses_to_replace_results_unless_overwrite(batch, logic, scene, slicer_stub, fake_cli, tmp_path):
+    _batch_inputs(slicer_stub, tmp_path / "in", ["s1.nrrd"])
+    args = ["--input", str(tmp_path / "in"), "--to", "x", "--out", str(tmp_path / "out"), "--steps", "2"]
+    log = []
+    assert batch.main(args, logic=logic, log=log.append) == batch.EXIT_OK
+    first = (tmp_path / "out" / "s1" / "summary.json").read_text()
+    calls = len(fake_cli.calls())
+    assert batch.main(args, logic=logic, log=log.append) == batch.EXIT_USAGE
+    assert "--overwrite" in log[-1] and len(fake_cli.calls()) == calls
+    assert (tmp_path / "out" / "s1" / "summary.json").read_text() == first
+    assert batch.main(args + ["--overwrite", "--seed", "5"], logic=logic, log=log.append) == batch.EXIT_OK
+    assert json.loads((tmp_path / "out" / "s1" / "summary.json").read_text())["seed"] == 5
+
+
+def test_batch_prints_the_cli_warnings_and_stops_cleanly_when_interrupted(batch, logic, scene, slicer_stub, fake_cli,
+                                                                          tmp_path, monkeypatch):
+    _batch_inputs(slicer_stub, tmp_path / "in", ["p_T1W.nrrd"])
+    log = []
+    out = tmp_path / "out"
+    assert batch.main(["--input", str(tmp_path / "in"), "--to", "x", "--out", str(out)], logic=logic,
+                      log=log.append) == batch.EXIT_OK
+    assert sum("WARNING" in line and "suggests a T1 scan" in line for line in log) == 1
+    assert "suggests a T1 scan" in json.loads((out / "batch_summary.json").read_text())["results"][0]["warnings"][0]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logic, "editBlocking", interrupted)
+    assert batch.main(["--input", str(tmp_path / "in"), "--to", "x", "--out", str(tmp_path / "o2")], logic=logic,
+                      log=log.append) == batch.EXIT_INTERRUPTED
+    assert json.loads((tmp_path / "o2" / "batch_summary.json").read_text())["interrupted"] is True
+
+
+# ------------------------------------------------------------------------------------------ README (Slicer section)
+def test_readme_install_step_lists_exactly_the_packages_the_module_installs(cfg):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Using CounterfactualGen in 3D Slicer"):text.index("### First edit")]
+    listed = re.search(r"and `([^`]+)`\. Nothing is downloaded", section.replace("\n   ", " "))
+    assert listed, "the install step's package list"
+    names = [n.strip() for n in listed.group(1).split(",")]
+    assert names == [cfg.CounterfactualGenLogic._distributionName(r) for r in cfg.PYTHON_REQUIREMENTS]

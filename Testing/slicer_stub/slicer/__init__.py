@@ -249,6 +249,14 @@ class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
 class vtkSegmentation:
     """The segments of a segmentation node (IDs only; the stand-in keeps their binary labelmaps on the node)."""
 
+    # extent computation modes (Libs/vtkSegmentationCore/vtkSegmentation.h, in this order)
+    EXTENT_REFERENCE_GEOMETRY = 0
+    EXTENT_UNION_OF_SEGMENTS = 1
+    EXTENT_UNION_OF_SEGMENTS_PADDED = 2
+    EXTENT_UNION_OF_EFFECTIVE_SEGMENTS = 3
+    EXTENT_UNION_OF_EFFECTIVE_SEGMENTS_PADDED = 4
+    EXTENT_UNION_OF_EFFECTIVE_SEGMENTS_AND_REFERENCE_GEOMETRY = 5
+
     def __init__(self):
         self._ids = []
 
@@ -307,11 +315,21 @@ class _SegmentationsLogic:
 
     @staticmethod
     def ExportSegmentsToLabelmapNode(segmentationNode, segmentIDs, labelmapNode, referenceVolumeNode=None,
-                                     extentComputationMode=None, colorTableNode=None):
+                                     extentComputationMode=vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS,
+                                     colorTableNode=None):
         """Segment n of ``segmentIDs`` (a vtkStringArray) gets label n + 1, resampled (nearest) onto the
-        reference volume's grid; the stand-in needs a reference volume. Returns False for an unknown segment."""
+        reference volume's voxel grid; the stand-in needs a reference volume. Returns False for an unknown segment.
+
+        As in Slicer (GenerateMergedLabelmapInReferenceGeometry), the default extent mode
+        (EXTENT_UNION_OF_EFFECTIVE_SEGMENTS) crops the reference grid to the bounding box of the exported
+        segments' voxels (the origin moves with it; no voxels at all when they are empty);
+        EXTENT_REFERENCE_GEOMETRY keeps the reference volume's whole extent. The labelmap gets the reference
+        volume's parent transform."""
         if referenceVolumeNode is None:
             raise NotImplementedError("stand-in exports onto a reference volume only")
+        if extentComputationMode not in (vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+                                         vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS):
+            raise NotImplementedError(f"stand-in: extent mode {extentComputationMode}")
         ref = referenceVolumeNode.GetIJKToRASMatrixArray()
         shape = np.asarray(referenceVolumeNode._array).shape  # K, J, I
         k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
@@ -327,8 +345,20 @@ class _SegmentationsLogic:
             hit = np.zeros(i.size, bool)
             hit[inside] = array[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
             out[hit] = n + 1
-        labelmapNode.SetIJKToRASMatrixArray(ref)
-        labelmapNode._array = out.reshape(shape)
+        out = out.reshape(shape)
+        ijkToRAS = ref.copy()
+        if extentComputationMode == vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS:
+            found = np.nonzero(out)
+            if found[0].size == 0:
+                out = np.zeros((0, 0, 0), np.uint8)
+            else:
+                lo = [int(a.min()) for a in found]  # K, J, I
+                hi = [int(a.max()) + 1 for a in found]
+                out = out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                ijkToRAS[:3, 3] = (ref @ np.array([lo[2], lo[1], lo[0], 1.0]))[:3]
+        labelmapNode.SetIJKToRASMatrixArray(ijkToRAS)
+        labelmapNode._array = out
+        labelmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
         # as Slicer's export does: a display node for the labelmap and a new colour table named after the
         # segmentation (vtkSlicerSegmentationsModuleLogic.cxx, ExportSegmentsToLabelmapNode)
         labelmapNode.CreateDefaultDisplayNodes()
@@ -425,7 +455,13 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
         self._parameters = {}
 
     def SetParameter(self, name, value):
-        self._parameters[name] = str(value)
+        """As vtkMRMLScriptedModuleNode::SetParameter: Modified only when the value changes (or is new)."""
+        if name not in self._parameters or self._parameters[name] != str(value):
+            self._parameters[name] = str(value)
+            self.Modified()
+
+    def HasParameter(self, name):
+        return name in self._parameters
 
     def GetParameter(self, name):
         return self._parameters.get(name, "")
@@ -616,6 +652,7 @@ class qSlicerApplication:
         self.temporaryPath = tempfile.mkdtemp(prefix="slicer_stub_tmp_")
         self.cachePath = tempfile.mkdtemp(prefix="slicer_stub_cache_")
         self._connections = []
+        self.testing = True  # tests may turn it off (slicer.util.tryWithErrorDisplay shows dialogs only then)
 
     def layoutManager(self):
         return None
@@ -627,7 +664,7 @@ class qSlicerApplication:
         self._connections.append((signal, slot))
 
     def testingEnabled(self):
-        return True
+        return self.testing
 
     def commandOptions(self):
         return _CommandOptions()

@@ -196,12 +196,16 @@ def confirmYesNoDisplay(text, windowTitle=None, parent=None, **kwargs):
 
 @contextlib.contextmanager
 def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+    """As Slicer's: shows the error (not in testing mode) and raises it again (Base/Python/slicer/util.py)."""
     try:
         yield
     except Exception as e:
-        errorMessage = f"{message}\n\n{e}" if message else str(e)
-        if show:
+        import slicer
+
+        if show and not slicer.app.testingEnabled():
+            errorMessage = f"{message}\n\n{e}" if message is not None else str(e)
             errorDisplay(errorMessage)
+        raise
 
 
 # ---------------------------------------------------------------------------- GUI helpers

@@ -112,8 +112,9 @@ def _member(name, base, validators, default):
         for v in validators:
             v.validate(value)
         self._values[key] = value
-        self.parameterNode.SetParameter(key, "" if value is None else str(value))
-        self.parameterNode.Modified()
+        # (for a node, its ID, as Slicer's NodeSerializer keeps a node reference)
+        text = "" if value is None else (value.GetID() or "") if nodes else str(value)
+        self.parameterNode.SetParameter(key, text)  # Modified only when the stored text changes, as in Slicer
 
     return property(getter, setter)
 
