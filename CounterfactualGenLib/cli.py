@@ -103,15 +103,26 @@ class Events:
 
 
 class StagedOutput:
-    """Write into ``OUT/.partial-XXXX``; move the files into OUT only on success."""
+    """Write into ``OUT/.partial-XXXX``; move the files into OUT only on success.
 
-    def __init__(self, out: Path) -> None:
+    Nothing the user had is lost: a file of ``protect`` (the input scan, its masks) is never
+    replaced, whatever its name, and any other existing file of the same name only with
+    ``overwrite`` (the check runs before anything moves, so a refusal leaves OUT as it was).
+    """
+
+    def __init__(self, out: Path, *, protect: Sequence[str | Path] = (), overwrite: bool = False) -> None:
         self.out = out
+        self.protect = [Path(p) for p in protect if p]
+        self.overwrite = overwrite
         self.created_out = not out.exists()
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out} exists and is not a folder.")
-        out.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=str(out)))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=str(out)))
+        except OSError as exc:
+            raise InputError(f"Cannot write to --out {out}: {exc.strerror or exc}. Choose a folder you can write "
+                             "to.") from None
 
     def path(self, name: str) -> Path:
         return self.stage / name
@@ -120,8 +131,17 @@ class StagedOutput:
         return self.out / name
 
     def commit(self) -> list[Path]:
+        staged = sorted(self.stage.iterdir())
+        for f in staged:
+            dest = self.out / f.name
+            if not dest.exists():
+                continue
+            if any(p.exists() and os.path.samefile(dest, p) for p in self.protect):
+                raise InputError(f"{dest} is an input of this run; it is never overwritten. Choose another --out.")
+            if not self.overwrite:
+                raise InputError(f"{dest} already exists; choose another --out, or pass --overwrite to replace it.")
         moved = []
-        for f in sorted(self.stage.iterdir()):
+        for f in staged:
             dest = self.out / f.name
             os.replace(f, dest)
             moved.append(dest)
@@ -135,6 +155,31 @@ class StagedOutput:
                 self.out.rmdir()  # only if empty: never delete anything the user had there
             except OSError:
                 pass
+
+
+def check_out(out: str | Path, *, overwrite: bool, protect: Sequence[str | Path] = ()) -> None:
+    """Before anything slow runs: ``--out`` must be a folder this user can write, not hold an input
+    of the run, and be empty unless ``overwrite`` (hidden entries, such as a cancelled run's
+    ``.partial-*``, do not count)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write to --out {out}: {parent} is not writable. Choose a folder you can write to.")
+    if not out.exists():
+        return
+    inside = [p for p in protect if p and Path(p).exists() and Path(p).resolve().parent == out.resolve()]
+    if inside and not overwrite:
+        raise InputError(f"--out {out} holds an input of this run ({Path(inside[0]).name}); write the results to "
+                         "another folder.")
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if held and not overwrite:
+        raise InputError(f"--out {out} already holds {len(held)} file(s) ({', '.join(held[:4])}"
+                         f"{', …' if len(held) > 4 else ''}); choose an empty or new folder, or pass --overwrite to "
+                         "replace files of the same names (other files are left as they are).")
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -224,12 +269,13 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
     prompts = args.prompt or []
     if not prompts:
         raise InputError("Give at least one --prompt.")
+    check_out(args.out, overwrite=args.overwrite)
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = _load_oracle(args.oracle, model, ev, purpose="reads each generated volume's lesion volume and diagnosis")
     warnings = [w for w in map(unrecognised_prompt_warning, prompts) if w is not None]
     for w in warnings:
         ev.warn(w)
-    out = StagedOutput(Path(args.out))
+    out = StagedOutput(Path(args.out), overwrite=args.overwrite)
     try:
         t0 = time.perf_counter()
         series = generate_series(model, encoder, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -259,11 +305,12 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
 def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
     from .pipeline import generate_series
 
+    check_out(args.out, overwrite=args.overwrite)
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     card = model.spec.description or model.spec.name
     ev.log(f"Demo model: {model.id} — {card}")
     oracle = _load_oracle(args.oracle, model, ev, purpose="reads each generated volume's lesion volume and diagnosis")
-    out = StagedOutput(Path(args.out))
+    out = StagedOutput(Path(args.out), overwrite=args.overwrite)
     try:
         t0 = time.perf_counter()
         results = {}
@@ -352,12 +399,13 @@ def _mask_for(scan, path: str, name: str, ev: Events):
 
 
 def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: Path, out: StagedOutput,
-              prefix: str = "", oracle=None) -> dict:
+              prefix: str = "", oracle=None, scan=None) -> dict:
     from .overlay import edit_preview_png
     from .pipeline import edit_scan
     from .volume import Provenance, read_volume, sha256_file, write_volume
 
-    scan = read_volume(input_path, max_voxels=args.max_voxels, name="input scan")
+    if scan is None:
+        scan = read_volume(input_path, max_voxels=args.max_voxels, name="input scan")
     src_hash = sha256_file(input_path)
     if scan.is_synthetic:
         ev.log("Note: the input is itself a SYNTHETIC volume made by CounterfactualGen.")
@@ -397,8 +445,8 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
             "prompts": {"from": prompts[0], "to": prompts[1]}, "seed": args.seed}
 
 
-def _check_edit_paths(args: argparse.Namespace, inputs: Sequence[Path] = ()) -> None:
-    """Refuse missing input files and an --out that is a file before the model loads (seconds)."""
+def _check_edit_paths(args: argparse.Namespace, inputs: Sequence[Path] = (), protect: Sequence[Path] = ()) -> None:
+    """Refuse missing input files and an --out that cannot take the results before the model loads (seconds)."""
     from .volume import check_image_path
 
     for p in inputs:
@@ -407,19 +455,20 @@ def _check_edit_paths(args: argparse.Namespace, inputs: Sequence[Path] = ()) -> 
         check_image_path(args.mask, "brain mask")
     if args.lesion_mask:
         check_image_path(args.lesion_mask, "lesion mask")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder.")
+    check_out(args.out, overwrite=args.overwrite, protect=[*inputs, *protect, args.mask, args.lesion_mask])
 
 
 def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
+    from .volume import read_volume
+
     inp = Path(args.input)
     _check_edit_paths(args, [inp])
+    scan = read_volume(inp, max_voxels=args.max_voxels, name="input scan")  # a bad file fails before the model loads
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = _load_oracle(args.oracle, model, ev)
-    out = StagedOutput(Path(args.out))
+    out = StagedOutput(Path(args.out), protect=[inp, args.mask, args.lesion_mask], overwrite=args.overwrite)
     try:
-        summary = _edit_one(args, ev, model, encoder, inp, out, oracle=oracle)
+        summary = _edit_one(args, ev, model, encoder, inp, out, oracle=oracle, scan=scan)
         summary["software"] = f"CounterfactualGen {__version__}"
         out.path("summary.json").write_text(json.dumps(summary, indent=2))
         out.commit()
@@ -469,10 +518,40 @@ def _batch_inputs(src: Path) -> list[tuple[Path, dict[str, Path]]]:
     return items
 
 
+_SCAN_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr)$", re.I)
+
+
+def batch_folder_names(files: Sequence[Path]) -> list[str]:
+    """One output folder name per scan, all different: the file name without its suffix; where two
+    scans share it (sub-01/FLAIR.nii.gz, sub-02/FLAIR.nii.gz), their path below the folders they
+    share, joined by ``_`` (sub-01_FLAIR); where even that is shared (a.nii and a.nii.gz), the suffix."""
+    stems = [_SCAN_SUFFIX.sub("", f.name) for f in files]
+    resolved = [f.resolve() for f in files]
+    names = list(stems)
+    for i, stem in enumerate(stems):
+        same = [j for j, t in enumerate(stems) if t.lower() == stem.lower()]
+        if len(same) == 1:
+            continue
+        common = Path(os.path.commonpath([str(resolved[j].parent) for j in same]))
+        rel = resolved[i].parent.relative_to(common).parts
+        names[i] = "_".join([*rel, stem])
+    shared = [sum(n.lower() == name.lower() for n in names) > 1 for name in names]
+    for i, name in enumerate(list(names)):
+        suffix = _SCAN_SUFFIX.search(files[i].name)
+        if shared[i] and suffix:
+            names[i] = f"{name}_{suffix.group(1).lstrip('.').replace('.', '_').lower()}"
+    if len({n.lower() for n in names}) < len(names):
+        raise InputError("Two scans of the batch would write to the same output folder: "
+                         + ", ".join(str(f) for f, n in zip(files, names) if [m.lower() for m in names].count(n.lower()) > 1))
+    return names
+
+
 def cmd_batch(args: argparse.Namespace, ev: Events) -> dict:
     items = _batch_inputs(Path(args.input))
     files = [f for f, _ in items]
-    _check_edit_paths(args)  # a bad scan in the batch fails alone, below
+    names = batch_folder_names(files)
+    inputs = [p for f, m in items for p in (f, *m.values())]
+    _check_edit_paths(args, protect=inputs)  # a bad scan in the batch fails alone, below
     if any(m for _, m in items) and (args.mask or args.lesion_mask):
         ev.log("The manifest names masks: a row's own mask replaces --mask / --lesion-mask for that scan.")
     model, encoder = _load(args.model, args.text_encoder_path, ev)
@@ -480,8 +559,8 @@ def cmd_batch(args: argparse.Namespace, ev: Events) -> dict:
     results, failures = [], []
     for k, (f, masks) in enumerate(items):
         ev.emit({"event": "progress", "stage": "batch", "step": k, "total": len(files), "eta_s": None})
-        sub = Path(args.out) / re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr)$", "", f.name, flags=re.I)
-        out = StagedOutput(sub)
+        sub = Path(args.out) / names[k]
+        out = StagedOutput(sub, protect=inputs, overwrite=args.overwrite)
         row_args = argparse.Namespace(**vars(args))  # this scan's own masks, where the manifest names them
         if "brain_mask" in masks:
             row_args.mask = str(masks["brain_mask"])
@@ -554,6 +633,8 @@ def _common(p: argparse.ArgumentParser, *, seed: int = 0) -> None:
                    help="auto = bf16 on GPU when a bf16/fp32 parity check passes, else fp32")
     p.add_argument("--format", default="nii.gz", choices=["nii.gz", "nii", "nrrd"], help="output volume format")
     p.add_argument("--progress-json", action="store_true", help="print progress as JSON lines on stdout")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing files of the same names (never an input)")
 
 
 def _oracle_argument(p: argparse.ArgumentParser) -> None:

@@ -616,11 +616,13 @@ def edit_scan(
 
     filling = target_class.get("lesion_load") == "none"
     lesion_region, mask_source = None, None
+    mask_warnings: list[str] = []
     if filling and lesion_mask is not None:
         lm = mapping.to_model((np.asarray(lesion_mask) > 0).astype(np.float32), interpolation="linear") > 0.01
         lesion_region, mask_source = lm & brain_model, "given"
         if not lesion_region.any():
             raise InputError("The lesion mask has no voxels inside the brain; there is nothing to fill.")
+        mask_warnings = _check_lesion_mask(scan, np.asarray(lesion_mask) > 0, brain_mask, model.spec.contrast)
     elif filling and auto_lesion_mask and before is not None:
         lesion_region, mask_source = oracle_lesion_region(before["lesion_prob"], brain_model), "oracle"
         rep.log(f"Lesion filling without a lesion mask: filling the oracle's segmentation "
@@ -675,6 +677,10 @@ def edit_scan(
     if mask_source == "oracle" and scan.voxel_volume_ml < 0.5 * grid.spacing_mm ** 3 / 1000.0:
         warnings.append(FINE_ORACLE_FILL_WARNING.format(scan=" × ".join(f"{v:.2g}" for v in scan.spacing_mm),
                                                         model=float(grid.spacing_mm)))
+    warnings += mask_warnings
+    if inpaint and target_class.get("diagnosis") is not None:
+        warnings.append(f"Lesion filling regenerates only the lesion voxels: the prompt's diagnosis "
+                        f"({target_class['diagnosis']}) is not applied. Edit the diagnosis in a second run.")
     unknown = unrecognised_prompt_warning(target_prompt)
     if unknown is not None:
         warnings.append(unknown)
@@ -805,6 +811,13 @@ def edit_scan(
         x_after = norm.forward(mapping.to_model(cf_arr, default=norm.low))
         after = _oracle_reading(oracle, np.where(brain_model, x_after, -1.0), grid)
         rep.end("oracle")
+        for key, what in (("lesion_load", "lesion load"), ("diagnosis", "diagnosis")):
+            if target_class.get(key) is None and before[key] != after[key]:
+                w = (f"The prompt does not name a {what}, but the oracle reads it as {before[key]} before and "
+                     f"{after[key]} after the edit: the edit changed more than it asked for. Check the difference "
+                     "map, or name what should stay (e.g. both clauses) in --to.")
+                warnings.append(w)
+                rep.log(w, level="warning")
     gate = {}
     if lesion_prompt and not inpaint and after is not None:  # a prompt edit: lesions only where the oracle segments them
         gate = {f"oracle_{k}": mapping.to_source(r["lesion_prob"], interpolation="linear", default=0.0)
@@ -851,6 +864,32 @@ def edit_scan(
                      **({"lesion_prob_before": before["lesion_prob"], "lesion_prob_after": after["lesion_prob"]}
                         if after is not None else {})},
     )
+
+
+#: A lesion mask may cover at most this fraction of the brain (the heaviest MS lesion loads are a few
+#: percent of it): more is a brain mask, a scan or a mask of another subject given by mistake.
+MAX_LESION_MASK_BRAIN_FRACTION = 0.25
+#: On FLAIR the median of a lesion mask's voxels should exceed the rest of the brain's by this factor.
+LESION_MASK_MIN_BRIGHTNESS = 1.08
+
+
+def _check_lesion_mask(scan: Volume, lesions: np.ndarray, brain: np.ndarray, contrast: str) -> list[str]:
+    """Refuse a lesion mask that covers much of the brain; on FLAIR, warn when its voxels are no brighter
+    than the rest of the brain (lesions are bright there: a mask of another scan, or in a template's space)."""
+    inside = lesions & brain
+    frac = float(inside.sum()) / max(int(brain.sum()), 1)
+    if frac > MAX_LESION_MASK_BRAIN_FRACTION:
+        raise InputError(f"The lesion mask covers {100 * frac:.0f} % of the brain; a lesion mask marks lesions only "
+                         f"(at most {100 * MAX_LESION_MASK_BRAIN_FRACTION:.0f} %). Is it a brain mask, or the scan itself?")
+    rest = brain & ~lesions
+    if contrast.upper() != "FLAIR" or not inside.any() or not rest.any():
+        return []
+    med_les, med_rest = float(np.median(scan.array[inside])), float(np.median(scan.array[rest]))
+    if med_les > LESION_MASK_MIN_BRIGHTNESS * med_rest:
+        return []
+    return [f"The lesion mask's voxels are hardly brighter than the rest of the brain (median {med_les:.4g} vs "
+            f"{med_rest:.4g}), but on FLAIR lesions are bright (about 1.3 × white matter). Is the mask this scan's, "
+            "in its own space (not a template's or another scan's)?"]
 
 
 def _change_size(change: np.ndarray, touched: np.ndarray) -> dict[str, float | None]:
@@ -962,7 +1001,7 @@ def change_labels(change: np.ndarray, touched: np.ndarray, *, lesion_prompt: boo
         change: the edit's change in model units, on the scan's grid.
         touched: the voxels the edit changed.
         lesion_prompt: a lesion-load edit of a FLAIR model (otherwise every change is 3).
-        inpainting: lesion filling inside a lesion region: |change| ≥ :data:`LESION_DELTA` decides.
+        inpainting: lesion filling inside a lesion region: darkening by ≥ :data:`LESION_DELTA` is 2.
         oracle_before, oracle_after: the oracle's lesion probability of the scan and of the
             counterfactual, on the scan's grid; for a prompt edit, lesion labels need the oracle's
             segmentation and |change| ≥ ``oracle_delta``. A prompt edit without them labels every
@@ -976,10 +1015,10 @@ def change_labels(change: np.ndarray, touched: np.ndarray, *, lesion_prompt: boo
     labels[touched] = 3
     if not lesion_prompt:
         return labels, "every change is 3 (not a lesion-load edit of a FLAIR model)"
-    if inpainting:
-        labels[change >= LESION_DELTA] = 1
+    if inpainting:  # lesion filling removes lesions: what it brightens (a mask's rim of CSF) is not a lesion
         labels[change <= -LESION_DELTA] = 2
-        return labels, f"1/2: brightened/darkened by ≥ {LESION_DELTA} (model units) inside the filled region"
+        return labels, (f"2: darkened by ≥ {LESION_DELTA} (model units) inside the filled region; anything else "
+                        "changed is 3 (filling adds no lesion)")
     if oracle_before is not None and oracle_after is not None:
         p = AUTO_MASK_PROBABILITY
         labels[(change >= oracle_delta) & (oracle_after >= p) & touched] = 1
@@ -1000,7 +1039,9 @@ def _oracle_report(oracle: Any, before: dict | None, after: dict | None) -> dict
             "diagnosis_probs_before": before["diagnosis_probs"], "diagnosis_probs_after": after["diagnosis_probs"],
             "oracle": oracle.id,
             "lesion_ml_note": f"before/after: oracle '{oracle.id}' on the brain in model space "
-                              f"({oracle.grid.spacing_mm} mm grid); added/removed: the change labelmap on the scan's grid"}
+                              f"({oracle.grid.spacing_mm} mm grid; trained and validated on synthetic engine subjects "
+                              "only, so on a real scan its reading is an estimate no expert mask has checked); "
+                              "added/removed: the change labelmap on the scan's grid"}
 
 
 def _default_source_prompt(target: str, reading: dict | None = None) -> tuple[str, str]:

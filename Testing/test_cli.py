@@ -274,7 +274,7 @@ def test_existing_files_in_out_are_kept_on_failure(tiny, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    assert _generate(tiny, out, "--steps", "0") == 3
+    assert _generate(tiny, out, "--steps", "0", "--overwrite") == 3
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -703,3 +704,91 @@ def test_prompt_change_map_lights_up_where_the_two_rows_predict_differently():
     for bad in ({"t": 0.0}, {"t": 1.0}, {"draws": 0}):
         with pytest.raises(InputError):
             prompt_change_map(model_fn, torch.zeros(1, 1, 8, 8, 8), lambda z: z, **bad)
+
+
+# ---------------------------------------------------------------------------------
+# what the user had is never lost: inputs, earlier results, same-named scans of a batch
+# ---------------------------------------------------------------------------------
+def _scan_file(tiny, path):
+    g = load_model(tiny).spec.grid
+    write_volume(Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras), path)
+    return path
+
+
+def test_cli_never_overwrites_the_input_or_earlier_results(tiny, tmp_path, capsys):
+    """An input named like an output, in --out (chained edits), is never replaced, not even with
+    --overwrite; a non-empty --out is refused before the model loads unless --overwrite; an --out that
+    cannot be written is a one-line error, not a traceback."""
+    work = tmp_path / "work"
+    inp = _scan_file(tiny, work / "counterfactual.nii.gz")
+    before = file_sha256(inp)
+    args = ["edit", "--model", str(tiny), "--input", str(inp), "--to", HIGH, "--from", NONE, "--steps", "2",
+            "--registration", "none", "--oracle", "none", "--out", str(work)]
+    assert main(args) == 3
+    assert "holds an input of this run" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 3
+    assert "is an input of this run; it is never overwritten" in capsys.readouterr().err
+    assert file_sha256(inp) == before and sorted(p.name for p in work.iterdir()) == ["counterfactual.nii.gz"]
+    # earlier results: refused before the model loads (a missing model would be exit 4)
+    out = tmp_path / "o"
+    ok = ["edit", "--model", str(tiny), "--input", str(inp), "--to", HIGH, "--from", NONE, "--steps", "2",
+          "--registration", "none", "--oracle", "none", "--out", str(out)]
+    assert main(ok) == 0
+    first = file_sha256(out / "counterfactual.nii.gz")
+    capsys.readouterr()
+    assert main([*ok[:2], str(tmp_path / "no_model"), *ok[3:]]) == 3
+    assert "already holds" in capsys.readouterr().err and file_sha256(out / "counterfactual.nii.gz") == first
+    (out / "mine.txt").write_text("keep me")
+    assert main([*ok, "--overwrite", "--seed", "3"]) == 0
+    assert (out / "mine.txt").read_text() == "keep me" and file_sha256(out / "counterfactual.nii.gz") != first
+    # an --out below a file cannot be made
+    (tmp_path / "afile").write_text("x")
+    assert main([*ok[:-1], str(tmp_path / "afile" / "sub")]) == 3
+    err = capsys.readouterr().err
+    assert "Cannot write to --out" in err and "Traceback" not in err
+
+
+def test_batch_gives_same_named_scans_their_own_folders(tiny, tmp_path):
+    """BIDS-like inputs (sub-01/FLAIR.nii.gz, sub-02/FLAIR.nii.gz) and a.nii beside a.nii.gz each get an
+    output folder; none replaces another."""
+    from CounterfactualGenLib.cli import batch_folder_names
+
+    d = tmp_path / "bids"
+    for sub in ("sub-01", "sub-02"):
+        _scan_file(tiny, d / sub / "anat" / "FLAIR.nii.gz")
+    (d / "manifest.csv").write_text("image\nsub-01/anat/FLAIR.nii.gz\nsub-02/anat/FLAIR.nii.gz\n")
+    code = main(["batch", "--model", str(tiny), "--input", str(d / "manifest.csv"), "--to", HIGH, "--from", NONE,
+                 "--steps", "2", "--registration", "none", "--oracle", "none", "--out", str(tmp_path / "o")])
+    assert code == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    outs = [o["counterfactual"] for o in s["outputs"]]
+    assert len(set(outs)) == 2 and all(Path(o).exists() for o in outs)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == ["sub-01_anat_FLAIR", "sub-02_anat_FLAIR"]
+    assert batch_folder_names([Path("x/a.nii"), Path("x/a.nii.gz"), Path("x/b.nrrd")]) == ["a_nii", "a_nii_gz", "b"]
+
+
+def test_lesion_masks_that_cannot_be_lesions_are_refused_or_warned_about(tiny, tmp_path, capsys):
+    """A 'lesion mask' covering most of the brain (the scan itself, a brain mask) is refused; one whose
+    voxels are no brighter than the brain (another scan's, a template's) is filled with a warning;
+    filling never labels a voxel 'lesion added'."""
+    g = load_model(tiny).spec.grid
+    img = phantom_on(g.shape, g.affine_ras)
+    scan = _scan_file(tiny, tmp_path / "scan.nii.gz")
+    write_volume(Volume(img, g.affine_ras), tmp_path / "itself.nii.gz")
+    dark = np.zeros(g.shape, np.uint8)
+    dark[(img > 0) & (img < np.percentile(img[img > 0], 30))] = 1
+    dark[: g.shape[0] // 2] = 0
+    write_volume(Volume(dark, g.affine_ras), tmp_path / "dark.nii.gz")
+
+    def fill(mask: str) -> int:
+        return main(["edit", "--model", str(tiny), "--input", str(scan), "--to", NONE, "--from", HIGH,
+                     "--lesion-mask", str(tmp_path / f"{mask}.nii.gz"), "--steps", "2", "--registration", "none",
+                     "--oracle", "none", "--out", str(tmp_path / mask)])
+
+    assert fill("itself") == 3
+    assert "covers" in capsys.readouterr().err and not (tmp_path / "itself").exists()
+    assert fill("dark") == 0
+    report = json.loads((tmp_path / "dark" / "report.json").read_text())
+    assert any("hardly brighter than the rest of the brain" in w for w in report["warnings"])
+    labels = read_volume(tmp_path / "dark" / "change_labels.nii.gz").array
+    assert not (labels == 1).any() and report["lesion_ml_added"] == 0.0

@@ -177,6 +177,9 @@ def test_bad_grid_arguments_raise_input_error(kwargs):
         lambda: atrophy_series(SubjectSpec(seed=0), ("CN", "old"), **SMALL),
         lambda: random_spec(0, lesion_class="lots"),
         lambda: SubjectSpec(seed=0, contrast="PD"),
+        lambda: SubjectSpec(seed=0, anatomy="bert"),
+        lambda: random_spec(0, anatomy=()),
+        lambda: random_spec(0, anatomy=("icbm152", "mni305")),
         lambda: SubjectSpec(seed=0, atrophy=2.0),
         lambda: SubjectSpec(seed=-1),
         lambda: SubjectSpec(seed=0, target_lesion_ml=-3.0),
@@ -237,6 +240,51 @@ def test_random_spec_hits_the_requested_classes():
 def test_resources_are_small_and_attributed():
     root = Path(__file__).resolve().parents[1] / "Resources"
     size = sum(f.stat().st_size for d in ("Templates", "LesionLibrary") for f in (root / d).iterdir())
-    assert size < 8e6
-    assert "McConnell" in (root / "Templates" / "NOTICE-templates.md").read_text(encoding="utf-8")
+    assert size < 11e6
+    notice = (root / "Templates" / "NOTICE-templates.md").read_text(encoding="utf-8")
+    assert "McConnell" in notice and "Colin27" in notice and "Holmes" in notice
     assert "Lesjak" in (root / "LesionLibrary" / "ATTRIBUTION.md").read_text(encoding="utf-8")
+
+
+def test_colin27_anatomy_is_an_individual_brain_with_exact_twins():
+    """Colin27 subjects: plausible tissue volumes, their own folds (not the average's), lesions in their
+    white matter, exact twins, atrophy that grows their ventricles."""
+    spec = random_spec(5, lesion_class="moderate", diagnosis="CN").replace(atrophy=0.0)
+    icbm, colin = make_subject(spec, **MEDIUM), make_subject(spec.replace(anatomy="colin27"), **MEDIUM)
+    a = colin.attributes
+    assert a["anatomy"] == "colin27" and icbm.attributes["anatomy"] == "icbm152"
+    assert 750 < a["gm_ml"] < 1000 and 600 < a["wm_ml"] < 850 and 15 < a["ventricle_ml"] < 40, a
+    assert a["lesion_load"] == "moderate"
+    # same deformation, pose and noise draws, another brain: the GM maps differ where folds are
+    assert np.mean(np.abs(icbm.tissue["gm"] - colin.tissue["gm"])) > 0.05
+    assert colin.tissue["wm"][colin.lesion_mask > 0].min() >= 0.5
+    healthy = make_twin(colin.spec, **MEDIUM, lesion_class="none")
+    assert ((colin.image.array != healthy.image.array) <= (colin.lesion_mask > 0)).all()
+    ad = make_twin(colin.spec, **MEDIUM, diagnosis="AD")
+    assert ad.attributes["ventricle_ml"] > 1.5 * a["ventricle_ml"] and ad.attributes["anatomy"] == "colin27"
+
+
+def test_random_spec_draws_an_anatomy_last():
+    one = random_spec(3, lesion_class="high")
+    both = [random_spec(s, lesion_class="high", anatomy=("icbm152", "colin27")) for s in range(3, 23)]
+    assert one == both[0].replace(anatomy="icbm152")  # the other fields do not depend on the choice
+    assert {s.anatomy for s in both} == {"icbm152", "colin27"}
+
+
+def test_segment_tissues_recovers_partial_volume():
+    """The Colin27 builder's segmentation on a phantom with known fractions: three slabs (CSF, GM, WM)
+    with one-voxel borders of known mixture, noise, and priors that are smoothed and partly wrong."""
+    from CounterfactualGenLib.synth.build_resources import segment_tissues
+
+    truth = np.zeros((3, 40, 12, 12))
+    truth[0, :12], truth[1, 13:25], truth[2, 26:] = 1, 1, 1
+    truth[0, 12], truth[1, 12] = 0.3, 0.7
+    truth[1, 25], truth[2, 25] = 0.6, 0.4
+    means = np.array([30.0, 80.0, 120.0])
+    t1 = np.tensordot(means, truth, 1) + np.random.default_rng(0).normal(0, 2.0, truth.shape[1:])
+    priors = np.roll(truth, 2, axis=1)  # misplaced by 2 voxels: the data must win
+    frac = segment_tissues(t1, np.ones(t1.shape, bool), priors, prior_sigma_mm=1.0)
+    assert np.allclose(frac.sum(0), 1.0)
+    err = np.abs(frac - truth).mean(axis=(2, 3))
+    assert err.max() < 0.1, err.max(axis=0)
+    assert abs(frac[1, 12].mean() - 0.7) < 0.1 and abs(frac[2, 25].mean() - 0.4) < 0.1

@@ -604,3 +604,28 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_log(tmp_path, config
     steps = [int(r["step"]) for r in csv.DictReader(log.open())]
     assert steps == list(range(1, saved + 3))  # no step twice, none missing
     assert (out / "model" / "model.json").exists()
+
+
+def test_pool_from_both_anatomies_is_cached_per_anatomy_list(tmp_path):
+    """data.anatomies: the pool's subjects are drawn from ICBM152 and Colin27; a cache made from
+    other anatomies is not reused; bad names and manifests are refused."""
+    td = _train_module()
+    from CounterfactualGenLib.errors import InputError
+    from CounterfactualGenLib.geometry import ModelGrid
+
+    grid = ModelGrid.from_dict(TINY["grid"])
+    cache = tmp_path / "pool.npz"
+    cfg = {**TINY, "data": {**TINY["data"], "anatomies": ["icbm152", "colin27"]}}
+    td.check_config({**td.DEFAULTS, **cfg})
+    both = td.synthetic_pool(cfg, grid, 0, 6, cache)
+    assert set(np.load(cache)["anatomies"].tolist()) == {"icbm152", "colin27"} and "anatomies" not in both
+    icbm = td.synthetic_pool(TINY, grid, 0, 6, cache)  # other anatomies: made again, not read
+    assert tuple(np.load(cache)["anatomies"].tolist()) == ("icbm152",)
+    assert not np.array_equal(both["images"], icbm["images"])
+    again = td.synthetic_pool(TINY, grid, 0, 6, cache)
+    assert np.array_equal(again["images"], icbm["images"])
+    for bad, words in (({"anatomies": ["mni305"]}, "data.anatomies must be"),
+                       ({"anatomies": []}, "data.anatomies must be"),
+                       ({"kind": "manifest", "manifest": "x.csv", "anatomies": ["colin27"]}, "synthetic pool only")):
+        with pytest.raises(InputError, match=words):
+            td.check_config({**td.DEFAULTS, **TINY, "data": {**TINY["data"], **bad}})

@@ -152,13 +152,13 @@ def is_main(rank: int) -> bool:
 # ---------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------
-def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple]) -> tuple[np.ndarray, str, str, np.ndarray]:
+def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]) -> tuple[np.ndarray, str, str, np.ndarray]:
     """One synthetic subject in model units + its lesion-load class, diagnosis and exact lesion mask (pool worker)."""
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.synth import make_subject, random_spec
 
-    seed, lesion_class, diagnosis, shape, spacing, center = args
-    spec = random_spec(seed, lesion_class=lesion_class, diagnosis=diagnosis)
+    seed, lesion_class, diagnosis, shape, spacing, center, anatomies = args
+    spec = random_spec(seed, lesion_class=lesion_class, diagnosis=diagnosis, anatomy=anatomies)
     subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
     norm = IntensityNormalizer.fit(subj.image.array, subj.brain_mask, upper_percentile=99.5)
     img = np.clip(norm.forward(subj.image.array), -1.0, 1.5).astype(np.float16)
@@ -172,31 +172,36 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
     small model, so subjects are made once (in parallel) and re-used; prompts are
     built per draw (clause choice and paraphrases differ every time).
     """
+    anatomies = tuple(cfg["data"].get("anatomies") or DATA_KEYS["anatomies"])
     if cache is not None and cache.exists():
         data = np.load(cache)
+        made_from = tuple(data["anatomies"].tolist()) if "anatomies" in data.files else ("icbm152",)
         if ("lesion_masks" in data.files and len(data["lesion"]) >= size
-                and tuple(data["images"].shape[1:]) == tuple(grid.shape)):
-            return {k: data[k][:size] for k in data.files}
+                and tuple(data["images"].shape[1:]) == tuple(grid.shape) and made_from == anatomies):
+            return {k: data[k][:size] for k in data.files if k != "anatomies"}
     from concurrent.futures import ProcessPoolExecutor
 
     lesion_classes = ("none", "minimal", "moderate", "high")
     diagnoses = ("CN", "MCI", "AD")
     rng = random.Random(seed)
     jobs = [(rng.randrange(2**31), lesion_classes[i % 4], diagnoses[(i // 4) % 3], tuple(grid.shape),
-             grid.spacing_mm, tuple(grid.center_ras)) for i in range(size)]
+             grid.spacing_mm, tuple(grid.center_ras), anatomies) for i in range(size)]
     workers = max(1, int(cfg["data"].get("pool_workers") or os.cpu_count() or 1))
     from tqdm import tqdm
 
-    with ProcessPoolExecutor(workers) as ex:
-        items = list(tqdm(ex.map(_synthetic_item, jobs, chunksize=4), total=size, desc="synthesise", file=sys.stderr,
-                          mininterval=5.0))
+    if workers == 1:  # no process pool to start
+        items = [_synthetic_item(j) for j in tqdm(jobs, desc="synthesise", file=sys.stderr, mininterval=5.0)]
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            items = list(tqdm(ex.map(_synthetic_item, jobs, chunksize=4), total=size, desc="synthesise",
+                              file=sys.stderr, mininterval=5.0))
     pool = {"images": np.stack([i[0] for i in items]), "lesion": np.array([i[1] for i in items]),
             "diagnosis": np.array([i[2] for i in items]), "lesion_masks": np.stack([i[3] for i in items])}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(".partial-" + cache.name)
         with open(tmp, "wb") as f:
-            np.savez(f, **pool)
+            np.savez(f, **pool, anatomies=np.array(anatomies))
         os.replace(tmp, cache)
     return pool
 
@@ -660,7 +665,7 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | text encoder | `{spec.text_encoder['id']}` (width {spec.text_encoder['dim']}, {spec.text_encoder.get('max_tokens')} tokens) |
 | denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
 | schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
-| data | {cfg['data']['kind']} ({'synthetic subject engine: MNI ICBM152 2009a anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}) |
+| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join({'icbm152': 'MNI ICBM152 2009a', 'colin27': 'Colin27'}[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}) |
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
@@ -737,7 +742,7 @@ SCHEDULE_KEYS = ("kind", "default_steps", "default_guidance", "default_share", "
 #: Keys of the config's "data" object.
 DATA_KEYS = {"kind": "synthetic", "manifest": None, "prompts": None, "ignore_columns": [], "paraphrase_prob": 0.3,
              "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None,
-             "cache_mb": 2048}
+             "cache_mb": 2048, "anatomies": ["icbm152"]}
 
 
 def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
@@ -773,6 +778,15 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
     ref = cfg.get("lesion_weight_volume_ref_ml")
     if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
         raise InputError(f"lesion_weight_volume_ref_ml must be a positive number of ml (or null); got {ref!r}.")
+    if data.get("anatomies") is not None:
+        from CounterfactualGenLib.synth import ANATOMIES
+
+        an = data["anatomies"]
+        if data["kind"] != "synthetic":
+            raise InputError("data.anatomies applies to the synthetic pool only (data.kind = synthetic).")
+        if not (isinstance(an, list) and an and all(a in ANATOMIES for a in an)):
+            raise InputError(f"data.anatomies must be a list of {list(ANATOMIES)} (each pool subject draws one); "
+                             f"got {an!r}.")
     if data.get("lesion_class_draw"):
         if data["kind"] != "synthetic":
             raise InputError("data.lesion_class_draw applies to the synthetic pool only (data.kind = synthetic).")
@@ -902,7 +916,8 @@ def _print_check(cfg: dict) -> None:
     print(f"Config OK: {cfg['family']} ({cfg['size']}) at {g['shape']} × {g['spacing_mm']} mm, {cfg['contrast']}, "
           f"text encoder {cfg['text_encoder']['id']}, {cfg['iterations']} iterations × batch {cfg['batch_size']}.")
     if manifest is None:
-        print(f"Data: the synthetic engine, a pool of {cfg['data'].get('pool_size', 512)} subjects.")
+        print(f"Data: the synthetic engine, a pool of {cfg['data'].get('pool_size', 512)} subjects from the "
+              f"{' and '.join(cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])} anatomy.")
         return
     print(manifest.summary())
     for w in manifest.warnings:
@@ -1147,7 +1162,9 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                    "final_loss": float(loss_ema or 0.0),
                    "parameters": sum(p.numel() for p in net.parameters()), "config_path": config_path,
                    "out": str(out),
-                   **({"data": manifest.summary() + _registration_note(registered)} if manifest is not None else {}),
+                   "data": (manifest.summary() + _registration_note(registered) if manifest is not None else
+                            f"the synthetic engine: a pool of {len(pool['lesion'])} subjects from the "
+                            f"{' and '.join(cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])} anatomy"),
                    **({"init_from": init_info} if init_info else {}),
                    **({"anchor": anchor_info} if anchor_info else {})}
         spec.training = {**summary, "config": cfg}

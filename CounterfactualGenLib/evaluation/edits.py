@@ -82,7 +82,7 @@ def _outside_identical(cf: np.ndarray, scan: np.ndarray, brain: np.ndarray) -> f
 
 
 def held_out_pairs(grid: Any, n_subjects: int, *, seed: int = 0, contrast: str = "FLAIR",
-                   lesion_classes: Sequence[str] = ("moderate", "high")):
+                   lesion_classes: Sequence[str] = ("moderate", "high"), anatomy: str = "icbm152"):
     """Yield ``(subject, lesion-free twin)`` pairs of held-out engine subjects on ``grid``.
 
     Seeds come from a generator the training pools never use; the same arguments give the
@@ -93,7 +93,8 @@ def held_out_pairs(grid: Any, n_subjects: int, *, seed: int = 0, contrast: str =
     rng = np.random.default_rng(9_000_000 + int(seed))
     geo = {"shape": tuple(grid.shape), "spacing_mm": grid.spacing_mm, "center_mm": tuple(grid.center_ras)}
     for k in range(int(n_subjects)):
-        spec = random_spec(rng, lesion_class=lesion_classes[k % len(lesion_classes)], contrast=contrast)
+        spec = random_spec(rng, lesion_class=lesion_classes[k % len(lesion_classes)], contrast=contrast,
+                           anatomy=anatomy)
         yield make_subject(spec, **geo), make_twin(spec, lesion_class="none", **geo)
 
 
@@ -106,6 +107,7 @@ def evaluate_edits(
     contrast: str = "FLAIR",
     lesion_classes: Sequence[str] = ("moderate", "high"),
     composition_sizes: Sequence[int] = EDIT_SIZES,
+    anatomy: str = "icbm152",
     on_event: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Edit held-out engine subjects on ``grid`` and measure them against their exact twins.
@@ -120,6 +122,7 @@ def evaluate_edits(
         contrast: engine contrast.
         lesion_classes: the factual subjects' lesion classes, cycled.
         composition_sizes: numbers of repeated null edits; () skips the composition axiom.
+        anatomy: the engine anatomy of the subjects (``synth.ANATOMIES``).
         on_event: progress/log callback.
 
     Returns:
@@ -137,7 +140,8 @@ def evaluate_edits(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n_max = max([0, *composition_sizes])
-    pairs = held_out_pairs(grid, n_subjects, seed=seed, contrast=contrast, lesion_classes=lesion_classes)
+    pairs = held_out_pairs(grid, n_subjects, seed=seed, contrast=contrast, lesion_classes=lesion_classes,
+                           anatomy=anatomy)
     for k, (subj, twin) in enumerate(pairs):
         emit({"event": "progress", "stage": "evaluate_edits", "step": k, "total": int(n_subjects), "eta_s": None})
         spec, lclass = subj.spec, subj.attributes["lesion_load"]

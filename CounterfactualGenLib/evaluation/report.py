@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..synth.spec import ANATOMIES
 from .oracle import to_grid  # re-exported: evaluation code and tests use it from here
 
 __all__ = [
@@ -107,7 +108,8 @@ def model_generator(model: Any, encoder: Any, *, steps: int | None = None, guida
     return generate
 
 
-def engine_reference(grid: Any, n: int, *, seed: int = 12345, contrast: str = "FLAIR") -> tuple[np.ndarray, list[str]]:
+def engine_reference(grid: Any, n: int, *, seed: int = 12345, contrast: str = "FLAIR",
+                     anatomy: str = "icbm152") -> tuple[np.ndarray, list[str]]:
     """``n`` synthetic engine subjects on ``grid`` in model units, with their canonical (lesion + diagnosis) prompts.
 
     The "real" side of the oracle-feature FD and the fit of the directional score's text → feature map.
@@ -120,14 +122,14 @@ def engine_reference(grid: Any, n: int, *, seed: int = 12345, contrast: str = "F
     images, prompts = [], []
     for i in range(int(n)):
         spec = random_spec(rng, lesion_class=("none", "minimal", "moderate", "high")[i % 4],
-                           diagnosis=("CN", "MCI", "AD")[(i // 4) % 3], contrast=contrast)
+                           diagnosis=("CN", "MCI", "AD")[(i // 4) % 3], contrast=contrast, anatomy=anatomy)
         s = make_subject(spec, shape=grid.shape, spacing_mm=grid.spacing_mm, center_mm=grid.center_ras)
         images.append(to_model_units(s.image.array, s.brain_mask))
         prompts.append(canonical_prompt(lesion_load=s.attributes["lesion_load"], diagnosis=s.attributes["diagnosis"]))
     return np.stack(images), prompts
 
 
-def twin_generator(grid: Any, *, contrast: str = "FLAIR") -> Generator:
+def twin_generator(grid: Any, *, contrast: str = "FLAIR", anatomy: str = "icbm152") -> Generator:
     """``generate(prompts, seed)`` that returns *exact* counterfactual twins from the engine: a perfect model.
 
     Every prompt of a call gets the same subject (anatomy, noise, bias from ``seed``; moderate
@@ -140,7 +142,7 @@ def twin_generator(grid: Any, *, contrast: str = "FLAIR") -> Generator:
     from .oracle import to_model_units
 
     def generate(prompts: Sequence[str], seed: int) -> np.ndarray:
-        base = random_spec(int(seed), lesion_class="moderate", diagnosis="CN", contrast=contrast)
+        base = random_spec(int(seed), lesion_class="moderate", diagnosis="CN", contrast=contrast, anatomy=anatomy)
         out = []
         for p in prompts:
             c, spec = classify_prompt(p), base
@@ -155,7 +157,8 @@ def twin_generator(grid: Any, *, contrast: str = "FLAIR") -> Generator:
     return generate
 
 
-def twin_series_reference(grid: Any, n: int, oracle: Any, *, seed: int = 5000, contrast: str = "FLAIR") -> dict[str, Any]:
+def twin_series_reference(grid: Any, n: int, oracle: Any, *, seed: int = 5000, contrast: str = "FLAIR",
+                          anatomy: str = "icbm152") -> dict[str, Any]:
     """The evaluation's series scores for *exact* counterfactual series from the engine: what a perfect model scores.
 
     For ``n`` held-out subjects (seeds ``seed`` …), the lesion series (none / minimal /
@@ -166,7 +169,7 @@ def twin_series_reference(grid: Any, n: int, oracle: Any, *, seed: int = 5000, c
     too: their alignment and monotone fraction are what it allows a perfect model to score.
     """
     seeds = [int(seed) + i for i in range(int(n))]
-    r = evaluate_generator(twin_generator(grid, contrast=contrast), oracle, seeds=seeds, grid=grid)
+    r = evaluate_generator(twin_generator(grid, contrast=contrast, anatomy=anatomy), oracle, seeds=seeds, grid=grid)
     return {"n_subjects": int(n), "first_seed": int(seed),
             "subject_ms_ssim": {"lesion": r["subject_ms_ssim"]["lesion_series"],
                                 "diagnosis": r["subject_ms_ssim"]["diagnosis_series"]},
@@ -518,7 +521,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"Seeds {r['seeds']} ({r['n_seeds']} seeds × (4 + 3) prompts = {r['n_volumes']} volumes), "
         f"{report['settings']['steps']} steps, guidance {report['settings']['guidance']}, "
         f"shared steps {report['settings'].get('share', 0.0):g} of the trajectory, separation "
-        f"{report['settings'].get('separation', 0.0):g}, device {report['settings']['device']}.",
+        f"{report['settings'].get('separation', 0.0):g}, device {report['settings']['device']}."
+        + (f" Twins, edited and reference subjects from the {report['settings']['anatomy']} anatomy."
+           if report["settings"].get("anatomy", "icbm152") != "icbm152" else ""),
         "",
         "## Acceptance numbers",
         "",
@@ -691,6 +696,9 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
                    help=f"exact engine twin series read as the ceiling (default {TWIN_SUBJECTS}; --quick 2; 0 = skip, "
                         "e.g. on a large grid where making twins on the CPU dominates)")
     add_share_argument(p)
+    p.add_argument("--anatomy", default="icbm152", choices=list(ANATOMIES),
+                   help="the engine anatomy of the twins, held-out edit subjects and reference subjects (default "
+                        "icbm152, which the bundled models were trained on; colin27: one person's brain they never saw)")
     common(p)
     return p
 
@@ -720,6 +728,7 @@ def _command_line(args: argparse.Namespace) -> str:
                     ("--share", args.share), ("--separation", args.separation),
                     ("--reference", args.reference), ("--fid-weights", args.fid_weights), ("--edits", args.edits),
                     ("--twins", args.twins), ("--sweep", args.sweep),
+                    ("--anatomy", None if args.anatomy == "icbm152" else args.anatomy),
                     ("--text-encoder-path", args.text_encoder_path), ("--device", args.device),
                     ("--precision", None if args.precision == "auto" else args.precision),
                     ("--format", None if args.format == "nii.gz" else args.format)):
@@ -744,7 +753,7 @@ def _peak_memory_mb() -> dict[str, float]:
 def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
     """``counterfactualgen evaluate``: generate series for N seeds, read them with the oracle, write the report."""
     from .. import __version__
-    from ..cli import StagedOutput, _load
+    from ..cli import StagedOutput, _load, check_out
     from .oracle import load_oracle, resolve_oracle
 
     n_seeds = int(args.seeds if args.seeds is not None else (2 if args.quick else EVAL_SEEDS))
@@ -766,6 +775,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
 
         def fid(gen: np.ndarray, ref: np.ndarray) -> dict:
             return medicalnet_fid(extractor, gen, ref)
+    check_out(args.out, overwrite=args.overwrite)
     model, encoder = _load(args.model, args.text_encoder_path, ev)
     oracle = load_oracle(resolve_oracle(args.oracle))
     steps = args.steps
@@ -775,7 +785,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
            f"{oracle.grid.spacing_mm} mm); {n_seeds} seeds × 7 prompts.")
     if oracle.spec.contrast != model.spec.contrast:
         ev.log(f"Warning: the oracle reads {oracle.spec.contrast} but the model makes {model.spec.contrast}.")
-    out = StagedOutput(Path(args.out))
+    out = StagedOutput(Path(args.out), overwrite=args.overwrite)
     try:
         t0 = time.perf_counter()
         generate = model_generator(model, encoder, steps=steps, guidance=args.guidance, share=args.share,
@@ -784,7 +794,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         reference = None
         if n_ref >= 2:
             ev.log(f"Making {n_ref} engine reference subjects on the oracle grid…")
-            reference = engine_reference(oracle.grid, n_ref, contrast=oracle.spec.contrast)
+            reference = engine_reference(oracle.grid, n_ref, contrast=oracle.spec.contrast, anatomy=args.anatomy)
 
         def text_pooled(prompts: Sequence[str]) -> np.ndarray:
             return encoder.encode(list(prompts)).pooled.float().cpu().numpy()
@@ -797,7 +807,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
             ev.log(f"{n_twins} exact engine twin series (the ceiling for subject MS-SSIM, and what the oracle reads "
                    "on them)…")
             results["twin_reference"] = twin_series_reference(model.spec.grid, n_twins, oracle,
-                                                              contrast=model.spec.contrast)
+                                                              contrast=model.spec.contrast, anatomy=args.anatomy)
         used_steps = int(steps if steps is not None else model.spec.schedule.get("default_steps", 30))
         used_guidance = float(args.guidance if args.guidance is not None else model.spec.schedule.get("default_guidance", 1.0))
         used_share = float(args.share if args.share is not None else model.spec.schedule.get("default_share", 0.0))
@@ -834,7 +844,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
                                   seed=int(args.seed), device=args.device, should_cancel=ev.should_cancel)
             results["edits"] = evaluate_edits(editor, grid=model.spec.grid, n_subjects=n_edits, seed=int(args.seed),
                                               contrast=model.spec.contrast, composition_sizes=sizes,
-                                              on_event=ev.emit)
+                                              anatomy=args.anatomy, on_event=ev.emit)
         report = {
             "kind": "evaluate", "synthetic": True, "command": _command_line(args),
             "software": f"CounterfactualGen {__version__}",
@@ -845,7 +855,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
             "settings": {"seeds": n_seeds, "first_seed": int(args.seed), "steps": used_steps,
                          "guidance": used_guidance, "share": used_share, "separation": used_separation,
                          "device": args.device, "quick": bool(args.quick),
-                         "edited_subjects": n_edits, "sweep": sweep_mode,
+                         "edited_subjects": n_edits, "sweep": sweep_mode, "anatomy": args.anatomy,
                          "reference_subjects": n_ref if reference is not None else 0},
             "results": results,
             "total_s": round(time.perf_counter() - t0, 2),

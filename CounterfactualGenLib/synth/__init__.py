@@ -1,7 +1,8 @@
 """Synthetic brain MRI subjects with exact ground truth and exact counterfactual twins.
 
 The project's training data and its exact ground truth: MNI ICBM152 2009a anatomy
-(Fonov et al. 2009, 2011) under random smooth deformations, atrophy, real MS lesion
+(Fonov et al. 2009, 2011) or Colin27's individual brain (Holmes et al. 1998) under random
+smooth deformations, atrophy, real MS lesion
 shapes from the Ljubljana lesion library (Lesjak et al. 2018) and procedural lesions,
 FLAIR/T1 contrast, bias field and Rician noise. See :mod:`.engine` for the model.
 
@@ -25,6 +26,7 @@ from .engine import (
 )
 from .resources import library_ids, load_lesion_library, load_template, preload, resources_dir
 from .spec import (
+    ANATOMIES,
     CONTRASTS,
     DIAGNOSES,
     DIAGNOSIS_ATROPHY,
@@ -41,6 +43,7 @@ from .spec import (
 )
 
 __all__ = [
+    "ANATOMIES",
     "CONTRASTS",
     "CONTRAST_INTENSITIES",
     "DEFAULT_CENTER_MM",

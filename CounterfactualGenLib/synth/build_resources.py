@@ -20,6 +20,20 @@ Probability maps are stored as uint8 (0–255 ↔ 0–1), labels as uint8 0/1. C
 stored: the engine derives it as ``brainmask − GM − WM`` (clipped), which is how the
 ventricle component is found here too. The T1 is not used by the engine; it is kept
 as the registration target for real scans.
+
+Colin27 (``--colin27``: the brain-extracted ``ch2bet.nii.gz`` of Debian's ``mricron-data``,
+``/usr/share/mricron/templates``; one person scanned 27 times, Holmes et al. 1998): the
+individual anatomy beside the population average, with its own gyri, sulci and
+ventricles. It is registered affinely to the ICBM152 T1 (SimpleITK, Mattes mutual
+information), so it shares the template's MNI frame (the lesion library and the
+engine's grid centre) while keeping its own shape, and resampled onto the same cropped
+1 mm grid. Its GM / WM / CSF maps are the posteriors of a three-class Gaussian mixture
+of its T1 intensities with the ICBM152 tissue maps (smoothed, 10 % uniform) as spatial
+priors (EM, :func:`segment_tissues`); the ventricles are found as for ICBM152::
+
+    apt-get download mricron-data && dpkg-deb -x mricron-data_*.deb /tmp/mricron
+    python -m CounterfactualGenLib.synth.build_resources --resources Resources \
+        --colin27 /tmp/mricron/usr/share/mricron/templates/ch2bet.nii.gz
 """
 
 from __future__ import annotations
@@ -55,15 +69,7 @@ def build_templates(nilearn_data: Path, out_dir: Path, *, margin_mm: int = 4) ->
     gm = np.asanyarray(imgs["gm"].dataobj).astype(np.float32) / 255.0
     wm = np.asanyarray(imgs["wm"].dataobj).astype(np.float32) / 255.0
     mask = ndi.binary_fill_holes(t1 > 0)
-    csf = np.clip(mask - gm - wm, 0.0, 1.0)
-    depth = ndi.distance_transform_edt(mask)
-    lab, _ = ndi.label((csf > 0.5) & (depth > 10))
-    inv = np.linalg.inv(affine)
-    seeds = [tuple(np.rint(inv @ np.r_[p, 1.0])[:3].astype(int)) for p in _VENTRICLE_SEEDS_MM]
-    ids = {int(lab[s]) for s in seeds} - {0}
-    if not ids:
-        raise RuntimeError("No lateral ventricle component found at the seed points.")
-    ventricles = np.isin(lab, sorted(ids))
+    ventricles = lateral_ventricles(mask, gm, wm, affine)
 
     nz = np.nonzero(mask)
     lo = [max(int(x.min()) - margin_mm, 0) for x in nz]
@@ -92,6 +98,143 @@ def build_templates(nilearn_data: Path, out_dir: Path, *, margin_mm: int = 4) ->
     return written
 
 
+def lateral_ventricles(mask: np.ndarray, gm: np.ndarray, wm: np.ndarray, affine: np.ndarray,
+                       within: np.ndarray | None = None) -> np.ndarray:
+    """The lateral ventricles: the components of ``csf > 0.5 & depth > 10 mm`` (CSF = mask − GM − WM;
+    only ``within`` that region, if given) that hold the lateral-ventricle seed points."""
+    from scipy import ndimage as ndi
+
+    csf = np.clip(mask - gm - wm, 0.0, 1.0)
+    depth = ndi.distance_transform_edt(mask)
+    lab, _ = ndi.label((csf > 0.5) & (depth > 10) & (True if within is None else within))
+    inv = np.linalg.inv(affine)
+    seeds = [tuple(np.rint(inv @ np.r_[p, 1.0])[:3].astype(int)) for p in _VENTRICLE_SEEDS_MM]
+    ids = {int(lab[s]) for s in seeds} - {0}
+    if not ids:
+        raise RuntimeError("No lateral ventricle component found at the seed points.")
+    return np.isin(lab, sorted(ids))
+
+
+def segment_tissues(t1: np.ndarray, mask: np.ndarray, priors: np.ndarray, *, iterations: int = 30,
+                    prior_sigma_mm: float = 2.0, uniform: float = 0.1) -> np.ndarray:
+    """CSF / GM / WM posteriors of a T1 inside ``mask``: a Gaussian mixture of the intensities,
+    each voxel's class weights taken from spatial ``priors`` (K, X, Y, Z; another brain's tissue maps
+    in the same frame, here ICBM152's), smoothed by ``prior_sigma_mm`` and mixed with ``uniform`` so
+    that an individual's folds, which the average's maps do not have, can still be found. EM
+    updates the class means and variances. The classes must be ordered by mean intensity (for a
+    T1: CSF, GM, WM). Returns partial-volume fractions (K, X, Y, Z) summing to 1 in the mask: a voxel
+    whose intensity lies between the means of its most probable class and a neighbouring class is
+    the linear mixture of the two (a 1 mm voxel across a border holds both tissues)."""
+    from scipy import ndimage as ndi
+
+    k = priors.shape[0]
+    inside = mask > 0
+    x = t1[inside].astype(np.float64)
+    pri = np.stack([ndi.gaussian_filter(p.astype(np.float64), prior_sigma_mm)[inside] for p in priors])
+    pri = (1.0 - uniform) * pri / np.maximum(pri.sum(0, keepdims=True), 1e-12) + uniform / k
+    post = pri.copy()
+    for _ in range(iterations):
+        w = post.sum(1)
+        mu = (post * x).sum(1) / w
+        var = np.maximum((post * (x - mu[:, None]) ** 2).sum(1) / w, 1e-6)
+        logp = np.log(pri) - 0.5 * np.log(2 * np.pi * var)[:, None] - 0.5 * (x - mu[:, None]) ** 2 / var[:, None]
+        logp -= logp.max(0, keepdims=True)
+        post = np.exp(logp)
+        post /= post.sum(0, keepdims=True)
+    order = np.argsort(mu)
+    if not np.array_equal(order, np.arange(k)):
+        raise RuntimeError(f"The tissue classes came out in another intensity order (means {mu.round(1)}).")
+    frac = np.zeros_like(post)
+    best = post.argmax(0)
+    for c in range(k):
+        sel = best == c
+        xc = x[sel]
+        f = np.zeros((k, xc.size))
+        f[c] = 1.0
+        if c > 0:  # darker neighbour: mix below the class mean
+            t = np.clip((xc - mu[c - 1]) / (mu[c] - mu[c - 1]), 0.0, 1.0)
+            lo = xc < mu[c]
+            f[c, lo], f[c - 1, lo] = t[lo], 1.0 - t[lo]
+        if c < k - 1:  # brighter neighbour: mix above it
+            t = np.clip((xc - mu[c]) / (mu[c + 1] - mu[c]), 0.0, 1.0)
+            hi = xc > mu[c]
+            f[c, hi], f[c + 1, hi] = 1.0 - t[hi], t[hi]
+        frac[:, sel] = f
+    out = np.zeros((k, *t1.shape), np.float32)
+    out[:, inside] = frac
+    return out
+
+
+def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
+    """Write Colin27's maps (``colin27_{gm,wm,brainmask,ventricles}.nii.gz``) on the grid of the
+    ICBM152 maps already in ``out_dir`` (see the module docstring). Returns map name → path."""
+    import nibabel as nib
+    import SimpleITK as sitk
+    from scipy import ndimage as ndi
+
+    ref = nib.load(str(out_dir / "mni_icbm152_2009a_t1.nii.gz"))
+    affine = np.asarray(ref.affine, np.float64)
+    icbm = {n: np.asanyarray(nib.load(str(out_dir / f"mni_icbm152_2009a_{n}.nii.gz")).dataobj).astype(np.float32)
+            for n in ("t1", "gm", "wm", "brainmask")}
+
+    def image(arr: np.ndarray, aff: np.ndarray) -> "sitk.Image":  # nibabel RAS (i, j, k) → SimpleITK LPS
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32))
+        lps = np.diag([-1.0, -1.0, 1.0]) @ aff[:3, :3]
+        sp = np.linalg.norm(lps, axis=0)
+        img.SetSpacing(sp.tolist())
+        img.SetDirection((lps / sp).ravel().tolist())
+        img.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ aff[:3, 3]).tolist())
+        return img
+
+    src = nib.load(str(ch2bet))
+    colin = np.asanyarray(src.dataobj).astype(np.float32)
+    fixed = image(icbm["t1"] * (icbm["brainmask"] > 0), affine)
+    moving = image(colin, np.asarray(src.affine, np.float64))
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(50)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.1, 7)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 300, relaxationFactor=0.6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg.SetInitialTransform(init, inPlace=False)
+    tx = reg.Execute(fixed, moving)
+    resampled = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0)
+    t1 = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0).astype(np.float32)
+    mask = t1 > 0.5 * float(np.percentile(t1[t1 > 0], 5))
+    lab, n = ndi.label(mask)
+    if n > 1:
+        mask = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+    mask = ndi.binary_fill_holes(mask)
+    gm_i, wm_i = icbm["gm"] / 255.0, icbm["wm"] / 255.0
+    csf_i = np.clip((icbm["brainmask"] > 0) - gm_i - wm_i, 0.0, 1.0)
+    csf, gm, wm = segment_tissues(t1, mask, np.stack([csf_i, gm_i, wm_i]))
+    # Colin's CSF spaces join up more than the average's: keep the seeded components within 8 mm of
+    # ICBM152's ventricles (the same place after the affine registration).
+    near = ndi.distance_transform_edt(np.asanyarray(
+        nib.load(str(out_dir / "mni_icbm152_2009a_ventricles.nii.gz")).dataobj) == 0) <= 8.0
+    ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
+    maps = {"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
+            "ventricles": ventricles.astype(np.float32)}
+    written = {}
+    for name, arr in maps.items():
+        img = nib.Nifti1Image(np.rint(arr).astype(np.uint8), affine)
+        img.header.set_xyzt_units("mm")
+        img.set_sform(affine, code=4)
+        img.set_qform(affine, code=4)
+        path = out_dir / f"colin27_{name}.nii.gz"
+        nib.save(img, str(path))
+        written[name] = path
+    corr = float(np.corrcoef(t1[mask], icbm["t1"][mask])[0, 1])
+    print(f"Colin27 registered to ICBM152: T1 correlation in the brain {corr:.3f}; GM {gm.sum() / 1000:.0f} ml, "
+          f"WM {wm.sum() / 1000:.0f} ml, CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml")
+    return written
+
+
 def copy_lesion_library(src: Path, out_dir: Path) -> None:
     """Copy the lesion masks and their volume table unchanged (CC-BY, see ATTRIBUTION.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,12 +245,17 @@ def copy_lesion_library(src: Path, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nilearn-data", type=Path, required=True)
+    p.add_argument("--nilearn-data", type=Path, default=None, help="rebuild the ICBM152 maps from a nilearn wheel")
     p.add_argument("--lesion-library", type=Path, default=None)
+    p.add_argument("--colin27", type=Path, default=None, help="mricron-data's ch2bet.nii.gz (after the ICBM152 maps)")
     p.add_argument("--resources", type=Path, default=Path("Resources"))
     a = p.parse_args(argv)
-    for name, path in build_templates(a.nilearn_data, a.resources / "Templates").items():
-        print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if a.nilearn_data is not None:
+        for name, path in build_templates(a.nilearn_data, a.resources / "Templates").items():
+            print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if a.colin27 is not None:
+        for name, path in build_colin27(a.colin27, a.resources / "Templates").items():
+            print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if a.lesion_library is not None:
         copy_lesion_library(a.lesion_library, a.resources / "LesionLibrary")
 

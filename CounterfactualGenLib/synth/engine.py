@@ -1,6 +1,7 @@
 """Synthetic brain MRI subjects with exact ground truth, and their exact counterfactual twins.
 
-A subject is the MNI ICBM152 2009a tissue anatomy (Fonov et al. 2009, 2011) seen
+A subject is the MNI ICBM152 2009a tissue anatomy (Fonov et al. 2009, 2011), or Colin27's
+(one person's brain, Holmes et al. 1998; ``SubjectSpec.anatomy``), seen
 through a random smooth deformation and a random global size/pose, optionally with
 atrophy (ventricular enlargement and cortical thinning), white-matter lesions from
 the real MS lesion library (Lesjak et al. 2018) or procedural blobs, a FLAIR- or
@@ -288,7 +289,7 @@ def make_subject(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     grid = _make_grid(shape, spacing_mm, center_mm)
-    tpl = load_template()
+    tpl = load_template(spec.anatomy)
     lib = load_lesion_library()
     sampler = _sampler(grid)
     times["resources"] = time.perf_counter() - t0
@@ -465,6 +466,7 @@ def make_subject(
         "atrophy": spec.atrophy,
         "diagnosis": diagnosis_class(spec.atrophy),
         "contrast": spec.contrast,
+        "anatomy": spec.anatomy,
         "seed": spec.seed,
         "voxel_ml": voxel_ml,
     }

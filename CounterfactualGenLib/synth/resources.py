@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
+    "ANATOMY_FILES",
     "resources_dir",
     "TemplateMaps",
     "load_template",
@@ -33,7 +34,10 @@ __all__ = [
     "preload",
 ]
 
-_TEMPLATE_FILE = "mni_icbm152_2009a_{}.nii.gz"
+#: The anatomies a subject can be made from (``SubjectSpec.anatomy``) → their maps' file prefix in
+#: ``Resources/Templates``: the ICBM152 2009a population average, and Colin27, one person's brain
+#: with individual folds (registered affinely into the same MNI frame; ``build_resources.py``).
+ANATOMY_FILES = {"icbm152": "mni_icbm152_2009a", "colin27": "colin27"}
 _LOCK = threading.Lock()
 
 
@@ -88,15 +92,16 @@ class TemplateMaps:
     distance_stack: np.ndarray
 
 
-@functools.lru_cache(maxsize=2)
-def _load_template_cached(root: str) -> TemplateMaps:
+@functools.lru_cache(maxsize=4)
+def _load_template_cached(root: str, anatomy: str) -> TemplateMaps:
     from scipy import ndimage as ndi
 
     folder = Path(root) / "Templates"
-    gm_u8, affine = _load_nifti(folder / _TEMPLATE_FILE.format("gm"))
-    wm_u8, _ = _load_nifti(folder / _TEMPLATE_FILE.format("wm"))
-    brain_u8, _ = _load_nifti(folder / _TEMPLATE_FILE.format("brainmask"))
-    vent_u8, _ = _load_nifti(folder / _TEMPLATE_FILE.format("ventricles"))
+    name = ANATOMY_FILES[anatomy] + "_{}.nii.gz"
+    gm_u8, affine = _load_nifti(folder / name.format("gm"))
+    wm_u8, _ = _load_nifti(folder / name.format("wm"))
+    brain_u8, _ = _load_nifti(folder / name.format("brainmask"))
+    vent_u8, _ = _load_nifti(folder / name.format("ventricles"))
     gm = gm_u8.astype(np.float32) / 255.0
     wm = wm_u8.astype(np.float32) / 255.0
     brain = (brain_u8 > 0).astype(np.float32)
@@ -143,10 +148,12 @@ def _load_template_cached(root: str) -> TemplateMaps:
     )
 
 
-def load_template() -> TemplateMaps:
-    """The template anatomy (loaded and derived once per process and resources folder)."""
+def load_template(anatomy: str = "icbm152") -> TemplateMaps:
+    """An anatomy's maps (:data:`ANATOMY_FILES`; loaded and derived once per process and resources folder)."""
+    if anatomy not in ANATOMY_FILES:
+        raise InputError(f"Unknown anatomy {anatomy!r}; choose one of {', '.join(ANATOMY_FILES)}.")
     with _LOCK:
-        return _load_template_cached(str(resources_dir()))
+        return _load_template_cached(str(resources_dir()), anatomy)
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,13 +20,14 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InputError
 
 __all__ = [
+    "ANATOMIES",
     "CONTRASTS",
     "LESION_CLASSES",
     "LESION_CLASS_MAX_ML",
@@ -54,6 +55,9 @@ LESION_CLASS_TARGET_ML = {"none": 0.0, "minimal": 2.5, "moderate": 10.0, "high":
 DIAGNOSES = ("CN", "MCI", "AD")
 #: Atrophy level of each named diagnosis (0 = cognitively normal … 1 = AD-like).
 DIAGNOSIS_ATROPHY = {"CN": 0.0, "MCI": 0.5, "AD": 1.0}
+#: Anatomies a subject can be made from: the ICBM152 2009a population average (smooth folds), or
+#: Colin27, one person's brain with individual gyri and sulci (``synth/resources.py``).
+ANATOMIES = ("icbm152", "colin27")
 #: Kinds of procedural (not library-derived) lesions.
 PROCEDURAL_KINDS = ("periventricular", "juxtacortical")
 
@@ -179,6 +183,7 @@ class SubjectSpec:
         noise_sigma: Rician noise σ in image units (white matter ≈ 0.55 FLAIR / 0.8 T1).
         bias_strength: standard deviation of the log bias field (0 = none).
         deform_mm: standard deviation of the random anatomical displacement in mm.
+        anatomy: the brain the subject is deformed from (:data:`ANATOMIES`); a twin keeps it.
     """
 
     seed: int
@@ -192,6 +197,7 @@ class SubjectSpec:
     noise_sigma: float = 0.02
     bias_strength: float = 0.15
     deform_mm: float = 2.0
+    anatomy: str = "icbm152"
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
@@ -215,6 +221,7 @@ class SubjectSpec:
         _check_range("noise_sigma", self.noise_sigma, 0.0, 1.0)
         _check_range("bias_strength", self.bias_strength, 0.0, 1.0)
         _check_range("deform_mm", self.deform_mm, 0.0, 10.0)
+        _check_choice("anatomy", self.anatomy, ANATOMIES)
         for name in ("lesion_scale", "atrophy", "noise_sigma", "bias_strength", "deform_mm"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -271,6 +278,7 @@ def random_spec(
     lesion_class: str | None = None,
     diagnosis: str | None = None,
     contrast: str = "FLAIR",
+    anatomy: str | Sequence[str] = "icbm152",
 ) -> SubjectSpec:
     """A random subject spec, e.g. for training data generated on the fly.
 
@@ -280,6 +288,8 @@ def random_spec(
         diagnosis: fix the diagnosis (CN / MCI / AD); ``None`` draws one uniformly.
             The atrophy level is the diagnosis' level ± 0.15 (clipped to [0, 1]).
         contrast: ``"FLAIR"`` or ``"T1"``.
+        anatomy: one of :data:`ANATOMIES`, or several to draw one uniformly (drawn last, so the
+            other fields are those a single anatomy gives for the same ``rng``).
 
     Returns:
         A :class:`SubjectSpec` with ``target_lesion_ml`` inside the class range.
@@ -298,8 +308,13 @@ def random_spec(
     _check_choice("contrast", contrast, CONTRASTS)
     lo, hi = _RANDOM_TARGET_RANGE_ML[lesion_class]
     target = float(gen.uniform(lo, hi)) if hi > 0 else 0.0
+    choices = (anatomy,) if isinstance(anatomy, str) else tuple(anatomy)
+    if not choices:
+        raise InputError(f"anatomy: name at least one of {', '.join(ANATOMIES)}.")
+    for a in choices:
+        _check_choice("anatomy", a, ANATOMIES)
     atrophy = float(np.clip(DIAGNOSIS_ATROPHY[diagnosis] + gen.uniform(-0.15, 0.15), 0.0, 1.0))
-    return SubjectSpec(
+    fields = dict(
         seed=int(gen.integers(2**31 - 1)),
         target_lesion_ml=round(target, 3),
         lesion_scale=round(float(gen.uniform(0.85, 1.15)), 3),
@@ -308,4 +323,5 @@ def random_spec(
         noise_sigma=round(float(gen.uniform(0.01, 0.035)), 4),
         bias_strength=round(float(gen.uniform(0.05, 0.25)), 3),
     )
+    return SubjectSpec(**fields, anatomy=choices[int(gen.integers(len(choices)))] if len(choices) > 1 else choices[0])
 

@@ -1026,6 +1026,9 @@ def load_text_encoder(
     """
     if encoder_id not in ENCODER_IDS:
         raise InputError(f"Unknown text encoder {encoder_id!r}; choose one of {list(ENCODER_IDS)}.")
+    if path is not None and not Path(path).expanduser().exists():
+        raise ModelError(f"The text encoder path {path} does not exist: give the {encoder_id} model folder, or a "
+                         "precomputed embedding table (.safetensors, Training/embed_prompts.py).")
     if path is not None and str(path).endswith(".safetensors") and Path(path).expanduser().is_file():
         # A precomputed table of this encoder's outputs (Training/embed_prompts.py).
         table = EmbeddingTableEncoder(path, encoder_id=encoder_id, max_tokens=max_tokens, device=device)

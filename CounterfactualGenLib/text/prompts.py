@@ -574,7 +574,7 @@ def paraphrase(prompt: str, rng: random.Random | Any | int) -> str:
 _LESION_CONTEXT = re.compile(r"lesion|plaque|hyperintens|\bwmh\b|demyelinat")
 _LESION_NONE = [
     re.compile(
-        r"\b(no|without|zero|free of|absence of|absent|lacks?|lacking)\b"
+        r"\b(no|without|zero|free of|absence of|absent|lacks?|lacking|remove[sd]?|removing|erase[sd]?|eliminate[sd]?)\b"
         r"(\s+[\w'-]+){0,4}?\s+(lesions?|plaques?|hyperintensit(y|ies)|wmh|lesion[\s-](load|burden))\b"
     ),
     re.compile(r"\blesion[\s-]?free\b"),
@@ -688,6 +688,28 @@ def unrecognised_prompt_warning(text: str) -> str | None:
     c = classify_prompt(text)
     if c["lesion_load"] is not None or c["diagnosis"] is not None:
         return None
+    typos = _typo_hints(text)
     return (f"The prompt '{' '.join(text.split())}' names neither a lesion load (no / minimal / moderate / high) nor a "
             "diagnosis (CN / MCI / AD): nothing here can check what the model makes of it (the oracle reads those "
-            "two only), and the bundled model was trained on prompts that name them.")
+            "two only), and the bundled model was trained on prompts that name them."
+            + (f" Did you mean {', '.join(f'{b!r} for {a!r}' for a, b in typos)}?" if typos else ""))
+
+
+#: The words the prompt rules know, for spelling hints.
+_KNOWN_WORDS = ("subject", "lesion", "lesions", "load", "burden", "plaques", "hyperintensities", "white", "matter",
+                "high", "heavy", "severe", "extensive", "moderate", "medium", "minimal", "minor", "mild", "few",
+                "cognitively", "normal", "cognitive", "impairment", "alzheimer's", "dementia", "healthy", "control")
+
+
+def _typo_hints(text: str) -> list[tuple[str, str]]:
+    """(word, the known word it is probably a misspelling of), for words of ``text`` the rules do not know."""
+    import difflib
+
+    out = []
+    for w in re.findall(r"[A-Za-z']+", text.lower()):
+        if len(w) < 3 or w in _KNOWN_WORDS or w in ("has", "with", "the", "and", "of", "is", "no", "a", "an"):
+            continue
+        close = difflib.get_close_matches(w, _KNOWN_WORDS, 1, 0.75)
+        if close and (w, close[0]) not in out:
+            out.append((w, close[0]))
+    return out
