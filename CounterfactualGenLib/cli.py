@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import Cancelled, CounterfactualGenError, InputError, ModelError, ResourceError
+from .errors import Cancelled, CounterfactualGenError, InputError, ResourceError
 from .overlay import MONTAGE_LABEL_CHARS
 
 LESION_SERIES = [
@@ -191,6 +191,13 @@ def _slug(text: str, n: int = 40) -> str:
 # commands
 # ---------------------------------------------------------------------------------
 def _load(model_arg: str | None, text_encoder_path: str | None, ev: Events):
+    model, encoder = _load_model(model_arg, text_encoder_path, ev)
+    if ev.should_cancel():  # Ctrl-C while the model loaded: stop before any work
+        raise Cancelled("Cancelled; nothing was written.")
+    return model, encoder
+
+
+def _load_model(model_arg: str | None, text_encoder_path: str | None, ev: Events):
     from .models import load_model, resolve_model
     from .text import load_text_encoder
 
@@ -219,7 +226,7 @@ def _write_series(series, model, out: StagedOutput, fmt: str, prefix: str = "",
     readings = read_series(oracle, series, model.spec.grid) if oracle is not None else [None] * len(series.prompts)
     outputs, labels = [], []
     for i, (prompt, vol, reading) in enumerate(zip(series.prompts, series.volumes, readings)):
-        name = f"{prefix}{i:02d}_{_slug(prompt)}.{fmt}"
+        name = f"{prefix}{i:02d}_SYNTHETIC_{_slug(prompt)}.{fmt}"  # the name says it too: a copied file keeps it
         prov = Provenance(model.id, [prompt], series.seed, None, kind="generated",
                           extra={"steps": series.steps, "guidance": series.guidance, "share": series.share,
                                  "separation": series.separation, "series_prompts": list(series.prompts)})
@@ -296,7 +303,7 @@ def cmd_generate(args: argparse.Namespace, ev: Events) -> dict:
         raise
     summary["summary"] = str(Path(args.out) / "summary.json")
     if not ev.json_mode:
-        print(f"Generated {len(outputs)} volumes in {summary['total_s']} s. Wrote to {args.out}/ "
+        print(f"Generated {len(outputs)} volumes in {summary['total_s']} s. Wrote to {Path(args.out)}/ "
               f"(all marked SYNTHETIC), montage {montage}:", file=sys.stderr)
         _print_outputs(outputs)
     return summary
@@ -334,7 +341,7 @@ def cmd_demo(args: argparse.Namespace, ev: Events) -> dict:
         raise
     summary["summary"] = str(Path(args.out) / "summary.json")
     if not ev.json_mode:
-        print(f"Demo done in {summary['total_s']} s. Wrote to {args.out}/ (all volumes marked SYNTHETIC):",
+        print(f"Demo done in {summary['total_s']} s. Wrote to {Path(args.out)}/ (all volumes marked SYNTHETIC):",
               file=sys.stderr)
         for key, r in results.items():
             print(f"  {key}: {len(r['outputs'])} volumes, montage {r['montage']}", file=sys.stderr)
@@ -422,7 +429,7 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
     extra = {"strength": args.strength, "steps": res.report["steps"], "guidance": res.report["guidance"],
              "source_file": input_path.name}
     fmt = args.format
-    names = {"counterfactual": f"{prefix}counterfactual.{fmt}", "difference": f"{prefix}difference.{fmt}",
+    names = {"counterfactual": f"{prefix}counterfactual_SYNTHETIC.{fmt}", "difference": f"{prefix}difference.{fmt}",
              "change_labels": f"{prefix}change_labels.{fmt}"}
     in_dtype = scan.source_dtype if scan.source_dtype in ("uint8", "int8", "uint16", "int16", "int32", "uint32",
                                                           "float32", "float64") else "float32"
@@ -486,7 +493,7 @@ def cmd_edit(args: argparse.Namespace, ev: Events) -> dict:
         size = ("" if r.get("changed_median_pct") is None else
                 f" ({100 * (1 - r['unchanged_fraction_in_brain']):.0f} % of the brain, by a median {r['changed_median_pct']} % "
                 "of its intensity range)")
-        print(f"Edited '{inp.name}' → {args.out}/ (SYNTHETIC): changed {r['changed_ml']} ml{size}; {lesion_txt}{oracle_txt}; "
+        print(f"Edited '{inp.name}' → {Path(args.out)}/ (SYNTHETIC): changed {r['changed_ml']} ml{size}; {lesion_txt}{oracle_txt}; "
               + (f"lesions inpainted inside {region}." if r.get("method") == "inpainting"
                  else f"reconstruction PSNR {r['reconstruction_psnr_db']} dB."), file=sys.stderr)
     return summary

@@ -40,6 +40,7 @@ def test_generate_writes_synthetic_volumes_in_model_geometry(tiny, tmp_path):
     assert Path(summary["montage"]).exists()
     for o, prompt in zip(summary["outputs"], PROMPTS):
         v = read_volume(o["path"])
+        assert "SYNTHETIC" in Path(o["path"]).name  # a copied file keeps the mark in its name
         assert v.is_synthetic and json.loads(v.metadata["CounterfactualGen.Prompts"]) == [prompt]
         assert v.metadata["CounterfactualGen.Seed"] == "5"
         assert v.shape == (16, 16, 16)
@@ -350,3 +351,22 @@ def test_memory_and_missing_packages_are_not_reported_as_bugs(monkeypatch, capsy
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1]["event"] == "error" and events[-1]["kind"] == kind and words in events[-1]["message"]
     assert "Traceback" not in err
+
+
+def test_a_cancel_stops_at_the_next_stage_and_after_the_model_loads(tiny, tmp_path):
+    """Registration, the oracle and text encoding poll nothing inside: a cancel asked for during them (or
+    while the model loads) stops the run when the next stage starts, not only once sampling begins."""
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.errors import Cancelled
+    from CounterfactualGenLib.pipeline import Reporter
+
+    asked = []
+    rep = Reporter(None, lambda: bool(asked))
+    rep.start("register")
+    asked.append(True)
+    with pytest.raises(Cancelled):
+        rep.start("oracle")
+    ev = Events(json_mode=False, quiet=True)
+    ev.cancel_requested = True
+    with pytest.raises(Cancelled):
+        _load(str(tiny), None, ev)

@@ -273,10 +273,10 @@ def test_cli_masks_stored_on_another_grid_are_matched_in_world_coordinates(tiny,
         assert edit(mask) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert err.count("resampled onto the scan's grid") == 2
-    ref = read_volume(tmp_path / "aligned" / "counterfactual.nii.gz").array
+    ref = read_volume(tmp_path / "aligned" / "counterfactual_SYNTHETIC.nii.gz").array
     assert (ref != scan.array).any()
     for mask in ("flipped", "fine"):
-        np.testing.assert_array_equal(read_volume(tmp_path / mask / "counterfactual.nii.gz").array, ref)
+        np.testing.assert_array_equal(read_volume(tmp_path / mask / "counterfactual_SYNTHETIC.nii.gz").array, ref)
     assert edit("far") == 3
     assert "does not overlap the scan" in capsys.readouterr().err
     assert not (tmp_path / "far").exists()
@@ -293,7 +293,7 @@ def test_batch_over_a_folder(tiny, tmp_path):
     assert code == 0
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["done"] == 2 and not s["failed"]
-    assert (tmp_path / "o" / "s0" / "counterfactual.nii.gz").exists()
+    assert (tmp_path / "o" / "s0" / "counterfactual_SYNTHETIC.nii.gz").exists()
 
 
 def test_batch_manifest_fills_each_scan_with_its_own_lesion_mask(tiny, tmp_path):
@@ -318,7 +318,7 @@ def test_batch_manifest_fills_each_scan_with_its_own_lesion_mask(tiny, tmp_path)
     assert s["done"] == 2 and [f["input"].endswith("s2.nii.gz") for f in s["failed"]] == [True]
     for i in range(2):
         scan = read_volume(d / f"s{i}.nii.gz").array
-        cf = read_volume(tmp_path / "o" / f"s{i}" / "counterfactual.nii.gz").array
+        cf = read_volume(tmp_path / "o" / f"s{i}" / "counterfactual_SYNTHETIC.nii.gz").array
         changed = cf != scan
         assert changed.any() and not changed[~masks[i]].any()
         assert json.loads((tmp_path / "o" / f"s{i}" / "report.json").read_text())["method"] == "inpainting"
@@ -407,7 +407,10 @@ def test_lesion_filling_by_the_text_alone_warns(tiny, tmp_path, capsys):
     lesions = np.zeros(g.shape, np.uint8)
     lesions[10:13, 10:13, 10:13] = 1
     mask = write_volume(Volume(lesions, g.affine_ras), tmp_path / "lesions.nii.gz")
-    assert main(base + ["--lesion-mask", str(mask), "--out", str(tmp_path / "c")]) == 0
+    bright = write_volume(Volume(np.where(lesions > 0, 1.4 * scan.array, scan.array), g.affine_ras),
+                          tmp_path / "bright.nii.gz")  # FLAIR lesions are bright (else the mask is warned about)
+    with_mask = [*base[:4], str(bright), *base[5:]]
+    assert main(with_mask + ["--lesion-mask", str(mask), "--out", str(tmp_path / "c")]) == 0
     assert "warning:" not in capsys.readouterr().err
     assert json.loads((tmp_path / "c" / "report.json").read_text())["warnings"] == []
 
@@ -613,9 +616,10 @@ def test_change_labels_need_the_oracle_segmentation_when_an_oracle_is_given():
     lab, rule = change_labels(change, touched, lesion_prompt=True, oracle_before=before, oracle_after=after)
     assert (lab[0] == 1).all() and (lab[1] == 3).all() and (lab[2] == 2).all()
     assert (lab[3, :2] == 1).all() and (lab[3, 2:] == 0).all() and "oracle" in rule
-    # inside a filled region (inpainting): |change| alone, at the larger threshold
+    # inside a filled region (inpainting): darkening alone, at the larger threshold; filling adds no lesion,
+    # so what it brightens (a generous mask's rim of CSF) is "other change"
     lab, rule = change_labels(change, touched, lesion_prompt=True, inpainting=True)
-    assert (lab[0] == 1).all() and (lab[1] == 1).all() and (lab[2] == 2).all() and (lab[3, :2] == 3).all()
+    assert (lab[0] == 3).all() and (lab[1] == 3).all() and (lab[2] == 2).all() and (lab[3, :2] == 3).all()
     assert "filled region" in rule
     # a prompt edit without an oracle: no lesion labels at all
     lab, rule = change_labels(change, touched, lesion_prompt=True)
@@ -720,7 +724,7 @@ def test_cli_never_overwrites_the_input_or_earlier_results(tiny, tmp_path, capsy
     --overwrite; a non-empty --out is refused before the model loads unless --overwrite; an --out that
     cannot be written is a one-line error, not a traceback."""
     work = tmp_path / "work"
-    inp = _scan_file(tiny, work / "counterfactual.nii.gz")
+    inp = _scan_file(tiny, work / "counterfactual_SYNTHETIC.nii.gz")
     before = file_sha256(inp)
     args = ["edit", "--model", str(tiny), "--input", str(inp), "--to", HIGH, "--from", NONE, "--steps", "2",
             "--registration", "none", "--oracle", "none", "--out", str(work)]
@@ -728,19 +732,19 @@ def test_cli_never_overwrites_the_input_or_earlier_results(tiny, tmp_path, capsy
     assert "holds an input of this run" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 3
     assert "is an input of this run; it is never overwritten" in capsys.readouterr().err
-    assert file_sha256(inp) == before and sorted(p.name for p in work.iterdir()) == ["counterfactual.nii.gz"]
+    assert file_sha256(inp) == before and sorted(p.name for p in work.iterdir()) == ["counterfactual_SYNTHETIC.nii.gz"]
     # earlier results: refused before the model loads (a missing model would be exit 4)
     out = tmp_path / "o"
     ok = ["edit", "--model", str(tiny), "--input", str(inp), "--to", HIGH, "--from", NONE, "--steps", "2",
           "--registration", "none", "--oracle", "none", "--out", str(out)]
     assert main(ok) == 0
-    first = file_sha256(out / "counterfactual.nii.gz")
+    first = file_sha256(out / "counterfactual_SYNTHETIC.nii.gz")
     capsys.readouterr()
     assert main([*ok[:2], str(tmp_path / "no_model"), *ok[3:]]) == 3
-    assert "already holds" in capsys.readouterr().err and file_sha256(out / "counterfactual.nii.gz") == first
+    assert "already holds" in capsys.readouterr().err and file_sha256(out / "counterfactual_SYNTHETIC.nii.gz") == first
     (out / "mine.txt").write_text("keep me")
     assert main([*ok, "--overwrite", "--seed", "3"]) == 0
-    assert (out / "mine.txt").read_text() == "keep me" and file_sha256(out / "counterfactual.nii.gz") != first
+    assert (out / "mine.txt").read_text() == "keep me" and file_sha256(out / "counterfactual_SYNTHETIC.nii.gz") != first
     # an --out below a file cannot be made
     (tmp_path / "afile").write_text("x")
     assert main([*ok[:-1], str(tmp_path / "afile" / "sub")]) == 3

@@ -251,4 +251,4 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
                            "--out", str(tmp_path / "edited")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert edit.returncode == 0, edit.stderr[-2000:]
-    assert (tmp_path / "edited" / "counterfactual.nii.gz").exists()
+    assert (tmp_path / "edited" / "counterfactual_SYNTHETIC.nii.gz").exists()

@@ -177,6 +177,24 @@ def test_oracle_training_never_replaces_a_trained_oracle_and_checks_its_config(t
     with pytest.raises(SystemExit):
         mod.main(["--config", str(cfg), "--out", str(tmp_path / "new")])
     assert "did you mean 'iterations'" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    cfg.write_text(json.dumps({"data": {"anatomies": ["mni305"]}}))
+    with pytest.raises(SystemExit):
+        mod.main(["--config", str(cfg), "--out", str(tmp_path / "new")])
+    assert "data.anatomies must be" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_oracle_pools_from_both_anatomies_are_cached_apart(tmp_path):
+    """data.anatomies: subjects from ICBM152 and Colin27; their cache does not replace the ICBM152 one."""
+    mod = _train_module()
+    from CounterfactualGenLib.geometry import ModelGrid
+
+    grid = ModelGrid.from_dict({"shape": [16, 16, 16], "spacing_mm": 8.0, "center_ras": [0.0, -18.0, 8.0]})
+    icbm = mod.validation_pool(grid, "FLAIR", 0, 4, 1, tmp_path)
+    both = mod.validation_pool(grid, "FLAIR", 0, 4, 1, tmp_path, ("icbm152", "colin27"))
+    assert sorted(p.name for p in tmp_path.glob("pool_val_*.npz")) == ["pool_val_0_16x16x16.npz",
+                                                                      "pool_val_0_16x16x16_icbm152+colin27.npz"]
+    assert not np.array_equal(icbm["images"], both["images"])
+    np.testing.assert_array_equal(mod.validation_pool(grid, "FLAIR", 0, 4, 1, tmp_path)["images"], icbm["images"])
 
 
 def test_resolve_oracle_takes_a_folder_or_a_registered_id(tmp_path):

@@ -142,11 +142,11 @@ FAKE_CLI = textwrap.dedent(r'''
         a = sitk.GetArrayFromImage(img).astype(np.float32)
         diff = np.zeros_like(a); diff[1:3, 1:3, 1:3] = 5.0; diff[0, 0, 0] = -1.0
         labels = np.zeros(a.shape, np.uint8); labels[1:3, 1:3, 1:3] = 1; labels[0, 0, 0] = 2
-        for name, arr in (("counterfactual", a + diff), ("difference", diff), ("change_labels", labels)):
+        for name, arr in (("counterfactual_SYNTHETIC", a + diff), ("difference", diff), ("change_labels", labels)):
             o = sitk.GetImageFromArray(arr); o.CopyInformation(img)
             o.SetMetaData("CounterfactualGen.Synthetic", "true")
             sitk.WriteImage(o, os.path.join(out, name + ".nrrd"))
-        summary = {"kind": "edit", "counterfactual": os.path.join(out, "counterfactual.nrrd"),
+        summary = {"kind": "edit", "counterfactual": os.path.join(out, "counterfactual_SYNTHETIC.nrrd"),
                    "difference": "difference.nrrd", "change_labels": os.path.join(out, "change_labels.nrrd"),
                    "report": {"lesion_ml_before": 1.0, "lesion_ml_after": 9.5, "changed_ml": 8.5,
                               "reconstruction_psnr_db": 41.2, "registration_score": 0.93,
@@ -1160,7 +1160,7 @@ def test_batch_runs_folder_against_fake_cli(batch, logic, scene, slicer_stub, fa
     summary = json.loads((out / "batch_summary.json").read_text())
     assert [r["ok"] for r in summary["results"]] == [True, True]
     for name in ("s1", "s2"):
-        assert (out / name / "counterfactual.nrrd").is_file() and (out / name / "summary.json").is_file()
+        assert (out / name / "counterfactual_SYNTHETIC.nrrd").is_file() and (out / name / "summary.json").is_file()
     assert [n for n in scene.GetNodes() if n.IsA("vtkMRMLVolumeNode")] == []  # memory stays flat
     fake_cli.mode("error")
     code = batch.main(["--input", str(inp), "--to", "x", "--out", str(tmp_path / "out2")], logic=logic,

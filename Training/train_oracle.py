@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "grid": {"shape": [32, 40, 32], "spacing_mm": 5.0, "center_ras": [0.0, -18.0, 8.0]},
     "contrast": "FLAIR",
     "architecture": dict(DEFAULT_ARCHITECTURE),
-    "data": {"train_subjects": 384, "val_subjects": 96, "calibration_subjects": 240, "pool_workers": 1},
+    "data": {"train_subjects": 384, "val_subjects": 96, "calibration_subjects": 240, "pool_workers": 1,
+             "anatomies": ["icbm152"]},
     "augment": {"flip_lr": True, "shift_voxels": 1, "gain": 0.08, "noise_max": 0.04},
     "batch_size": 4,
     "iterations": 800,
@@ -75,13 +76,13 @@ DEFAULTS: dict[str, Any] = {
 # ---------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------
-def _oracle_item(args: tuple[int, str, str, tuple, float, tuple, str]) -> dict[str, Any]:
+def _oracle_item(args: tuple[int, str, str, tuple, float, tuple, str, tuple]) -> dict[str, Any]:
     """One synthetic subject in model units with its exact lesion mask and atrophy (pool worker)."""
     from CounterfactualGenLib.evaluation.oracle import to_model_units
     from CounterfactualGenLib.synth import make_subject, random_spec
 
-    seed, lesion_class, diagnosis, shape, spacing, center, contrast = args
-    spec = random_spec(seed, lesion_class=lesion_class, diagnosis=diagnosis, contrast=contrast)
+    seed, lesion_class, diagnosis, shape, spacing, center, contrast, anatomies = args
+    spec = random_spec(seed, lesion_class=lesion_class, diagnosis=diagnosis, contrast=contrast, anatomy=anatomies)
     subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
     return {"image": to_model_units(subj.image.array, subj.brain_mask).astype(np.float16),
             "lesion": subj.lesion_mask.astype(np.uint8), "lesion_ml": float(subj.attributes["lesion_ml"]),
@@ -90,8 +91,12 @@ def _oracle_item(args: tuple[int, str, str, tuple, float, tuple, str]) -> dict[s
 
 
 def synthetic_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers: int,
-                   cache: Path | None) -> dict[str, np.ndarray]:
-    """Subjects balanced over the 4 lesion-load classes × 3 diagnoses, made once in parallel and cached."""
+                   cache: Path | None, anatomies: Sequence[str] = ("icbm152",)) -> dict[str, np.ndarray]:
+    """Subjects balanced over the 4 lesion-load classes × 3 diagnoses, made once in parallel and cached;
+    each from one of ``anatomies`` (drawn per subject; the cache's name says which, see :func:`anatomy_tag`)."""
+    anatomies = tuple(anatomies)
+    if cache is not None and anatomy_tag(anatomies):
+        cache = cache.with_name(cache.name.replace(".npz", anatomy_tag(anatomies) + ".npz"))
     if cache is not None and cache.exists():
         data = np.load(cache)
         if len(data["diagnosis"]) >= size and tuple(data["images"].shape[1:]) == tuple(grid.shape):
@@ -103,7 +108,7 @@ def synthetic_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers
     lesion_classes = ("none", "minimal", "moderate", "high")
     rng = random.Random(seed)
     jobs = [(rng.randrange(2**31), lesion_classes[i % 4], DIAGNOSIS_CLASSES[(i // 4) % 3], tuple(grid.shape),
-             grid.spacing_mm, tuple(grid.center_ras), contrast) for i in range(size)]
+             grid.spacing_mm, tuple(grid.center_ras), contrast, anatomies) for i in range(size)]
     if workers <= 1:  # in-process: one core, and works when this file is imported by path (tests)
         items = [_oracle_item(j) for j in tqdm(jobs, desc="synthesise", file=sys.stderr, mininterval=10.0)]
     else:
@@ -123,15 +128,21 @@ def synthetic_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers
     return pool
 
 
+def anatomy_tag(anatomies: Sequence[str]) -> str:
+    """The pool caches' name suffix for ``anatomies`` ("" for ICBM152 alone, the caches made before)."""
+    return "" if tuple(anatomies) == ("icbm152",) else "_" + "+".join(anatomies)
+
+
 def validation_pool(grid: ModelGrid, contrast: str, seed: int, size: int, workers: int,
-                    folder: Path) -> dict[str, np.ndarray]:
+                    folder: Path, anatomies: Sequence[str] = ("icbm152",)) -> dict[str, np.ndarray]:
     """The held-out subjects of the oracle run with ``seed`` (seeds from seed + 10000), cached in ``folder``.
 
     Deterministic: a run folder that lost its pool, or another stage's comparison
     (``Training/compare_oracles.py``), remakes exactly the subjects the run held out.
     """
     tag = "x".join(map(str, grid.shape))
-    return synthetic_pool(grid, contrast, int(seed) + 10_000, int(size), workers, folder / f"pool_val_{int(seed)}_{tag}.npz")
+    return synthetic_pool(grid, contrast, int(seed) + 10_000, int(size), workers, folder / f"pool_val_{int(seed)}_{tag}.npz",
+                          anatomies)
 
 
 def augment(img: torch.Tensor, seg: torch.Tensor, cfg: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +251,7 @@ def calibration_pool(cfg: dict, grid: ModelGrid, out: Path) -> dict[str, np.ndar
     tag = "x".join(map(str, grid.shape))
     n = int(cfg["data"].get("calibration_subjects") or 240)
     return synthetic_pool(grid, cfg["contrast"], cfg["seed"] + 20_000, n, int(cfg["data"].get("pool_workers") or 1),
-                          out / f"pool_cal_{cfg['seed']}_{tag}.npz")
+                          out / f"pool_cal_{cfg['seed']}_{tag}.npz", cfg["data"].get("anatomies") or ("icbm152",))
 
 
 def revalidate(folder: Path, run: Path, *, calibration_subjects: int | None = None) -> Path:
@@ -263,7 +274,7 @@ def revalidate(folder: Path, run: Path, *, calibration_subjects: int | None = No
         oracle.spec.training["recalibrated"] = {"calibration_subjects": int(calibration_subjects)}
     # the run's validation pool; remade from its seeds (deterministic) when the run folder no longer has it
     pool = validation_pool(oracle.grid, cfg["contrast"], int(cfg["seed"]), int(cfg["data"]["val_subjects"]),
-                           int(cfg["data"].get("pool_workers") or 1), run)
+                           int(cfg["data"].get("pool_workers") or 1), run, cfg["data"].get("anatomies") or ("icbm152",))
     metrics = choose_lesion_estimate(oracle, pool, calibration_pool(cfg, oracle.grid, run))
     oracle.spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
     summary = {"out": str(run), **{k: v for k, v in oracle.spec.training.items() if k != "config"}}
@@ -353,9 +364,11 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
     shape_tag = "x".join(map(str, grid.shape))
     t_pool = time.perf_counter()
     workers = int(cfg["data"].get("pool_workers") or 1)
+    anatomies = tuple(cfg["data"].get("anatomies") or ("icbm152",))
     train_pool = synthetic_pool(grid, cfg["contrast"], cfg["seed"], int(cfg["data"]["train_subjects"]), workers,
-                                out / f"pool_train_{cfg['seed']}_{shape_tag}.npz")
-    val_pool = validation_pool(grid, cfg["contrast"], cfg["seed"], int(cfg["data"]["val_subjects"]), workers, out)
+                                out / f"pool_train_{cfg['seed']}_{shape_tag}.npz", anatomies)
+    val_pool = validation_pool(grid, cfg["contrast"], cfg["seed"], int(cfg["data"]["val_subjects"]), workers, out,
+                               anatomies)
     pool_minutes = (time.perf_counter() - t_pool) / 60
     print(f"Pools: {len(train_pool['diagnosis'])} train, {len(val_pool['diagnosis'])} validation subjects "
           f"({pool_minutes:.1f} min).", file=sys.stderr)
@@ -451,7 +464,8 @@ def train(cfg: dict, out: Path, *, config_path: str = "") -> Path:
                "train_subjects": int(n), "val_subjects": int(len(val_pool["diagnosis"])),
                "hardware": f"{platform.processor() or platform.machine() or 'CPU'}, "
                            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
-               "data": "synthetic engine counterfactualgen-synth-1, random_spec, balanced classes"}
+               "data": "synthetic engine counterfactualgen-synth-1, random_spec, balanced classes, anatomy "
+                       + " and ".join(cfg["data"].get("anatomies") or ["icbm152"])}
     spec.training = {**summary, "config": cfg}
     spec.metrics = {"validation": "held-out synthetic subjects", **metrics}
     dtype = getattr(torch, cfg["weights_dtype"]) if cfg.get("weights_dtype") else None
@@ -488,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for section in ("data", "augment", "loss_weights"):
             check_keys(cfg[section], DEFAULTS[section], section)
+        from CounterfactualGenLib.synth import ANATOMIES
+
+        an = cfg["data"].get("anatomies")
+        if not (isinstance(an, list) and an and all(a in ANATOMIES for a in an)):
+            raise InputError(f"data.anatomies must be a list of {list(ANATOMIES)}; got {an!r}.")
     except InputError as exc:
         ap.error(str(exc))
     if (Path(args.out) / "oracle" / "oracle.json").exists():

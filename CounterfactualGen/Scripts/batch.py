@@ -8,7 +8,7 @@ Usage (no window is opened; the layout manager and main window are never touched
         [--seed 0] [--strength 0.6] [--overwrite]
 
 For each ``DIR/<name>.nrrd|.nii|.nii.gz|.nhdr|.mha|.mhd`` the outputs of the command line
-(``counterfactual.nrrd``, ``difference.nrrd``, ``change_labels.nrrd``, ``preview.png``,
+(``counterfactual_SYNTHETIC.nrrd``, ``difference.nrrd``, ``change_labels.nrrd``, ``preview.png``,
 ``summary.json``, all marked SYNTHETIC) go to ``OUT/<name>/`` and one line per scan to ``OUT/batch_summary.json``.
 Two inputs with the same name (``a.nii.gz`` and ``a.nrrd``) are refused before anything runs, and so is an
 ``OUT`` that already holds results of these names (a ``OUT/<name>/`` that is not empty, or

@@ -880,5 +880,5 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         a = results["alignment"]
         print(f"Evaluated '{model.id}' over {n_seeds} seeds in {report['total_s']} s: monotone "
               f"{results['lesion_monotone_fraction']:.0%}, alignment lesion {a['lesion_accuracy']:.0%} / diagnosis "
-              f"{a['diagnosis_accuracy']:.0%}. Wrote {args.out}/report.md", file=sys.stderr)
+              f"{a['diagnosis_accuracy']:.0%}. Wrote {Path(args.out) / 'report.md'}", file=sys.stderr)
     return summary

@@ -1026,7 +1026,7 @@ def load_text_encoder(
     """
     if encoder_id not in ENCODER_IDS:
         raise InputError(f"Unknown text encoder {encoder_id!r}; choose one of {list(ENCODER_IDS)}.")
-    if path is not None and not Path(path).expanduser().exists():
+    if path is not None and encoder_id != "tiny-hash" and not Path(path).expanduser().exists():
         raise ModelError(f"The text encoder path {path} does not exist: give the {encoder_id} model folder, or a "
                          "precomputed embedding table (.safetensors, Training/embed_prompts.py).")
     if path is not None and str(path).endswith(".safetensors") and Path(path).expanduser().is_file():
