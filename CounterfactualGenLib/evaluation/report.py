@@ -74,7 +74,7 @@ PUBLISHED_TABLE1 = [
 #: Seeds (series per prompt set) of an evaluation. With 10, one class's alignment moves in steps of 10 %
 #: and the lesion alignment of the bundled model read 92.5 % on seeds 0-9 but 81.9 % on seeds 200-239. Forty
 #: still cannot settle a target such as ≥ 90 %: the bundled model read 91.9 % on seeds 0-39 and 89.9 % on 0-199
-#: (its exact twins 92.5 % on 40, 95.6 % on 200), so its card is measured with --seeds 200 --twins 200 (26 min on 2 cores: report.json's total_s).
+#: (its exact twins 92.5 % on 40, 95.6 % on 200), so its card is measured with --seeds 200 --twins 200 (24 min on 2 cores: runs/eval_demo_v18/report.json's total_s, 1445 s).
 EVAL_SEEDS = 40
 #: Diversity compares every pair of seeds (quadratic: 200 seeds × 7 prompts would be 139,300 MS-SSIMs, at about
 #: 5.6 ms each on the 5 mm grid about 13 minutes on 2 cores, half the rest of such an evaluation), so it uses the
@@ -816,7 +816,8 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         if sweep_mode == "auto":
             guidances, steps_list = ((1.0, 3.0), (2, 4)) if args.quick else ((0.5, 1.0, 2.0, 3.0, 4.0, 5.0),
                                                                                 (5, 10, 20, 40))
-            sweep_seeds = seeds[:1] if args.quick else [int(args.seed) + 100 + i for i in range(4)]
+            # after the evaluated seeds, never among them: settings chosen on a sweep are not scored on its seeds
+            sweep_seeds = seeds[:1] if args.quick else [int(args.seed) + n_seeds + 100 + i for i in range(4)]
             shares = (0.0, 0.3) if args.quick else (0.0, 0.1, 0.2, 0.3, 0.4)
             separations = (0.0, 2.0) if args.quick else (0.0, 1.0, 2.0, 3.0)
             ev.log(f"Sweeps: guidance {list(guidances)} at {used_steps} steps, steps {list(steps_list)} at guidance "

@@ -202,7 +202,12 @@ def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg.SetInitialTransform(init, inPlace=False)
-    tx = reg.Execute(fixed, moving)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # multithreaded sums differ by rounding between runs
+    try:
+        tx = reg.Execute(fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     resampled = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0)
     t1 = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0).astype(np.float32)
     mask = t1 > 0.5 * float(np.percentile(t1[t1 > 0], 5))
@@ -230,8 +235,11 @@ def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
         nib.save(img, str(path))
         written[name] = path
     corr = float(np.corrcoef(t1[mask], icbm["t1"][mask])[0, 1])
+    icbm_vent = float((np.asanyarray(nib.load(str(out_dir / "mni_icbm152_2009a_ventricles.nii.gz")).dataobj) > 0).sum())
     print(f"Colin27 registered to ICBM152: T1 correlation in the brain {corr:.3f}; GM {gm.sum() / 1000:.0f} ml, "
-          f"WM {wm.sum() / 1000:.0f} ml, CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml")
+          f"WM {wm.sum() / 1000:.0f} ml, CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml "
+          f"(ICBM152 {gm_i.sum() / 1000:.0f} / {wm_i.sum() / 1000:.0f} ml GM / WM, lateral ventricles "
+          f"{icbm_vent / 1000:.1f} ml)")
     return written
 
 
