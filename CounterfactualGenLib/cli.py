@@ -433,11 +433,12 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
              "change_labels": f"{prefix}change_labels.{fmt}"}
     in_dtype = scan.source_dtype if scan.source_dtype in ("uint8", "int8", "uint16", "int16", "int32", "uint32",
                                                           "float32", "float64") else "float32"
-    write_volume(res.counterfactual, out.path(names["counterfactual"]), dtype=in_dtype,
+    codes = scan.nifti_codes  # the outputs lie on the scan's grid, in its space (scanner, aligned, MNI …)
+    write_volume(res.counterfactual, out.path(names["counterfactual"]), dtype=in_dtype, nifti_codes=codes,
                  provenance=Provenance(model.id, prompts, args.seed, src_hash, kind="counterfactual", extra=extra))
-    write_volume(res.difference, out.path(names["difference"]),
+    write_volume(res.difference, out.path(names["difference"]), nifti_codes=codes,
                  provenance=Provenance(model.id, prompts, args.seed, src_hash, kind="difference", extra=extra))
-    write_volume(res.change_labels, out.path(names["change_labels"]), dtype="uint8",
+    write_volume(res.change_labels, out.path(names["change_labels"]), dtype="uint8", nifti_codes=codes,
                  provenance=Provenance(model.id, prompts, args.seed, src_hash, kind="change_labels",
                                        extra={**extra, "labels": {"1": "lesion added", "2": "lesion removed",
                                                                   "3": "other change"}}))

@@ -76,12 +76,15 @@ class Volume:
         metadata: free key/value strings (provenance lives under ``CounterfactualGen.*``).
         source_dtype: dtype of the file the voxels came from (e.g. ``"uint16"``), so an
             output can be written back in the same dtype class.
+        nifti_codes: a NIfTI file's (sform_code, qform_code): what its space is (1 scanner,
+            2 aligned to another scan, 3 Talairach, 4 MNI); ``None`` for other sources.
     """
 
     array: np.ndarray
     affine_ras: np.ndarray
     metadata: dict[str, str] = field(default_factory=dict)
     source_dtype: str = "float32"
+    nifti_codes: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array, dtype=np.float32)
@@ -120,7 +123,7 @@ class Volume:
             raise InputError(f"Array shape {array.shape} does not match the volume grid {self.array.shape}.")
         meta = dict(self.metadata)
         meta.update(metadata)
-        return Volume(array, self.affine_ras.copy(), meta, self.source_dtype)
+        return Volume(array, self.affine_ras.copy(), meta, self.source_dtype, self.nifti_codes)
 
     @property
     def is_synthetic(self) -> bool:
@@ -356,7 +359,8 @@ def _read_nifti(p: Path, max_voxels: int, name: str) -> Volume:
     slope, _ = hdr.get_slope_inter()
     if slope is not None and slope not in (1.0,) and np.isfinite(slope):
         src_dtype = "float32"  # scaled integers are real-valued
-    return Volume(data, np.asarray(img.affine, dtype=np.float64), meta, src_dtype)
+    return Volume(data, np.asarray(img.affine, dtype=np.float64), meta, src_dtype,
+                  (int(hdr["sform_code"]), int(hdr["qform_code"])))
 
 
 def _read_nrrd(p: Path, max_voxels: int, name: str) -> Volume:
@@ -394,6 +398,7 @@ def write_volume(
     provenance: Provenance | None = None,
     dtype: str | np.dtype | None = None,
     overwrite: bool = True,
+    nifti_codes: tuple[int, int] | None = None,
 ) -> Path:
     """Write a volume atomically as NIfTI or NRRD (chosen by the extension).
 
@@ -405,6 +410,9 @@ def write_volume(
         dtype: voxel type on disk (default float32). Integer types are rounded and
             clipped to their range.
         overwrite: if False, refuse to replace an existing file.
+        nifti_codes: (sform_code, qform_code) for a NIfTI file, e.g. the input scan's
+            :attr:`Volume.nifti_codes` for a volume on its grid (default: the volume's own, else
+            1 = scanner); a code of 0 (unknown) is written as 1, since the affine is always meant.
 
     Returns:
         The path written.
@@ -429,7 +437,7 @@ def write_volume(
     tmp_side = None
     try:
         if suffix in NIFTI_SUFFIXES:
-            _write_nifti(arr, vol.affine_ras, meta, provenance, tmp)
+            _write_nifti(arr, vol.affine_ras, meta, provenance, tmp, nifti_codes or vol.nifti_codes)
             if any(k.startswith(_PREFIX) for k in meta):
                 tmp_side = tmp + ".json"
                 with open(tmp_side, "w") as f:
@@ -454,15 +462,17 @@ def _cast(a: np.ndarray, dt: np.dtype) -> np.ndarray:
     return a.astype(dt, copy=False)
 
 
-def _write_nifti(arr: np.ndarray, affine: np.ndarray, meta: Mapping[str, str], prov: Provenance | None, tmp: str) -> None:
+def _write_nifti(arr: np.ndarray, affine: np.ndarray, meta: Mapping[str, str], prov: Provenance | None, tmp: str,
+                 codes: tuple[int, int] | None = None) -> None:
     import nibabel as nib
 
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units("mm", "sec")
-    # Scanner-anatomical codes on both; nibabel stores the exact affine in the sform
-    # and the nearest rigid+zoom approximation in the qform (exact when no shear).
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    # The source's space codes (scanner-anatomical when unknown) on both; nibabel stores the exact
+    # affine in the sform and the nearest rigid+zoom approximation in the qform (exact when no shear).
+    sform_code, qform_code = ((c if c > 0 else 1) for c in (codes or (1, 1)))
+    img.set_sform(affine, code=int(sform_code))
+    img.set_qform(affine, code=int(qform_code))
     if prov is not None:
         img.header["descrip"] = prov.descrip().encode("ascii")
     elif "descrip" in meta:

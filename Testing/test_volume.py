@@ -244,3 +244,24 @@ def test_outputs_get_the_users_umask_not_the_temp_files_0600(tmp_path):
         assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in Path(folder).iterdir())
     finally:
         os.umask(old)
+
+
+def test_nifti_space_codes_are_kept_on_the_scans_grid(tmp_path):
+    """A scan whose header says 'aligned to another scan' (2) or MNI (4) keeps that in what is written
+    on its grid; an unknown code (0) is written as scanner (1), since the affine is always meant."""
+    import nibabel as nib
+
+    from CounterfactualGenLib.volume import read_volume, write_volume
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+    img.set_sform(affine, code=4)
+    img.set_qform(affine, code=2)
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    scan = read_volume(tmp_path / "in.nii.gz", validate=False)
+    assert scan.nifti_codes == (4, 2)
+    out = nib.load(str(write_volume(scan.with_array(scan.array + 1), tmp_path / "out.nii.gz")))
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (4, 2)
+    out = nib.load(str(write_volume(scan, tmp_path / "zero.nii.gz", nifti_codes=(0, 0))))
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (1, 1)
+    np.testing.assert_allclose(out.affine, affine)
