@@ -1048,7 +1048,7 @@ def _oracle_report(oracle: Any, before: dict | None, after: dict | None) -> dict
             "lesion_ml_note": f"before/after: oracle '{oracle.id}' on the brain in model space "
                               f"({oracle.grid.spacing_mm} mm grid; trained and validated on synthetic engine subjects "
                               "only, so on a real scan its reading is an estimate no expert mask has checked; on a "
-                              "brain it was not trained on (Colin27) it read the lesion-load class right in 79 % and "
+                              "brain it was not trained on (Colin27) it read the lesion-load class right in 80 % and "
                               "the diagnosis at chance, 33 %, so do not rely on its diagnosis); "
                               "added/removed: the change labelmap on the scan's grid"}
 

@@ -213,6 +213,16 @@ def _input_volume(slicer):
     return node
 
 
+def _workers_gone(pids: dict, timeout_s: float = 5.0) -> bool:
+    """Whether the fake worker's launcher and child (``pids``) are both gone within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
+            return True
+        time.sleep(0.05)
+    return _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+
+
 def _pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -607,11 +617,7 @@ def test_worker_cancel_kills_whole_tree(fake_cli, tmp_path, scene, slicer_stub):
     assert w.wait(timeout_s=15)
     res = w.result()
     assert res.cancelled and not res.ok and res.error_kind == "Cancelled"
-    for _ in range(100):
-        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
-            break
-        time.sleep(0.05)
-    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"]), "cancel left a process running"
+    assert _workers_gone(pids), "cancel left a process running"
 
 
 def test_worker_force_cpu_env(fake_cli, tmp_path):
@@ -897,11 +903,7 @@ def test_logic_cancel_leaves_nothing(cfg, logic, scene, slicer_stub, fake_cli):
     assert result.cancelled and not result.ok and run.nodes == []
     assert _new_nodes(scene, before_ids) == []
     assert not os.path.exists(run.workDir), "partial outputs left behind"
-    for _ in range(100):
-        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
-            break
-        time.sleep(0.05)
-    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+    assert _workers_gone(pids)
 
 
 def test_logic_generate_series(cfg, logic, scene, slicer_stub, fake_cli):
@@ -1570,11 +1572,7 @@ def test_closing_the_module_stops_the_run_and_removes_its_folder(make_widget, cf
     assert time.monotonic() - t0 < 3.0
     assert not os.path.exists(run.workDir) and not os.path.exists(os.path.dirname(run.workDir))
     assert run.finished and run.result.cancelled and w._run is None
-    for _ in range(100):
-        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
-            break
-        time.sleep(0.05)
-    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+    assert _workers_gone(pids)
     assert {n.GetID() for n in scene.GetNodes()} - before_ids <= {n.GetID() for n in scene.GetNodes()
                                                                   if n.IsA("vtkMRMLScriptedModuleNode")}
 
@@ -1707,11 +1705,7 @@ def test_interrupted_blocking_run_stops_the_worker_and_cleans_up(logic, scene, s
     pids = json.loads(fake_cli.pids.read_text())
     assert run.finished and run.result.cancelled and not os.path.exists(run.workDir)
     assert _new_nodes(scene, before_ids) == []
-    for _ in range(100):
-        if _pid_gone(pids["parent"]) and _pid_gone(pids["child"]):
-            break
-        time.sleep(0.05)
-    assert _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
+    assert _workers_gone(pids)
 
 
 def test_interrupted_run_into_a_given_folder_leaves_nothing_of_its_own(logic, scene, slicer_stub, fake_cli, tmp_path):

@@ -24,8 +24,8 @@ as the registration target for real scans.
 Colin27 (``--colin27``: the brain-extracted ``ch2bet.nii.gz`` of Debian's ``mricron-data``,
 ``/usr/share/mricron/templates``; one person scanned 27 times, Holmes et al. 1998): the
 individual anatomy beside the population average, with its own gyri, sulci and
-ventricles. It is registered affinely to the ICBM152 T1 (SimpleITK, Mattes mutual
-information), so it shares the template's MNI frame (the lesion library and the
+ventricles. It is registered affinely to the ICBM152 T1 by the registration edits use
+(``geometry.register_affine``: SimpleITK, Mattes mutual information), so it shares the template's MNI frame (the lesion library and the
 engine's grid centre) while keeping its own shape, and resampled onto the same cropped
 1 mm grid. Its GM / WM / CSF maps are the posteriors of a three-class Gaussian mixture
 of its T1 intensities with the ICBM152 tissue maps (smoothed, 10 % uniform) as spatial
@@ -86,13 +86,20 @@ def build_templates(nilearn_data: Path, out_dir: Path, *, margin_mm: int = 4) ->
         "brainmask": mask.astype(np.float32),
         "ventricles": ventricles.astype(np.float32),
     }
+    return _write_maps({k: v[crop] for k, v in maps.items()}, crop_affine, out_dir, "mni_icbm152_2009a")
+
+
+def _write_maps(maps: dict[str, np.ndarray], affine: np.ndarray, out_dir: Path, prefix: str) -> dict[str, Path]:
+    """``out_dir/{prefix}_{name}.nii.gz`` for each map, as uint8 (0–255) in MNI space (codes 4)."""
+    import nibabel as nib
+
     written = {}
     for name, arr in maps.items():
-        img = nib.Nifti1Image(np.rint(arr[crop]).astype(np.uint8), crop_affine)
+        img = nib.Nifti1Image(np.rint(arr).astype(np.uint8), affine)
         img.header.set_xyzt_units("mm")
-        img.set_sform(crop_affine, code=4)  # 4 = MNI152
-        img.set_qform(crop_affine, code=4)
-        path = out_dir / f"mni_icbm152_2009a_{name}.nii.gz"
+        img.set_sform(affine, code=4)  # 4 = MNI152
+        img.set_qform(affine, code=4)
+        path = out_dir / f"{prefix}_{name}.nii.gz"
         nib.save(img, str(path))
         written[name] = path
     return written
@@ -168,78 +175,38 @@ def segment_tissues(t1: np.ndarray, mask: np.ndarray, priors: np.ndarray, *, ite
 def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
     """Write Colin27's maps (``colin27_{gm,wm,brainmask,ventricles}.nii.gz``) on the grid of the
     ICBM152 maps already in ``out_dir`` (see the module docstring). Returns map name → path."""
-    import nibabel as nib
-    import SimpleITK as sitk
     from scipy import ndimage as ndi
 
-    ref = nib.load(str(out_dir / "mni_icbm152_2009a_t1.nii.gz"))
-    affine = np.asarray(ref.affine, np.float64)
-    icbm = {n: np.asanyarray(nib.load(str(out_dir / f"mni_icbm152_2009a_{n}.nii.gz")).dataobj).astype(np.float32)
-            for n in ("t1", "gm", "wm", "brainmask")}
+    from ..geometry import register_affine, resample_index_space
+    from ..volume import read_volume
 
-    def image(arr: np.ndarray, aff: np.ndarray) -> "sitk.Image":  # nibabel RAS (i, j, k) → SimpleITK LPS
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32))
-        lps = np.diag([-1.0, -1.0, 1.0]) @ aff[:3, :3]
-        sp = np.linalg.norm(lps, axis=0)
-        img.SetSpacing(sp.tolist())
-        img.SetDirection((lps / sp).ravel().tolist())
-        img.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ aff[:3, 3]).tolist())
-        return img
-
-    src = nib.load(str(ch2bet))
-    colin = np.asanyarray(src.dataobj).astype(np.float32)
-    fixed = image(icbm["t1"] * (icbm["brainmask"] > 0), affine)
-    moving = image(colin, np.asarray(src.affine, np.float64))
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(50)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, 7)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 300, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg.SetInitialTransform(init, inPlace=False)
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # multithreaded sums differ by rounding between runs
-    try:
-        tx = reg.Execute(fixed, moving)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    resampled = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0)
-    t1 = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0).astype(np.float32)
+    icbm = {n: read_volume(out_dir / f"mni_icbm152_2009a_{n}.nii.gz", validate=False)
+            for n in ("t1", "gm", "wm", "brainmask", "ventricles")}
+    affine, brain_i = icbm["t1"].affine_ras, icbm["brainmask"].array > 0
+    colin = read_volume(ch2bet, validate=False)
+    # the project's registration, as edits register scans (Mattes MI, rigid then affine, deterministic)
+    reg = register_affine(colin, icbm["t1"], template_mask=brain_i)
+    out_to_in = np.linalg.inv(colin.affine_ras) @ reg.model_to_source_world @ affine
+    t1 = resample_index_space(colin.array, icbm["t1"].shape, out_to_in, interpolation="linear").astype(np.float32)
     mask = t1 > 0.5 * float(np.percentile(t1[t1 > 0], 5))
     lab, n = ndi.label(mask)
     if n > 1:
         mask = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
     mask = ndi.binary_fill_holes(mask)
-    gm_i, wm_i = icbm["gm"] / 255.0, icbm["wm"] / 255.0
-    csf_i = np.clip((icbm["brainmask"] > 0) - gm_i - wm_i, 0.0, 1.0)
+    gm_i, wm_i = icbm["gm"].array / 255.0, icbm["wm"].array / 255.0
+    csf_i = np.clip(brain_i - gm_i - wm_i, 0.0, 1.0)
     csf, gm, wm = segment_tissues(t1, mask, np.stack([csf_i, gm_i, wm_i]))
     # Colin's CSF spaces join up more than the average's: keep the seeded components within 8 mm of
     # ICBM152's ventricles (the same place after the affine registration).
-    near = ndi.distance_transform_edt(np.asanyarray(
-        nib.load(str(out_dir / "mni_icbm152_2009a_ventricles.nii.gz")).dataobj) == 0) <= 8.0
+    vent_i = icbm["ventricles"].array > 0
+    near = ndi.distance_transform_edt(~vent_i) <= 8.0
     ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
-    maps = {"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
-            "ventricles": ventricles.astype(np.float32)}
-    written = {}
-    for name, arr in maps.items():
-        img = nib.Nifti1Image(np.rint(arr).astype(np.uint8), affine)
-        img.header.set_xyzt_units("mm")
-        img.set_sform(affine, code=4)
-        img.set_qform(affine, code=4)
-        path = out_dir / f"colin27_{name}.nii.gz"
-        nib.save(img, str(path))
-        written[name] = path
-    corr = float(np.corrcoef(t1[mask], icbm["t1"][mask])[0, 1])
-    icbm_vent = float((np.asanyarray(nib.load(str(out_dir / "mni_icbm152_2009a_ventricles.nii.gz")).dataobj) > 0).sum())
-    print(f"Colin27 registered to ICBM152: T1 correlation in the brain {corr:.3f}; GM {gm.sum() / 1000:.0f} ml, "
+    written = _write_maps({"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
+                           "ventricles": ventricles.astype(np.float32)}, affine, out_dir, "colin27")
+    print(f"Colin27 registered to ICBM152: T1 correlation in the brain {reg.correlation:.3f}; GM {gm.sum() / 1000:.0f} ml, "
           f"WM {wm.sum() / 1000:.0f} ml, CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml "
           f"(ICBM152 {gm_i.sum() / 1000:.0f} / {wm_i.sum() / 1000:.0f} ml GM / WM, lateral ventricles "
-          f"{icbm_vent / 1000:.1f} ml)")
+          f"{vent_i.sum() / 1000:.1f} ml)")
     return written
 
 
