@@ -10,6 +10,7 @@ import pytest
 
 from CounterfactualGenLib.errors import InputError
 from CounterfactualGenLib.synth import (
+    ANATOMIES,
     DEFAULT_CENTER_MM,
     LESION_CLASSES,
     LibraryLesion,
@@ -240,20 +241,30 @@ def test_random_spec_hits_the_requested_classes():
 def test_resources_are_small_and_attributed():
     root = Path(__file__).resolve().parents[1] / "Resources"
     size = sum(f.stat().st_size for d in ("Templates", "LesionLibrary") for f in (root / d).iterdir())
-    assert size < 11e6
+    assert size < 16e6
     notice = (root / "Templates" / "NOTICE-templates.md").read_text(encoding="utf-8")
-    assert "McConnell" in notice and "Colin27" in notice and "Holmes" in notice
+    assert "McConnell" in notice and "Colin27" in notice and "Holmes" in notice and "Lesjak" in notice
     assert "Lesjak" in (root / "LesionLibrary" / "ATTRIBUTION.md").read_text(encoding="utf-8")
 
 
-def test_colin27_anatomy_is_an_individual_brain_with_exact_twins():
-    """Colin27 subjects: plausible tissue volumes, their own folds (not the average's), lesions in their
-    white matter, exact twins, atrophy that grows their ventricles."""
+# GM, WM and lateral-ventricle volume ranges (ml) of each individual anatomy's subjects (build_resources
+# printed Colin27 801 / 697 / 26.2 ml, clinical04 694 / 808 / 9.0 ml, clinical12 692 / 781 / 13.3 ml)
+INDIVIDUALS = {"colin27": ((750, 1000), (600, 850), (15, 40)),
+               "clinical04": ((600, 850), (700, 950), (4, 15)),
+               "clinical12": ((600, 850), (700, 950), (8, 20))}
+
+
+@pytest.mark.parametrize("anatomy", sorted(INDIVIDUALS))
+def test_individual_anatomy_is_its_own_brain_with_exact_twins(anatomy):
+    """Subjects of one person's brain (Colin27, two MS patients): plausible tissue volumes, their own
+    folds (not the average's), lesions in their white matter, exact twins, atrophy that grows their
+    ventricles."""
     spec = random_spec(5, lesion_class="moderate", diagnosis="CN").replace(atrophy=0.0)
-    icbm, colin = make_subject(spec, **MEDIUM), make_subject(spec.replace(anatomy="colin27"), **MEDIUM)
+    icbm, colin = make_subject(spec, **MEDIUM), make_subject(spec.replace(anatomy=anatomy), **MEDIUM)
     a = colin.attributes
-    assert a["anatomy"] == "colin27" and icbm.attributes["anatomy"] == "icbm152"
-    assert 750 < a["gm_ml"] < 1000 and 600 < a["wm_ml"] < 850 and 15 < a["ventricle_ml"] < 40, a
+    assert a["anatomy"] == anatomy and icbm.attributes["anatomy"] == "icbm152"
+    (gm_lo, gm_hi), (wm_lo, wm_hi), (v_lo, v_hi) = INDIVIDUALS[anatomy]
+    assert gm_lo < a["gm_ml"] < gm_hi and wm_lo < a["wm_ml"] < wm_hi and v_lo < a["ventricle_ml"] < v_hi, a
     assert a["lesion_load"] == "moderate"
     # same deformation, pose and noise draws, another brain: the GM maps differ where folds are
     assert np.mean(np.abs(icbm.tissue["gm"] - colin.tissue["gm"])) > 0.05
@@ -261,7 +272,13 @@ def test_colin27_anatomy_is_an_individual_brain_with_exact_twins():
     healthy = make_twin(colin.spec, **MEDIUM, lesion_class="none")
     assert ((colin.image.array != healthy.image.array) <= (colin.lesion_mask > 0)).all()
     ad = make_twin(colin.spec, **MEDIUM, diagnosis="AD")
-    assert ad.attributes["ventricle_ml"] > 1.5 * a["ventricle_ml"] and ad.attributes["anatomy"] == "colin27"
+    assert ad.attributes["ventricle_ml"] > 1.5 * a["ventricle_ml"] and ad.attributes["anatomy"] == anatomy
+
+
+def test_every_anatomy_has_maps_and_a_title():
+    from CounterfactualGenLib.synth.resources import ANATOMY_FILES, ANATOMY_TITLES
+
+    assert set(ANATOMIES) == set(ANATOMY_FILES) == set(ANATOMY_TITLES)
 
 
 def test_random_spec_draws_an_anatomy_last():
@@ -288,3 +305,54 @@ def test_segment_tissues_recovers_partial_volume():
     err = np.abs(frac - truth).mean(axis=(2, 3))
     assert err.max() < 0.1, err.max(axis=0)
     assert abs(frac[1, 12].mean() - 0.7) < 0.1 and abs(frac[2, 25].mean() - 0.4) < 0.1
+
+
+def test_flair_lesions_finds_white_matter_hyperintensities_not_bright_cortex():
+    """The clinical builder's lesion finder on a phantom FLAIR: white matter (100) holding a 1.5×
+    lesion deep inside and a 1.5× speck too small to be one, and grey matter at 1.25× (bright cortex,
+    as on patient 04's scanner) at the edge. The lesion is found whole; cortex and speck are not."""
+    from CounterfactualGenLib.synth.build_resources import flair_lesions
+
+    shape = (48, 48, 48)
+    mask = np.zeros(shape, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    gm = np.zeros(shape, bool)
+    gm[2:7] = True
+    gm &= mask
+    wm = mask & (gm == 0)
+    flair = 100.0 * wm + 125.0 * gm
+    lesion = np.zeros(shape, bool)
+    lesion[22:28, 22:28, 22:28] = True
+    flair[lesion] = 150.0
+    flair[36, 36, 36] = 150.0  # one voxel: below the size of a core
+    flair += np.random.default_rng(0).normal(0, 2.0, shape)
+    found = flair_lesions(flair.astype(np.float32), gm.astype(np.float32), wm.astype(np.float32), mask,
+                          wm.astype(np.float32))
+    assert not found[gm > 0].any() and not found[34:39, 34:39, 34:39].any()
+    # found inside the lesion; only its outer voxel layer, blurred by the 1-voxel smoothing, may be missed
+    assert not (found & ~lesion).any() and found[23:27, 23:27, 23:27].all()
+
+
+def test_bias_corrected_flattens_a_smooth_field():
+    """N4 on a uniform phantom under a ±30 % smooth multiplicative field: the spread inside the mask
+    falls well below the field's."""
+    from CounterfactualGenLib.synth.build_resources import bias_corrected
+
+    x = np.linspace(-1.0, 1.0, 40)
+    field = 1.0 + 0.3 * x[:, None, None] * np.ones((40, 40, 40))
+    mask = np.zeros(field.shape, bool)
+    mask[4:-4, 4:-4, 4:-4] = True
+    img = (100.0 * field + np.random.default_rng(1).normal(0, 1.0, field.shape)).astype(np.float32)
+    out = bias_corrected(img, mask, shrink=2)
+    cv = lambda a: a[mask].std() / a[mask].mean()  # noqa: E731
+    assert cv(img) > 0.1 and cv(out) < 0.4 * cv(img), (cv(img), cv(out))
+    # the same maps on any machine: the result does not depend on ITK's thread count, which is restored
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+    try:
+        assert np.array_equal(bias_corrected(img, mask, shrink=2), out)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 4
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 from CounterfactualGenLib.config import check_keys, load_config  # noqa: E402
 from CounterfactualGenLib.errors import InputError, ModelError  # noqa: E402
 from CounterfactualGenLib.geometry import ModelGrid  # noqa: E402
+from CounterfactualGenLib.synth.resources import ANATOMY_TITLES  # noqa: E402
 from CounterfactualGenLib.manifest import Manifest, ManifestRow, prompt_config_from_dict, read_manifest  # noqa: E402
 from CounterfactualGenLib.models import DiffusionModel, ModelSpec, save_model  # noqa: E402
 from CounterfactualGenLib.volume import umask_mode  # noqa: E402
@@ -665,7 +666,7 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | text encoder | `{spec.text_encoder['id']}` (width {spec.text_encoder['dim']}, {spec.text_encoder.get('max_tokens')} tokens) |
 | denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
 | schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
-| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join({'icbm152': 'MNI ICBM152 2009a', 'colin27': 'Colin27'}[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}) |
+| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join(ANATOMY_TITLES[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}) |
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |

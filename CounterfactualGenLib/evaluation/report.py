@@ -698,7 +698,8 @@ def add_evaluate_parser(sub: Any, common: Callable[[argparse.ArgumentParser], No
     add_share_argument(p)
     p.add_argument("--anatomy", default="icbm152", choices=list(ANATOMIES),
                    help="the engine anatomy of the twins, held-out edit subjects and reference subjects (default "
-                        "icbm152, which the bundled models were trained on; colin27: one person's brain they never saw)")
+                        "icbm152, which the bundled models were trained on; colin27: one person's brain they never saw; "
+                        "clinical04, clinical12: two MS patients' brains from routine clinical scans)")
     common(p)
     return p
 

@@ -34,6 +34,20 @@ priors (EM, :func:`segment_tissues`); the ventricles are found as for ICBM152::
     apt-get download mricron-data && dpkg-deb -x mricron-data_*.deb /tmp/mricron
     python -m CounterfactualGenLib.synth.build_resources --resources Resources \
         --colin27 /tmp/mricron/usr/share/mricron/templates/ch2bet.nii.gz
+
+Clinical brains (``--clinical FLAIR T1W NAME``, e.g. the two MS patients' first-study scans
+in the project's shared data, Lesjak et al. 2016, CC-BY): the anatomy of a real patient
+scanned in routine care (with skull, 0.7×0.7×3 mm, inhomogeneous). The FLAIR is registered
+to the ICBM152 T1 (``register_affine``; a T1 with skull registers worse, its scalp fat
+being brighter than the brain), and the T1 of the same session is carried through the same
+transform (both share the scanner frame). Inside ICBM152's brain mask (within both fields of
+view), each is bias-corrected (N4, SimpleITK), the T1 segmented as Colin27 is, and the
+patient's own lesions, which the engine must not render as unlabelled tissue, found on the
+FLAIR (:func:`flair_lesions`) and filled as white matter::
+
+    python -m CounterfactualGenLib.synth.build_resources --resources Resources \
+        --clinical D/longitudinal_patient04_study1_FLAIR.nii.gz D/longitudinal_patient04_study1_T1W.nii.gz clinical04 \
+        --clinical D/longitudinal_patient12_study1_FLAIR.nii.gz D/longitudinal_patient12_study1_T1W.nii.gz clinical12
 """
 
 from __future__ import annotations
@@ -210,6 +224,91 @@ def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
     return written
 
 
+def bias_corrected(arr: np.ndarray, mask: np.ndarray, *, shrink: int = 3, iterations: int = 50) -> np.ndarray:
+    """``arr`` divided by its N4 bias field estimated inside ``mask`` (SimpleITK; on a grid
+    ``shrink`` times coarser, the field being smooth; single-threaded, so bit-reproducible)."""
+    import SimpleITK as sitk
+
+    # N4's multithreaded sums depend on the core count: one thread, the same maps on any machine
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        img = sitk.GetImageFromArray(arr.astype(np.float32))
+        msk = sitk.GetImageFromArray(mask.astype(np.uint8))
+        n4 = sitk.N4BiasFieldCorrectionImageFilter()
+        n4.SetMaximumNumberOfIterations([iterations] * 3)
+        n4.Execute(sitk.Shrink(img, [shrink] * 3), sitk.Shrink(msk, [shrink] * 3))
+        field = sitk.Exp(n4.GetLogBiasFieldAsImage(img))
+        return sitk.GetArrayFromImage(img / field).astype(np.float32)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def flair_lesions(flair: np.ndarray, gm: np.ndarray, wm: np.ndarray, mask: np.ndarray, wm_prior: np.ndarray, *,
+                  core: float = 1.3, grow: float = 1.2, min_voxels: int = 20) -> np.ndarray:
+    """White-matter hyperintensities of a bias-corrected FLAIR (1 mm grid), as a 0/1 mask.
+
+    Cores: the FLAIR smoothed by 1 voxel above ``core`` × the median of normal white matter
+    (``wm`` ≥ 0.95) and 1.12 × the median of grey matter (so bright cortex is not taken: on some
+    scanners GM is 1.2 × WM), in the deep white matter (``wm_prior`` ≥ 0.5, over 8 mm inside the
+    mask), of at least ``min_voxels``. Each core is grown through the connected voxels above
+    ``grow`` × white matter (and 1.05 × grey matter) within ``wm_prior`` ≥ 0.2, 5 mm inside the mask.
+    Deep and periventricular lesions are found; small juxtacortical ones may be missed."""
+    from scipy import ndimage as ndi
+
+    wm_med = float(np.median(flair[(wm >= 0.95) & mask]))
+    gm_med = float(np.median(flair[(gm >= 0.95) & mask]))
+    smooth = ndi.gaussian_filter(flair, 1.0)
+    depth = ndi.distance_transform_edt(mask)
+    cores = (smooth > max(core * wm_med, 1.12 * gm_med)) & (wm_prior >= 0.5) & (depth > 8) & mask
+    lab, _ = ndi.label(cores)
+    sizes = np.bincount(lab.ravel())
+    big = np.nonzero(sizes >= min_voxels)[0]
+    cores = np.isin(lab, big[big > 0])
+    region = (smooth > max(grow * wm_med, 1.05 * gm_med)) & (wm_prior >= 0.2) & (depth > 5) & mask
+    return ndi.binary_propagation(cores, mask=region | cores)
+
+
+def build_clinical(flair_path: Path, t1_path: Path, out_dir: Path, name: str) -> dict[str, Path]:
+    """Write a patient's maps (``{name}_{gm,wm,brainmask,ventricles}.nii.gz``) on the grid of the
+    ICBM152 maps already in ``out_dir`` from a FLAIR and a T1 of one session (see the module
+    docstring). Returns map name → path."""
+    from scipy import ndimage as ndi
+
+    from ..geometry import register_affine, resample_index_space
+    from ..volume import read_volume
+
+    icbm = {n: read_volume(out_dir / f"mni_icbm152_2009a_{n}.nii.gz", validate=False)
+            for n in ("t1", "gm", "wm", "brainmask", "ventricles")}
+    affine, brain_i, shape = icbm["t1"].affine_ras, icbm["brainmask"].array > 0, icbm["t1"].shape
+    flair = read_volume(flair_path, validate=False)
+    t1w = read_volume(t1_path, validate=False)
+    reg = register_affine(flair, icbm["t1"], template_mask=brain_i)
+    moved, mask = {}, brain_i.copy()
+    for key, vol in (("flair", flair), ("t1", t1w)):
+        out_to_in = np.linalg.inv(vol.affine_ras) @ reg.model_to_source_world @ affine
+        moved[key] = resample_index_space(vol.array.astype(np.float32), shape, out_to_in, interpolation="linear")
+        fov = resample_index_space(np.ones(vol.shape, np.float32), shape, out_to_in, interpolation="linear")
+        mask &= fov > 0.99
+    t1 = bias_corrected(moved["t1"], mask)
+    fl = bias_corrected(moved["flair"], mask)
+    gm_i, wm_i = icbm["gm"].array / 255.0, icbm["wm"].array / 255.0
+    csf_i = np.clip(brain_i - gm_i - wm_i, 0.0, 1.0)
+    csf, gm, wm = segment_tissues(t1, mask, np.stack([csf_i, gm_i, wm_i]))
+    lesions = flair_lesions(fl, gm, wm, mask, wm_i)
+    gm[lesions], csf[lesions], wm[lesions] = 0.0, 0.0, 1.0  # the patient's lesions become white matter
+    vent_i = icbm["ventricles"].array > 0
+    near = ndi.distance_transform_edt(~vent_i) <= 8.0
+    ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
+    written = _write_maps({"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
+                           "ventricles": ventricles.astype(np.float32)}, affine, out_dir, name)
+    print(f"{name}: FLAIR registered to ICBM152 (correlation {reg.correlation:.3f}); ICBM152's brain inside both "
+          f"fields of view {mask.sum() / brain_i.sum():.1%}; own lesions filled as white matter "
+          f"{lesions.sum() / 1000:.1f} ml; GM {gm.sum() / 1000:.0f} ml, WM {wm.sum() / 1000:.0f} ml, "
+          f"CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml")
+    return written
+
+
 def copy_lesion_library(src: Path, out_dir: Path) -> None:
     """Copy the lesion masks and their volume table unchanged (CC-BY, see ATTRIBUTION.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nilearn-data", type=Path, default=None, help="rebuild the ICBM152 maps from a nilearn wheel")
     p.add_argument("--lesion-library", type=Path, default=None)
     p.add_argument("--colin27", type=Path, default=None, help="mricron-data's ch2bet.nii.gz (after the ICBM152 maps)")
+    p.add_argument("--clinical", nargs=3, action="append", default=[], metavar=("FLAIR", "T1W", "NAME"),
+                   help="a patient's FLAIR and T1 of one session, and the anatomy's name (after the ICBM152 maps)")
     p.add_argument("--resources", type=Path, default=Path("Resources"))
     a = p.parse_args(argv)
     if a.nilearn_data is not None:
@@ -231,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.colin27 is not None:
         for name, path in build_colin27(a.colin27, a.resources / "Templates").items():
             print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    for flair, t1w, name in a.clinical:
+        for key, path in build_clinical(Path(flair), Path(t1w), a.resources / "Templates", name).items():
+            print(f"{key}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if a.lesion_library is not None:
         copy_lesion_library(a.lesion_library, a.resources / "LesionLibrary")
 

@@ -24,6 +24,7 @@ from ..errors import InputError
 
 __all__ = [
     "ANATOMY_FILES",
+    "ANATOMY_TITLES",
     "resources_dir",
     "TemplateMaps",
     "load_template",
@@ -36,8 +37,15 @@ __all__ = [
 
 #: The anatomies a subject can be made from (``SubjectSpec.anatomy``) → their maps' file prefix in
 #: ``Resources/Templates``: the ICBM152 2009a population average, and Colin27, one person's brain
-#: with individual folds (registered affinely into the same MNI frame; ``build_resources.py``).
-ANATOMY_FILES = {"icbm152": "mni_icbm152_2009a", "colin27": "colin27"}
+#: with individual folds, and two MS patients' brains from routine clinical scans (their own
+#: lesions filled as white matter), all registered affinely into the same MNI frame
+#: (``build_resources.py``).
+ANATOMY_FILES = {"icbm152": "mni_icbm152_2009a", "colin27": "colin27",
+                 "clinical04": "clinical04", "clinical12": "clinical12"}
+#: Each anatomy's name in model cards and reports.
+ANATOMY_TITLES = {"icbm152": "MNI ICBM152 2009a", "colin27": "Colin27",
+                  "clinical04": "clinical MS patient 04 (Lesjak et al. 2016)",
+                  "clinical12": "clinical MS patient 12 (Lesjak et al. 2016)"}
 _LOCK = threading.Lock()
 
 

@@ -56,8 +56,9 @@ DIAGNOSES = ("CN", "MCI", "AD")
 #: Atrophy level of each named diagnosis (0 = cognitively normal … 1 = AD-like).
 DIAGNOSIS_ATROPHY = {"CN": 0.0, "MCI": 0.5, "AD": 1.0}
 #: Anatomies a subject can be made from: the ICBM152 2009a population average (smooth folds), or
-#: Colin27, one person's brain with individual gyri and sulci (``synth/resources.py``).
-ANATOMIES = ("icbm152", "colin27")
+#: Colin27, one person's brain with individual gyri and sulci, or one of two MS patients' brains from
+#: routine clinical scans (``synth/resources.py``).
+ANATOMIES = ("icbm152", "colin27", "clinical04", "clinical12")
 #: Kinds of procedural (not library-derived) lesions.
 PROCEDURAL_KINDS = ("periventricular", "juxtacortical")
 
