@@ -1352,9 +1352,15 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
         voxel grid (spacing, directions). Slicer's export crops that grid to the segments' extent (its default
         extent mode): the command line resamples any mask onto the scan's grid in world coordinates
         (``geometry.mask_on_grid``), so the cropped file is placed right. Its segments are not changed; the
-        temporary labelmap and the display and colour nodes Slicer's export makes for it are removed again."""
+        temporary labelmap and the display and colour nodes Slicer's export makes for it are removed again.
+
+        The files are written in the nodes' own coordinates (the input's too, its outputs then go under its parent
+        transform), so a labelmap or volume mask under another parent transform than the input's is written placed
+        in the input's frame (the transform between them applied to its voxel-to-RAS matrix); one whose transform
+        to the input's is not linear is refused (harden it first). Slicer's segmentation export already takes
+        the transforms between the segmentation and the input into account."""
         if not node.IsA("vtkMRMLSegmentationNode"):
-            return self._export(node, path)
+            return self._exportVolumeMask(node, path, referenceVolume)
         segmentIds = vtk.vtkStringArray()
         display = node.GetDisplayNode()
         if display is not None:
@@ -1381,6 +1387,28 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             # the export gives the labelmap a display node and a new '<segmentation>_ColorTable' node
             labelDisplay = labelmap.GetDisplayNode()
             self.removeNodes([labelDisplay.GetColorNode() if labelDisplay is not None else None, labelmap])
+
+    def _exportVolumeMask(self, node, path, referenceVolume) -> str:
+        """A labelmap or scalar volume mask as a file in the input volume's coordinates (see :meth:`_exportMask`)."""
+        toInput = vtk.vtkMatrix4x4()
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+                node.GetParentTransformNode(), referenceVolume.GetParentTransformNode(), toInput):
+            raise ValueError(_("The mask '{mask}' and the input volume '{input}' are under different transforms, and "
+                               "the transform between them is not linear. Harden the transforms of both (Data "
+                               "module: right-click, Harden transform) and apply again.").format(
+                                   mask=node.GetName(), input=referenceVolume.GetName()))
+        toInput = slicer.util.arrayFromVTKMatrix(toInput)
+        if np.allclose(toInput, np.eye(4), rtol=0.0, atol=1e-9):
+            return self._export(node, path)
+        ijkToRAS = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(ijkToRAS)
+        placed = slicer.util.addVolumeFromArray(slicer.util.arrayFromVolume(node),
+                                                toInput @ slicer.util.arrayFromVTKMatrix(ijkToRAS),
+                                                "CounterfactualGen mask (temporary)", node.GetClassName())
+        try:
+            return self._export(placed, path)
+        finally:
+            self.removeNodes([placed])
 
     # ------------------------------------------------------------------ edit
     def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,

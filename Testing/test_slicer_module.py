@@ -742,6 +742,53 @@ def _on_input_grid(mask_file, input_file):
     return arr.transpose(2, 1, 0)
 
 
+def test_logic_edit_places_a_mask_under_another_transform_in_the_input_frame(logic, scene, slicer_stub, fake_cli,
+                                                                          monkeypatch, tmp_path):
+    """The input is written in its own coordinates (its outputs go under its parent transform), so a labelmap mask
+    under another parent transform is written placed in the input's frame: the voxel it marks on the screen is the
+    voxel the command line masks. A non-linear transform between them is refused with what to do; the mask node
+    is not changed and no temporary node is left."""
+    import shutil
+
+    node = _input_volume(slicer_stub)  # under the linear transform "T"
+    shift = np.eye(4)
+    shift[:3, 3] = (10.0, -4.0, 2.0)
+    node.GetParentTransformNode().SetMatrixTransformToParent(slicer_stub.util.vtkMatrixFromArray(shift))
+    ijk = node.GetIJKToRASMatrixArray()
+    marked = np.zeros((4, 5, 6), np.uint8)
+    marked[1, 2, 3] = 1
+    # no parent transform; its voxels sit where the input's transformed voxels are shown
+    mask = slicer_stub.util.addVolumeFromArray(marked, shift @ ijk, "lesions", "vtkMRMLLabelMapVolumeNode")
+    written = {}
+    original = logic._export
+
+    def export(n, path):
+        out = original(n, path)
+        written[os.path.basename(path)] = shutil.copy(out, tmp_path / os.path.basename(path))
+        return out
+
+    monkeypatch.setattr(logic, "_export", export)
+    logic.editBlocking(node, "Subject has no lesions.", lesionMask=mask, steps=2)
+    inputFile = written[logic.exportFileName(node)]
+    np.testing.assert_array_equal(_on_input_grid(written["lesion_mask.nrrd"], inputFile), marked > 0)
+    assert mask.GetTransformNodeID() is None and np.array_equal(mask.GetIJKToRASMatrixArray(), shift @ ijk)
+    assert not [n for n in scene.GetNodes() if "temporary" in n.GetName()]
+    # under the input's own transform: written as it is
+    same = slicer_stub.util.addVolumeFromArray(marked, ijk, "lesions 2", "vtkMRMLLabelMapVolumeNode")
+    same.SetAndObserveTransformNodeID(node.GetTransformNodeID())
+    logic.editBlocking(node, "Subject has no lesions.", lesionMask=same, steps=2)
+    np.testing.assert_array_equal(_on_input_grid(written["lesion_mask.nrrd"], written[logic.exportFileName(node)]),
+                                  marked > 0)
+    # under a non-linear transform: refused before anything runs
+    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    same.SetAndObserveTransformNodeID(warp.GetID())
+    calls = len(fake_cli.calls())
+    with pytest.raises(ValueError, match="not linear.*Harden"):
+        logic.startEdit(node, "Subject has no lesions.", lesionMask=same, steps=2)
+    assert len(fake_cli.calls()) == calls
+    assert not [n for n in scene.GetNodes() if "temporary" in n.GetName()]
+
+
 def test_logic_edit_takes_a_segmentation_as_mask(cfg, logic, scene, slicer_stub, fake_cli, monkeypatch, tmp_path):
     """A lesion mask drawn in the Segment Editor is a segmentation node: its visible segments go to the command line
     as one labelmap with the input's voxel grid (found by world position; cropped to the segments' extent, as

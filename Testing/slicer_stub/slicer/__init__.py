@@ -31,7 +31,9 @@ _CLASS_PARENTS = {
     "vtkMRMLTableNode": "vtkMRMLStorableNode",
     "vtkMRMLScriptedModuleNode": "vtkMRMLNode",
     "vtkMRMLSubjectHierarchyNode": "vtkMRMLNode",
-    "vtkMRMLLinearTransformNode": "vtkMRMLStorableNode",
+    "vtkMRMLTransformNode": "vtkMRMLDisplayableNode",
+    "vtkMRMLLinearTransformNode": "vtkMRMLTransformNode",
+    "vtkMRMLGridTransformNode": "vtkMRMLTransformNode",
     "vtkMRMLSegmentationNode": "vtkMRMLDisplayableNode",
     "vtkMRMLSegmentationDisplayNode": "vtkMRMLDisplayNode",
 }
@@ -234,6 +236,11 @@ class vtkMRMLScalarVolumeNode(vtkMRMLDisplayableNode):
 
     def GetIJKToRASMatrixArray(self):  # stand-in helper (real: GetIJKToRASMatrix(vtkMatrix4x4))
         return self._ijkToRAS.copy()
+
+    def GetIJKToRASMatrix(self, matrix):
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, self._ijkToRAS[r, c])
 
     def SetIJKToRASMatrixArray(self, matrix):
         self._ijkToRAS = np.asarray(matrix, dtype=float).copy()
@@ -470,8 +477,58 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
         return list(self._parameters)
 
 
-class vtkMRMLLinearTransformNode(vtkMRMLStorableNode):
+class vtkMRMLTransformNode(vtkMRMLDisplayableNode):
+    """A transform to its parent (itself under a parent transform, as in Slicer). Linear ones hold a matrix;
+    the grid transform stands for every non-linear kind."""
+
+    className = "vtkMRMLTransformNode"
+
+    def __init__(self):
+        super().__init__()
+        self._toParent = np.eye(4)
+
+    def IsLinear(self):
+        return not self.IsA("vtkMRMLGridTransformNode")
+
+    def _toWorld(self):
+        """This transform's chain to world as a matrix, or None where it is not linear."""
+        matrix, node = np.eye(4), self
+        while node is not None:
+            if not node.IsLinear():
+                return None
+            matrix = node._toParent @ matrix
+            node = node.GetParentTransformNode()
+        return matrix
+
+    @staticmethod
+    def GetMatrixTransformBetweenNodes(sourceNode, targetNode, transformSourceToTarget):
+        """Source transform's coordinates → target transform's (``None`` = world); False where not linear."""
+        source = np.eye(4) if sourceNode is None else sourceNode._toWorld()
+        target = np.eye(4) if targetNode is None else targetNode._toWorld()
+        if source is None or target is None:
+            transformSourceToTarget.Identity()
+            return False
+        matrix = np.linalg.inv(target) @ source
+        for r in range(4):
+            for c in range(4):
+                transformSourceToTarget.SetElement(r, c, matrix[r, c])
+        return True
+
+
+class vtkMRMLLinearTransformNode(vtkMRMLTransformNode):
     className = "vtkMRMLLinearTransformNode"
+
+    def SetMatrixTransformToParent(self, matrix):
+        self._toParent = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    def GetMatrixTransformToParent(self, matrix):
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, self._toParent[r, c])
+
+
+class vtkMRMLGridTransformNode(vtkMRMLTransformNode):
+    className = "vtkMRMLGridTransformNode"
 
 
 class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
@@ -555,6 +612,7 @@ _NODE_CLASSES = {
     "vtkMRMLTableNode": vtkMRMLTableNode,
     "vtkMRMLScriptedModuleNode": vtkMRMLScriptedModuleNode,
     "vtkMRMLLinearTransformNode": vtkMRMLLinearTransformNode,
+    "vtkMRMLGridTransformNode": vtkMRMLGridTransformNode,
     "vtkMRMLSegmentationNode": vtkMRMLSegmentationNode,
     "vtkMRMLSegmentationDisplayNode": vtkMRMLSegmentationDisplayNode,
 }

@@ -124,6 +124,21 @@ def saveNode(node, filename, properties={}):
     return exportNode(node, filename, properties)
 
 
+def arrayFromVTKMatrix(vmatrix):
+    return np.array([[vmatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def vtkMatrixFromArray(narray):
+    import vtk
+
+    vmatrix = vtk.vtkMatrix4x4()
+    narray = np.asarray(narray, dtype=float)
+    for r in range(4):
+        for c in range(4):
+            vmatrix.SetElement(r, c, narray[r, c])
+    return vmatrix
+
+
 def arrayFromVolume(volumeNode):
     return volumeNode._array
 
