@@ -40,7 +40,8 @@ in the project's shared data, Lesjak et al. 2016, CC-BY): the anatomy of a real 
 scanned in routine care (with skull, 0.7×0.7×3 mm, inhomogeneous). The FLAIR is registered
 to the ICBM152 T1 (``register_affine``; a T1 with skull registers worse, its scalp fat
 being brighter than the brain), and the T1 of the same session is carried through the same
-transform (both share the scanner frame). Inside ICBM152's brain mask (within both fields of
+transform (both share the scanner frame; the build prints how far registering one to the other
+would move the T1: 0.8 and 2.3 mm on average for the two patients, under the 3 mm slices). Inside ICBM152's brain mask (within both fields of
 view), each is bias-corrected (N4, SimpleITK), the T1 segmented as Colin27 is, and the
 patient's own lesions, which the engine must not render as unlabelled tissue, found on the
 FLAIR (:func:`flair_lesions`) and filled as white matter::
@@ -284,6 +285,11 @@ def build_clinical(flair_path: Path, t1_path: Path, out_dir: Path, name: str) ->
     flair = read_volume(flair_path, validate=False)
     t1w = read_volume(t1_path, validate=False)
     reg = register_affine(flair, icbm["t1"], template_mask=brain_i)
+    # how far the patient moved between the two series, as a registration of one to the other sees it (printed)
+    t1_to_flair = register_affine(t1w, flair, moving_spacing_mm=0).model_to_source_world
+    head = np.stack(np.meshgrid(*[np.linspace(0.25 * n, 0.75 * n, 8) for n in flair.shape], indexing="ij"), -1)
+    head = (flair.affine_ras @ np.c_[head.reshape(-1, 3), np.ones(head.size // 3)].T).T
+    moved_mm = np.linalg.norm((head @ t1_to_flair.T - head)[:, :3], axis=1)
     moved, mask = {}, brain_i.copy()
     for key, vol in (("flair", flair), ("t1", t1w)):
         out_to_in = np.linalg.inv(vol.affine_ras) @ reg.model_to_source_world @ affine
@@ -302,7 +308,9 @@ def build_clinical(flair_path: Path, t1_path: Path, out_dir: Path, name: str) ->
     ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
     written = _write_maps({"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
                            "ventricles": ventricles.astype(np.float32)}, affine, out_dir, name)
-    print(f"{name}: FLAIR registered to ICBM152 (correlation {reg.correlation:.3f}); ICBM152's brain inside both "
+    print(f"{name}: FLAIR registered to ICBM152 (correlation {reg.correlation:.3f}); the T1 kept in the scanner frame "
+          f"(registering it to the FLAIR would move the central head by {moved_mm.mean():.1f} mm on average, "
+          f"{moved_mm.max():.1f} mm at most); ICBM152's brain inside both "
           f"fields of view {mask.sum() / brain_i.sum():.1%}; own lesions filled as white matter "
           f"{lesions.sum() / 1000:.1f} ml; GM {gm.sum() / 1000:.0f} ml, WM {wm.sum() / 1000:.0f} ml, "
           f"CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml")
