@@ -223,6 +223,15 @@ def _workers_gone(pids: dict, timeout_s: float = 5.0) -> bool:
     return _pid_gone(pids["parent"]) and _pid_gone(pids["child"])
 
 
+def _started_pids(fake_cli, runner, timeout_s: float = 20.0) -> dict:
+    """Poll ``runner`` (a worker or a run) until the fake command line has written its process ids; return them."""
+    deadline = time.monotonic() + timeout_s
+    while not fake_cli.pids.exists() and time.monotonic() < deadline:
+        runner.poll()
+        time.sleep(0.02)
+    return json.loads(fake_cli.pids.read_text())
+
+
 def _pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -607,11 +616,7 @@ def test_worker_missing_executable():
 def test_worker_cancel_kills_whole_tree(fake_cli, tmp_path, scene, slicer_stub):
     fake_cli.mode("hang")
     w = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).start()
-    deadline = time.monotonic() + 20
-    while not fake_cli.pids.exists() and time.monotonic() < deadline:
-        w.poll()
-        time.sleep(0.02)
-    pids = json.loads(fake_cli.pids.read_text())
+    pids = _started_pids(fake_cli, w)
     assert not _pid_gone(pids["child"])
     w.cancel()
     assert w.wait(timeout_s=15)
@@ -940,11 +945,7 @@ def test_logic_cancel_leaves_nothing(cfg, logic, scene, slicer_stub, fake_cli):
     before_ids = {n.GetID() for n in scene.GetNodes()}
     fake_cli.mode("hang")
     run = logic.startEdit(node, "Subject has high lesion load.", steps=2)
-    deadline = time.monotonic() + 20
-    while not fake_cli.pids.exists() and time.monotonic() < deadline:
-        run.poll()
-        time.sleep(0.02)
-    pids = json.loads(fake_cli.pids.read_text())
+    pids = _started_pids(fake_cli, run)
     run.cancel()
     result = run.waitBlocking()
     assert result.cancelled and not result.ok and run.nodes == []
@@ -1717,11 +1718,7 @@ def test_cancel_never_blocks_and_a_stubborn_worker_is_killed_after_the_grace_per
     monkeypatch.setattr(CounterfactualGenWorker, "TERMINATE_GRACE_S", 1.0)
     fake_cli.mode("stubborn")
     w = _worker(fake_cli, *_edit_args(tmp_path, slicer_stub)).start()
-    deadline = time.monotonic() + 20
-    while not fake_cli.pids.exists() and time.monotonic() < deadline:
-        w.poll()
-        time.sleep(0.02)
-    pids = json.loads(fake_cli.pids.read_text())
+    pids = _started_pids(fake_cli, w)
     t0 = time.monotonic()
     w.cancel()
     w.cancel()  # twice: still nothing blocks

@@ -350,9 +350,12 @@ def test_bias_corrected_flattens_a_smooth_field():
     import SimpleITK as sitk
 
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
     try:
-        assert np.array_equal(bias_corrected(img, mask, shrink=2), out)
+        # (unpinned, N4 on this phantom differs by up to 0.004 between 1 and 4 threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        one = bias_corrected(img, mask, shrink=2)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+        assert np.array_equal(bias_corrected(img, mask, shrink=2), one) and np.array_equal(one, out)
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 4
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)

@@ -195,8 +195,7 @@ def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
     from ..geometry import register_affine, resample_index_space
     from ..volume import read_volume
 
-    icbm = {n: read_volume(out_dir / f"mni_icbm152_2009a_{n}.nii.gz", validate=False)
-            for n in ("t1", "gm", "wm", "brainmask", "ventricles")}
+    icbm = _icbm_maps(out_dir)
     affine, brain_i = icbm["t1"].affine_ras, icbm["brainmask"].array > 0
     colin = read_volume(ch2bet, validate=False)
     # the project's registration, as edits register scans (Mattes MI, rigid then affine, deterministic)
@@ -208,21 +207,43 @@ def build_colin27(ch2bet: Path, out_dir: Path) -> dict[str, Path]:
     if n > 1:
         mask = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
     mask = ndi.binary_fill_holes(mask)
-    gm_i, wm_i = icbm["gm"].array / 255.0, icbm["wm"].array / 255.0
-    csf_i = np.clip(brain_i - gm_i - wm_i, 0.0, 1.0)
-    csf, gm, wm = segment_tissues(t1, mask, np.stack([csf_i, gm_i, wm_i]))
-    # Colin's CSF spaces join up more than the average's: keep the seeded components within 8 mm of
-    # ICBM152's ventricles (the same place after the affine registration).
-    vent_i = icbm["ventricles"].array > 0
-    near = ndi.distance_transform_edt(~vent_i) <= 8.0
-    ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
-    written = _write_maps({"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
-                           "ventricles": ventricles.astype(np.float32)}, affine, out_dir, "colin27")
+    csf, gm, wm = _segment_with_icbm_priors(t1, mask, icbm)
+    written, ventricles = _write_individual(gm, wm, mask, icbm, out_dir, "colin27")
     print(f"Colin27 registered to ICBM152: T1 correlation in the brain {reg.correlation:.3f}; GM {gm.sum() / 1000:.0f} ml, "
           f"WM {wm.sum() / 1000:.0f} ml, CSF {csf.sum() / 1000:.0f} ml, lateral ventricles {ventricles.sum() / 1000:.1f} ml "
-          f"(ICBM152 {gm_i.sum() / 1000:.0f} / {wm_i.sum() / 1000:.0f} ml GM / WM, lateral ventricles "
-          f"{vent_i.sum() / 1000:.1f} ml)")
+          f"(ICBM152 {icbm['gm'].array.sum() / 255e3:.0f} / {icbm['wm'].array.sum() / 255e3:.0f} ml GM / WM, "
+          f"lateral ventricles {(icbm['ventricles'].array > 0).sum() / 1000:.1f} ml)")
     return written
+
+
+def _icbm_maps(out_dir: Path) -> dict:
+    """The ICBM152 maps in ``out_dir`` (Volumes by name) that the individual brains are built against."""
+    from ..volume import read_volume
+
+    return {n: read_volume(out_dir / f"mni_icbm152_2009a_{n}.nii.gz", validate=False)
+            for n in ("t1", "gm", "wm", "brainmask", "ventricles")}
+
+
+def _segment_with_icbm_priors(t1: np.ndarray, mask: np.ndarray, icbm: dict) -> np.ndarray:
+    """CSF / GM / WM fractions of a T1 on ICBM152's grid (:func:`segment_tissues`, ICBM152's maps as priors)."""
+    gm_i, wm_i = icbm["gm"].array / 255.0, icbm["wm"].array / 255.0
+    csf_i = np.clip((icbm["brainmask"].array > 0) - gm_i - wm_i, 0.0, 1.0)
+    return segment_tissues(t1, mask, np.stack([csf_i, gm_i, wm_i]))
+
+
+def _write_individual(gm: np.ndarray, wm: np.ndarray, mask: np.ndarray, icbm: dict, out_dir: Path,
+                      prefix: str) -> tuple[dict[str, Path], np.ndarray]:
+    """Write an individual brain's maps; returns the paths and its lateral ventricles. An individual's CSF
+    spaces join up more than the average's, so only the seeded components within 8 mm of ICBM152's
+    ventricles (the same place after the affine registration) are kept."""
+    from scipy import ndimage as ndi
+
+    affine = icbm["t1"].affine_ras
+    near = ndi.distance_transform_edt(~(icbm["ventricles"].array > 0)) <= 8.0
+    ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
+    written = _write_maps({"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
+                           "ventricles": ventricles.astype(np.float32)}, affine, out_dir, prefix)
+    return written, ventricles
 
 
 def bias_corrected(arr: np.ndarray, mask: np.ndarray, *, shrink: int = 3, iterations: int = 50) -> np.ndarray:
@@ -274,13 +295,10 @@ def build_clinical(flair_path: Path, t1_path: Path, out_dir: Path, name: str) ->
     """Write a patient's maps (``{name}_{gm,wm,brainmask,ventricles}.nii.gz``) on the grid of the
     ICBM152 maps already in ``out_dir`` from a FLAIR and a T1 of one session (see the module
     docstring). Returns map name → path."""
-    from scipy import ndimage as ndi
-
     from ..geometry import register_affine, resample_index_space
     from ..volume import read_volume
 
-    icbm = {n: read_volume(out_dir / f"mni_icbm152_2009a_{n}.nii.gz", validate=False)
-            for n in ("t1", "gm", "wm", "brainmask", "ventricles")}
+    icbm = _icbm_maps(out_dir)
     affine, brain_i, shape = icbm["t1"].affine_ras, icbm["brainmask"].array > 0, icbm["t1"].shape
     flair = read_volume(flair_path, validate=False)
     t1w = read_volume(t1_path, validate=False)
@@ -298,16 +316,10 @@ def build_clinical(flair_path: Path, t1_path: Path, out_dir: Path, name: str) ->
         mask &= fov > 0.99
     t1 = bias_corrected(moved["t1"], mask)
     fl = bias_corrected(moved["flair"], mask)
-    gm_i, wm_i = icbm["gm"].array / 255.0, icbm["wm"].array / 255.0
-    csf_i = np.clip(brain_i - gm_i - wm_i, 0.0, 1.0)
-    csf, gm, wm = segment_tissues(t1, mask, np.stack([csf_i, gm_i, wm_i]))
-    lesions = flair_lesions(fl, gm, wm, mask, wm_i)
+    csf, gm, wm = _segment_with_icbm_priors(t1, mask, icbm)
+    lesions = flair_lesions(fl, gm, wm, mask, icbm["wm"].array / 255.0)
     gm[lesions], csf[lesions], wm[lesions] = 0.0, 0.0, 1.0  # the patient's lesions become white matter
-    vent_i = icbm["ventricles"].array > 0
-    near = ndi.distance_transform_edt(~vent_i) <= 8.0
-    ventricles = lateral_ventricles(mask.astype(np.float32), gm, wm, affine, within=near)
-    written = _write_maps({"gm": gm * 255.0, "wm": wm * 255.0, "brainmask": mask.astype(np.float32),
-                           "ventricles": ventricles.astype(np.float32)}, affine, out_dir, name)
+    written, ventricles = _write_individual(gm, wm, mask, icbm, out_dir, name)
     print(f"{name}: FLAIR registered to ICBM152 (correlation {reg.correlation:.3f}); the T1 kept in the scanner frame "
           f"(registering it to the FLAIR would move the central head by {moved_mm.mean():.1f} mm on average, "
           f"{moved_mm.max():.1f} mm at most); ICBM152's brain inside both "
