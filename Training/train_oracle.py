@@ -305,6 +305,15 @@ def _calibration_line(c: dict | None) -> str:
             f"further synthetic subjects (neither training nor validation), {c['knots']} knots")
 
 
+def _anatomy_words(cfg: dict) -> str:
+    """The training anatomies as the card names them ("MNI ICBM152 2009a anatomy", or several brains)."""
+    from CounterfactualGenLib.synth.resources import ANATOMY_TITLES
+
+    names = [ANATOMY_TITLES.get(a, a) for a in (cfg.get("data", {}).get("anatomies") or ("icbm152",))]
+    if len(names) == 1:
+        return f"{names[0]} anatomy"
+    return f"anatomy of {len(names)} brains, {', '.join(names[:-1])} and {names[-1]}, each subject drawn from one at random"
+
 def oracle_card(spec: OracleSpec, summary: dict, cfg: dict) -> str:
     m = spec.metrics
     return f"""# Evaluation oracle `{spec.id}`
@@ -318,7 +327,7 @@ evaluate`); it is a measuring instrument for *synthetic* images, not a clinical 
 | | |
 |---|---|
 | architecture | U-Net, channels {spec.architecture['channels']}, {summary['parameters']:,} parameters |
-| training data | {cfg['data']['train_subjects']} synthetic subjects (engine `counterfactualgen-synth-1`: MNI ICBM152 2009a anatomy, real MS lesion masks (Lesjak et al. 2018), atrophy), balanced over 4 lesion classes × 3 diagnoses |
+| training data | {cfg['data']['train_subjects']} synthetic subjects (engine `counterfactualgen-synth-1`: {_anatomy_words(cfg)}, real MS lesion masks (Lesjak et al. 2018), atrophy), balanced over 4 lesion classes × 3 diagnoses |
 | validation data | {m.get('n_subjects')} held-out synthetic subjects (other seeds) |
 | training | {summary['iterations']} iterations × batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (cosine), loss Dice + BCE (lesions) + CE (diagnosis) + MSE (atrophy level) + MSE (log(1 + lesion ml)) |
 | hardware / time | {summary['hardware']}, {summary['train_minutes']:.1f} min (+ {summary['pool_minutes']:.1f} min making subjects) |
