@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                     lab = np.where(touched, 3.0, 0.0)
                     lab[(ms["change"] >= hd) & bright["after"] & touched] = 1
                     lab[(ms["change"] <= -hd) & bright["before"] & touched] = 2
-                else:  # "change": |change| ≥ LESION_DELTA alone (the filled-region rule); "oracle": the gate
-                    lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True, inpainting=kind == "change",
-                                             **gate)
+                elif kind == "change":  # |change| ≥ LESION_DELTA alone: the prompt-edit rule before the gate
+                    lab = np.where(touched, 3.0, 0.0)
+                    lab[(ms["change"] >= P.LESION_DELTA) & touched] = 1
+                    lab[(ms["change"] <= -P.LESION_DELTA) & touched] = 2
+                else:  # "oracle": the gate edit_scan uses
+                    lab, _ = P.change_labels(ms["change"], touched, lesion_prompt=True, **gate)
                 want = 1 if task == "add" else 2
                 key = key_of(kind, d)
                 out[key] = {"ml": round(float((lab == want).sum()) * vox, 2),
