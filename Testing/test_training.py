@@ -629,3 +629,56 @@ def test_pool_from_both_anatomies_is_cached_per_anatomy_list(tmp_path):
                        ({"kind": "manifest", "manifest": "x.csv", "anatomies": ["colin27"]}, "synthetic pool only")):
         with pytest.raises(InputError, match=words):
             td.check_config({**td.DEFAULTS, **TINY, "data": {**TINY["data"], **bad}})
+
+
+def test_learning_masks_anchor_by_lesion_class_and_by_brain():
+    """Which samples learn from the data in an anchored run: a learnt class needs a kept prompt naming it,
+    a learnt brain learns with any prompt (dropped too); lesion weights only where the prompt names the load."""
+    import torch
+
+    td = _train_module()
+    names = torch.tensor([True, True, False, True, False, True])
+    dropped = torch.tensor([False, False, False, True, True, False])
+    classes = torch.tensor([1, 2, -1, 1, -1, 1])  # minimal, moderate, -, minimal, -, minimal
+    brains = torch.tensor([0, 0, 1, 1, 1, 1])  # icbm152 ×2, colin27 ×4
+    weighted, learnt = td.learning_masks(names, dropped, classes, brains, None, None)
+    assert weighted.tolist() == [True, True, False, False, False, True] and learnt is None
+    weighted, learnt = td.learning_masks(names, dropped, classes, brains, torch.tensor([1]), torch.tensor([], dtype=torch.long))
+    assert learnt.tolist() == [True, False, False, False, False, True] and weighted.tolist() == learnt.tolist()
+    weighted, learnt = td.learning_masks(names, dropped, classes, brains, torch.tensor([], dtype=torch.long),
+                                         torch.tensor([1]))
+    assert learnt.tolist() == [False, False, True, True, True, True]
+    assert weighted.tolist() == [False, False, False, False, False, True]
+
+
+def test_anchored_by_brain_run_records_it_and_pool_keeps_each_subjects_brain(tmp_path, config):
+    """anchor.learn_anatomies: the pool records each subject's brain, the run trains and its card says which brains
+    learnt; a brain outside data.anatomies, all of them, or guidance with it are refused before any work."""
+    from safetensors.numpy import load_file
+
+    script = str(ROOT / "Training" / "train_diffusion.py")
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "a")], tmp_path)
+    src = tmp_path / "a" / "model"
+    base = json.loads(config.read_text())
+    data = {**base["data"], "anatomies": ["icbm152", "colin27"], "pool_size": 8}
+    anchor = {"model": str(src), "learn": [], "learn_anatomies": ["colin27"], "weight": 1.0}
+    run = {**base, "data": data, "init_from": str(src), "iterations": 3, "anchor": anchor, "ema_decay": 0.0}
+    (tmp_path / "brains.json").write_text(json.dumps(run))
+    p = _run([sys.executable, script, "--config", str(tmp_path / "brains.json"), "--out", str(tmp_path / "b")], tmp_path)
+    assert "every sample of colin27 learn from the data" in p.stderr
+    pool = np.load(next((tmp_path / "b").glob("pool_*.npz")))
+    assert set(pool["anatomy"].tolist()) == {"icbm152", "colin27"} and len(pool["anatomy"]) == 8
+    t = json.loads((tmp_path / "b" / "model" / "model.json").read_text())["training"]
+    assert t["anchor"]["learn_anatomies"] == ["colin27"] and t["anchor"]["learn"] == []
+    assert "only every sample of Colin27 learnt from the data" in (tmp_path / "b" / "model" / "MODEL_CARD.md").read_text()
+    before, after = load_file(str(src / "denoiser.safetensors")), load_file(str(tmp_path / "b" / "model" / "denoiser.safetensors"))
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # the Colin27 subjects moved it
+    for bad, words in (({**anchor, "learn_anatomies": ["clinical12"]}, "anchor.learn_anatomies"),
+                       ({**anchor, "learn_anatomies": ["icbm152", "colin27"]}, "anchor.learn_anatomies"),
+                       ({**anchor, "guidance": 4.0}, "anchor.guidance applies"),
+                       ({**anchor, "learn_anatomies": []}, "anchor.learn")):
+        (tmp_path / "bad.json").write_text(json.dumps({**run, "anchor": bad}))
+        p = subprocess.run([sys.executable, script, "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")],
+                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+        assert p.returncode != 0 and words in p.stderr, p.stderr[-500:]
+        assert not (tmp_path / "bad").exists()

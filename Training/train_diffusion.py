@@ -124,6 +124,10 @@ DEFAULTS: dict[str, Any] = {
     # population's mean: it pushes a class below the mean (minimal) further down, to none.
     # Not a general calibration: the guided members then come out about as faint as unguided samples
     # (on the bundled model that helped minimal and emptied moderate and high; Training/EXPERIMENTS.md).
+    # With "learn_anatomies": [names from data.anatomies] every sample of those brains learns from the
+    # data (every prompt, dropped conditions too: the unconditional branch learns the new brains as
+    # well), while the other brains' samples copy the anchor: a model learns further brains and keeps
+    # what it does on the ones it knew. "learn" may then be empty; "guidance" is refused with it.
     "anchor": None,
 }
 
@@ -153,8 +157,9 @@ def is_main(rank: int) -> bool:
 # ---------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------
-def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]) -> tuple[np.ndarray, str, str, np.ndarray]:
-    """One synthetic subject in model units + its lesion-load class, diagnosis and exact lesion mask (pool worker)."""
+def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]) -> tuple[np.ndarray, str, str, np.ndarray, str]:
+    """One synthetic subject in model units + its lesion-load class, diagnosis, exact lesion mask and anatomy
+    (pool worker)."""
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.synth import make_subject, random_spec
 
@@ -163,7 +168,7 @@ def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]) -> t
     subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
     norm = IntensityNormalizer.fit(subj.image.array, subj.brain_mask, upper_percentile=99.5)
     img = np.clip(norm.forward(subj.image.array), -1.0, 1.5).astype(np.float16)
-    return img, subj.attributes["lesion_load"], subj.attributes["diagnosis"], subj.lesion_mask.astype(np.uint8)
+    return img, subj.attributes["lesion_load"], subj.attributes["diagnosis"], subj.lesion_mask.astype(np.uint8), spec.anatomy
 
 
 def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path | None) -> dict[str, np.ndarray]:
@@ -178,8 +183,11 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
         data = np.load(cache)
         made_from = tuple(data["anatomies"].tolist()) if "anatomies" in data.files else ("icbm152",)
         if ("lesion_masks" in data.files and len(data["lesion"]) >= size
-                and tuple(data["images"].shape[1:]) == tuple(grid.shape) and made_from == anatomies):
-            return {k: data[k][:size] for k in data.files if k != "anatomies"}
+                and tuple(data["images"].shape[1:]) == tuple(grid.shape) and made_from == anatomies
+                and ("anatomy" in data.files or len(anatomies) == 1)):  # caches before "anatomy": one brain
+            pool = {k: data[k][:size] for k in data.files if k != "anatomies"}
+            pool.setdefault("anatomy", np.full(len(pool["lesion"]), anatomies[0]))
+            return pool
     from concurrent.futures import ProcessPoolExecutor
 
     lesion_classes = ("none", "minimal", "moderate", "high")
@@ -197,7 +205,8 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
             items = list(tqdm(ex.map(_synthetic_item, jobs, chunksize=4), total=size, desc="synthesise",
                               file=sys.stderr, mininterval=5.0))
     pool = {"images": np.stack([i[0] for i in items]), "lesion": np.array([i[1] for i in items]),
-            "diagnosis": np.array([i[2] for i in items]), "lesion_masks": np.stack([i[3] for i in items])}
+            "diagnosis": np.array([i[2] for i in items]), "lesion_masks": np.stack([i[3] for i in items]),
+            "anatomy": np.array([i[4] for i in items])}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(".partial-" + cache.name)
@@ -391,7 +400,8 @@ def lesion_class_draw_cdf(lesion: np.ndarray, weights: dict | None) -> np.ndarra
 
 class Stream(torch.utils.data.IterableDataset):
     """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8,
-    lesion-load class index into LESION_LOAD_CLASSES (-1: the prompt names none))."""
+    lesion-load class index into LESION_LOAD_CLASSES (-1: the prompt names none), anatomy index into
+    ANATOMIES (-1: a manifest's scan))."""
 
     def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None,
                  manifest: Manifest | None = None, registered: dict[int, dict] | None = None,
@@ -412,7 +422,8 @@ class Stream(torch.utils.data.IterableDataset):
                 prompt, names_lesions = pool_prompt(str(self.pool["lesion"][i]), str(self.pool["diagnosis"][i]),
                                                     rng, self.cfg)
                 yield (torch.from_numpy(img)[None], prompt, names_lesions,
-                       torch.from_numpy(self.pool["lesion_masks"][i])[None], _class_index(str(self.pool["lesion"][i])))
+                       torch.from_numpy(self.pool["lesion_masks"][i])[None], _class_index(str(self.pool["lesion"][i])),
+                       _anatomy_index(str(self.pool["anatomy"][i])))
         else:
             from CounterfactualGenLib.text.prompts import canonical_prompt, paraphrase
 
@@ -432,7 +443,13 @@ class Stream(torch.utils.data.IterableDataset):
                 if rng.random() < self.cfg["data"].get("paraphrase_prob", 0.0):
                     prompt = paraphrase(prompt, rng)
                 yield (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt, names,
-                       torch.from_numpy(lesions)[None], _class_index(row.lesion_load or "") if names else -1)
+                       torch.from_numpy(lesions)[None], _class_index(row.lesion_load or "") if names else -1, -1)
+
+
+def _anatomy_index(anatomy: str) -> int:
+    from CounterfactualGenLib.synth.spec import ANATOMIES
+
+    return list(ANATOMIES).index(anatomy)
 
 
 def _class_index(lesion_class: str) -> int:
@@ -622,8 +639,12 @@ def _stage_row(t: dict) -> str:
                     "see its card)" if s.get("averaged_from") else "") + " |\n")
     a = t.get("anchor")
     if a:
+        what = " and ".join(x for x in (
+            f"prompts naming {', '.join(a['learn'])} lesion load" if a.get("learn") else "",
+            f"every sample of {', '.join(ANATOMY_TITLES.get(b, b) for b in a['learn_anatomies'])}"
+            if a.get("learn_anatomies") else "") if x)
         rows += (f"| anchored to | model folder `{a['model']}` (`{a.get('id')}`, denoiser SHA-256 "
-                 f"{str(a.get('denoiser_sha256'))[:12]}…): only prompts naming {', '.join(a['learn'])} lesion load "
+                 f"{str(a.get('denoiser_sha256'))[:12]}…): only {what} "
                  f"learnt from the data{' through guidance ' + str(a['guidance']) if a.get('guidance') else ''}; "
                  f"every other sample copied its prediction (weight {a['weight']}) |\n")
     return rows
@@ -689,24 +710,35 @@ def check_anchor(cfg: dict) -> dict | None:
         return None
     from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
-    if not isinstance(a, dict) or set(a) - {"model", "learn", "weight", "guidance"} or "model" not in a:
-        raise InputError(f'anchor must be {{"model": FOLDER, "learn": [CLASSES], "weight": W, "guidance": G}} '
-                         f'("weight" and "guidance" optional); got {a!r}.')
+    if not isinstance(a, dict) or set(a) - {"model", "learn", "learn_anatomies", "weight", "guidance"} or "model" not in a:
+        raise InputError(f'anchor must be {{"model": FOLDER, "learn": [CLASSES], "learn_anatomies": [BRAINS], '
+                         f'"weight": W, "guidance": G}} ("learn_anatomies", "weight" and "guidance" optional); got {a!r}.')
     if cfg["data"]["kind"] != "synthetic":
         raise InputError("anchor applies to the synthetic pool only (data.kind = synthetic): it needs each "
                          "sample's lesion-load class.")
     if not (Path(a["model"]) / "model.json").exists():
         raise InputError(f"anchor.model: {a['model']} is not a model folder (no model.json).")
-    learn = a.get("learn") or []
-    if not isinstance(learn, list) or not learn or any(c not in LESION_LOAD_CLASSES for c in learn):
-        raise InputError(f"anchor.learn must list lesion-load classes from {list(LESION_LOAD_CLASSES)}; got {learn!r}.")
+    brains = a.get("learn_anatomies") or []
+    pool_brains = list(cfg["data"].get("anatomies") or DATA_KEYS["anatomies"])
+    if not isinstance(brains, list) or any(b not in pool_brains for b in brains) or len(set(brains)) >= len(pool_brains):
+        raise InputError(f"anchor.learn_anatomies must list some, not all, of data.anatomies {pool_brains} (the others "
+                         f"hold the anchor); got {brains!r}.")
+    learn = a.get("learn") if a.get("learn") is not None else []
+    if (not isinstance(learn, list) or (not learn and not brains)
+            or any(c not in LESION_LOAD_CLASSES for c in learn)):
+        raise InputError(f"anchor.learn must list lesion-load classes from {list(LESION_LOAD_CLASSES)} (it may be "
+                         f"empty with anchor.learn_anatomies); got {learn!r}.")
     w = a.get("weight", 1.0)
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
         raise InputError(f"anchor.weight must be a positive number; got {w!r}.")
     g = a.get("guidance")
     if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 1):
         raise InputError(f"anchor.guidance must be a number >= 1 (the sampler's guidance scale) or null; got {g!r}.")
+    if g is not None and brains:
+        raise InputError("anchor.guidance applies to learnt lesion-load classes only; leave it out with "
+                         "anchor.learn_anatomies (new brains learn from the data plainly).")
     return {"model": str(a["model"]), "learn": list(learn), "weight": float(w),
+            **({"learn_anatomies": list(brains)} if brains else {}),
             **({"guidance": float(g)} if g is not None else {})}
 
 
@@ -717,6 +749,24 @@ def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Mo
     teacher.to(device).eval().requires_grad_(False)
     sha = next((f.get("sha256") for f in m.spec.files if f.get("role") == "denoiser"), None)
     return teacher, {**anchor, "id": m.spec.id, "denoiser_sha256": sha}
+
+
+def learning_masks(names_lesions: torch.Tensor, dropped: torch.Tensor, classes: torch.Tensor, brains: torch.Tensor,
+                   learn_classes: torch.Tensor | None, learn_brains: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per sample (B,): whose lesions weigh in the loss, and (anchored runs) who learns from the data.
+
+    Plain runs (``learn_classes`` None): lesion weights for prompts that name the lesion load and
+    were not dropped; no anchor, so the second mask is None. Anchored: a sample learns from the
+    data if its prompt names a learnt lesion-load class (condition kept) or it is of a learnt brain
+    (any prompt, dropped or not); lesion weights count for learnt samples whose prompt names the load.
+    """
+    named = names_lesions & ~dropped
+    if learn_classes is None:
+        return named, None
+    by_class = named & torch.isin(classes, learn_classes)
+    by_brain = torch.isin(brains, learn_brains) if learn_brains is not None else torch.zeros_like(by_class)
+    return by_class | (named & by_brain), by_class | by_brain
 
 
 def anchored_targets(v: torch.Tensor, anchor_pred: torch.Tensor, learn: torch.Tensor, weight: float,
@@ -1000,14 +1050,18 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     if world > 1:  # every rank starts from rank 0's weights
         for p in net.state_dict().values():
             dist.broadcast(p, 0)
-    teacher, anchor_info, learn_idx = None, None, None
+    teacher, anchor_info, learn_idx, learn_brains = None, None, None, None
     if anchor:
         from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
         teacher, anchor_info = load_anchor(anchor, net, device)
-        learn_idx = torch.tensor([LESION_LOAD_CLASSES.index(c) for c in anchor["learn"]])
+        learn_idx = torch.tensor([LESION_LOAD_CLASSES.index(c) for c in anchor["learn"]], dtype=torch.long)
+        learn_brains = torch.tensor([_anatomy_index(b) for b in anchor.get("learn_anatomies", [])], dtype=torch.long)
         if is_main(rank):
-            print(f"Anchored to {anchor['model']}: {anchor['learn']} learn from the data"
+            what = " and ".join(x for x in (
+                f"prompts naming {', '.join(anchor['learn'])} lesion load" if anchor["learn"] else "",
+                f"every sample of {', '.join(anchor['learn_anatomies'])}" if anchor.get("learn_anatomies") else "") if x)
+            print(f"Anchored to {anchor['model']}: {what} learn from the data"
                   f"{' through guidance ' + str(anchor['guidance']) if anchor.get('guidance') else ''}, the rest keep "
                   f"its predictions (weight {anchor['weight']}).", file=sys.stderr)
 
@@ -1091,7 +1145,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(cfg["grad_accum"]):
-                img, prompts, names_lesions, lesions, classes = next(data)
+                img, prompts, names_lesions, lesions, classes, brains = next(data)
                 img = img.to(device)
                 with torch.no_grad():
                     z0 = model.encode(img)
@@ -1103,10 +1157,8 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                 x_t, v = rflow_training_target(z0, noise, t)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     pred = ddp_net(x_t, t.float(), ctx)
-                active = names_lesions & ~drop
-                if teacher is not None:  # only the learnt classes learn from the data
-                    active = active & torch.isin(classes, learn_idx)
-                active = active.to(device)
+                active, learnt = learning_masks(names_lesions, drop, classes, brains, learn_idx, learn_brains)
+                active, learnt = active.to(device), None if learnt is None else learnt.to(device)
                 w = lesion_weights(lesions.to(device), active, z0.shape[2:],
                                    float(cfg.get("lesion_weight") or 0.0), prior, float(cfg.get("lesion_prior_weight") or 0.0),
                                    volume_ref_ml=cfg.get("lesion_weight_volume_ref_ml"), voxel_ml=grid.spacing_mm ** 3 / 1000.0)
@@ -1116,10 +1168,10 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                     tctx = ctx
                     if anchor.get("guidance"):
                         tctx = ctx.clone()
-                        tctx[active] = null_tokens[0]
+                        tctx[learnt] = null_tokens[0]
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                         anchor_pred = teacher(x_t, t.float(), tctx)
-                    v, w = anchored_targets(v, anchor_pred, active, anchor["weight"],
+                    v, w = anchored_targets(v, anchor_pred, learnt, anchor["weight"],
                                             None if w is None else w.to(device), anchor.get("guidance"))
                 loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
                 loss = loss / cfg["grad_accum"]
