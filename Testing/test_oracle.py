@@ -115,6 +115,13 @@ def _train_module():
     return mod
 
 
+def test_oracle_card_names_the_brains_it_was_trained_on():
+    mod = _train_module()
+    assert mod._anatomy_words({"data": {}}) == "MNI ICBM152 2009a anatomy"
+    words = mod._anatomy_words({"data": {"anatomies": ["icbm152", "colin27", "clinical04"]}})
+    assert words.startswith("anatomy of 3 brains, MNI ICBM152 2009a, Colin27 and clinical MS patient 04")
+
+
 def test_tiny_training_run_writes_a_loadable_oracle_with_metrics(tmp_path):
     mod = _train_module()
     cfg = json.loads(json.dumps(mod.DEFAULTS))

@@ -314,6 +314,7 @@ def _anatomy_words(cfg: dict) -> str:
         return f"{names[0]} anatomy"
     return f"anatomy of {len(names)} brains, {', '.join(names[:-1])} and {names[-1]}, each subject drawn from one at random"
 
+
 def oracle_card(spec: OracleSpec, summary: dict, cfg: dict) -> str:
     m = spec.metrics
     return f"""# Evaluation oracle `{spec.id}`
