@@ -756,7 +756,7 @@ def learning_masks(names_lesions: torch.Tensor, dropped: torch.Tensor, classes: 
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per sample (B,): whose lesions weigh in the loss, and (anchored runs) who learns from the data.
 
-    Plain runs (``learn_classes`` None): lesion weights for prompts that name the lesion load and
+    Plain runs (``learn_classes`` and ``learn_brains`` None): lesion weights for prompts that name the lesion load and
     were not dropped; no anchor, so the second mask is None. Anchored: a sample learns from the
     data if its prompt names a learnt lesion-load class (condition kept) or it is of a learnt brain
     (any prompt, dropped or not); lesion weights count for learnt samples whose prompt names the load.
@@ -765,7 +765,7 @@ def learning_masks(names_lesions: torch.Tensor, dropped: torch.Tensor, classes: 
     if learn_classes is None:
         return named, None
     by_class = named & torch.isin(classes, learn_classes)
-    by_brain = torch.isin(brains, learn_brains) if learn_brains is not None else torch.zeros_like(by_class)
+    by_brain = torch.isin(brains, learn_brains)
     return by_class | (named & by_brain), by_class | by_brain
 
 

@@ -41,8 +41,9 @@ scanned in routine care (with skull, 0.7×0.7×3 mm, inhomogeneous). The FLAIR i
 to the ICBM152 T1 (``register_affine``; a T1 with skull registers worse, its scalp fat
 being brighter than the brain), and the T1 of the same session is carried through the same
 transform (both share the scanner frame; the build prints how far registering one to the other
-would move the T1: 0.8 and 2.3 mm on average for the two patients, under the 3 mm slices). Inside ICBM152's brain mask (within both fields of
-view), each is bias-corrected (N4, SimpleITK), the T1 segmented as Colin27 is, and the
+would move the T1: 0.8 and 2.3 mm on average for the two patients, under the 3 mm slices).
+Inside ICBM152's brain mask (within both fields of view), each is bias-corrected (N4,
+SimpleITK), the T1 segmented as Colin27 is, and the
 patient's own lesions, which the engine must not render as unlabelled tissue, found on the
 FLAIR (:func:`flair_lesions`) and filled as white matter::
 
@@ -224,7 +225,7 @@ def _icbm_maps(out_dir: Path) -> dict:
             for n in ("t1", "gm", "wm", "brainmask", "ventricles")}
 
 
-def _segment_with_icbm_priors(t1: np.ndarray, mask: np.ndarray, icbm: dict) -> np.ndarray:
+def _segment_with_icbm_priors(t1: np.ndarray, mask: np.ndarray, icbm: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSF / GM / WM fractions of a T1 on ICBM152's grid (:func:`segment_tissues`, ICBM152's maps as priors)."""
     gm_i, wm_i = icbm["gm"].array / 255.0, icbm["wm"].array / 255.0
     csf_i = np.clip((icbm["brainmask"].array > 0) - gm_i - wm_i, 0.0, 1.0)
