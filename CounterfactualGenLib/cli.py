@@ -691,10 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--null-text", type=int, default=0, metavar="N",
                        help="null-text optimisation (PRISM): N Adam iterations per step so the guided source "
                             "branch retraces the inversion (0 = off; 10 is the paper's setting; slower)")
-        e.add_argument("--edit-region", default="brain", choices=["brain", "prompt"],
-                       help="where a lesion-load prompt edit may act: brain (default) or prompt = only where the "
+        e.add_argument("--edit-region", default="auto", choices=["auto", "brain", "prompt"],
+                       help="where a lesion-load prompt edit may act: auto (default) = the white matter and 5 mm "
+                            "around it, where MS lesions lie; brain = the whole brain; prompt = only where the "
                             "source and target prompts disagree (DiffEdit): much less change to healthy tissue, "
-                            "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py)")
+                            "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py). "
+                            "Other edits act on the whole brain")
         e.add_argument("--oracle", default="auto",
                        help="oracle folder or registered oracle id for lesion ml before/after; auto = the bundled one "
                             "if installed, none = skip")

@@ -647,8 +647,9 @@ def test_prompt_edit_labels_lesions_only_where_the_oracle_segments_them(tiny):
 
 
 def test_prompt_edit_region_confines_a_lesion_edit_to_where_the_prompts_disagree(tiny):
-    """DiffEdit (edit_region="prompt"): the change lies inside the region the prompts disagree on; the
-    default (the whole brain) is what it was; a bad region name or threshold is refused."""
+    """DiffEdit (edit_region="prompt"): the change lies inside the region the prompts disagree on, and
+    inside less than the whole brain (edit_region="brain"; the default's white matter is this model's
+    whole brain); a bad region name or threshold is refused."""
     from scipy.ndimage import binary_dilation
 
     from CounterfactualGenLib.pipeline import EDIT_REGION_DRAWS, EDIT_REGION_T
@@ -659,10 +660,11 @@ def test_prompt_edit_region_confines_a_lesion_edit_to_where_the_prompts_disagree
     scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
     brain = scan.array > 0
     kw = dict(target_prompt=HIGH, source_prompt=NONE, brain_mask=brain, registration="none", steps=4)
-    whole = edit_scan(m, tiny_encoder(), scan, **kw)
+    whole = edit_scan(m, tiny_encoder(), scan, edit_region="brain", **kw)
     assert whole.report["edit_region"] == {"kind": "brain"}
-    np.testing.assert_array_equal(whole.counterfactual.array,
-                                  edit_scan(m, tiny_encoder(), scan, edit_region="brain", **kw).counterfactual.array)
+    default = edit_scan(m, tiny_encoder(), scan, **kw)  # this model's white-matter template is its brain mask
+    assert default.report["edit_region"]["kind"] == "white matter"
+    np.testing.assert_array_equal(whole.counterfactual.array, default.counterfactual.array)
     local = edit_scan(m, tiny_encoder(), scan, edit_region="prompt", edit_region_threshold=0.6, **kw)
     rep = local.report["edit_region"]
     assert rep["kind"] == "prompt" and 0.0 < rep["ml_model_grid"] < brain.sum() * g.spacing_mm ** 3 / 1000.0
@@ -685,6 +687,61 @@ def test_prompt_edit_region_confines_a_lesion_edit_to_where_the_prompts_disagree
         edit_scan(m, tiny_encoder(), scan, edit_region="lesions", **kw)
     with pytest.raises(InputError, match="threshold"):
         edit_scan(m, tiny_encoder(), scan, edit_region="prompt", edit_region_threshold=1.5, **kw)
+
+
+def test_a_lesion_load_edit_acts_in_the_white_matter_by_default(tiny, tmp_path):
+    """edit_region="auto" (the default): a lesion-load prompt edit changes only the template's white matter
+    and the margin around it (here less than the brain); "brain" changes outside it too; a diagnosis
+    prompt acts on the whole brain; a model that ships no white-matter template edits the whole brain."""
+    from scipy.ndimage import binary_erosion
+
+    from CounterfactualGenLib.models import save_model
+    from CounterfactualGenLib.pipeline import LESION_EDIT_WM_MARGIN_MM, white_matter_region
+
+    m = load_model(tiny)
+    g = m.spec.grid
+    brain = m.template("brain_mask").array > 0.5
+    inner = binary_erosion(brain, iterations=3)
+    assert 0 < inner.sum() < brain.sum() // 2
+    folder = save_model(m, tmp_path / "wm", templates={
+        "image": m.template("image"), "brain_mask": m.template("brain_mask"),
+        "white_matter": Volume(inner.astype(np.float32), g.affine_ras)})
+    m = load_model(folder)
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    kw = dict(source_prompt=NONE, brain_mask=brain, registration="none", steps=4)
+    region = white_matter_region(inner, brain, g.spacing_mm)
+    assert LESION_EDIT_WM_MARGIN_MM < g.spacing_mm and (region == inner).all()  # 5 mm < one 8 mm voxel
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, **kw)
+    rep = r.report["edit_region"]
+    assert rep["kind"] == "white matter" and "5 mm around it" in rep["rule"]
+    assert rep["ml_model_grid"] == pytest.approx(region.sum() * g.spacing_mm ** 3 / 1000.0, abs=1e-3)
+    changed = r.counterfactual.array != scan.array
+    assert changed[region].any() and not changed[~region].any()
+    whole = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, edit_region="brain", **kw)
+    assert whole.report["edit_region"] == {"kind": "brain"}
+    assert (whole.counterfactual.array != scan.array)[brain & ~region].any()
+    dx = edit_scan(m, tiny_encoder(), scan, target_prompt="Subject has mild Alzheimer's dementia (AD).",
+                   **{**kw, "source_prompt": "Subject is cognitively normal (CN)."})
+    assert dx.report["edit_region"] == {"kind": "brain"} and (dx.counterfactual.array != scan.array)[~region].any()
+    bare = load_model(build_tiny_model(tmp_path / "bare"))  # no templates
+    events = []
+    r = edit_scan(bare, tiny_encoder(), scan, target_prompt=HIGH, on_event=events.append, **kw)
+    assert r.report["edit_region"] == {"kind": "brain"}
+    assert any("ships no white-matter template" in e.get("message", "") for e in events)
+
+
+def test_white_matter_region_grows_by_the_margin_in_mm_inside_the_brain():
+    from CounterfactualGenLib.pipeline import white_matter_region
+
+    wm = np.zeros((9, 9, 9), np.float32)
+    wm[4, 4, 4] = 0.9
+    brain = np.ones(wm.shape, bool)
+    assert white_matter_region(wm, brain, 5.0, margin_mm=5.0).sum() == 7  # the voxel and its 6 faces
+    assert white_matter_region(wm, brain, 5.0, margin_mm=7.2).sum() == 19  # and its 12 edges (7.07 mm)
+    assert white_matter_region(wm, brain, 5.0, margin_mm=0.0).sum() == 1
+    assert white_matter_region(wm, brain, 5.0, probability=0.95).sum() == 0  # below the probability: none
+    brain[:, :, 5:] = False
+    assert white_matter_region(wm, brain, 5.0, margin_mm=5.0).sum() == 6  # never outside the brain
 
 
 def test_prompt_change_map_lights_up_where_the_two_rows_predict_differently():

@@ -1252,7 +1252,7 @@ def test_logic_edit_passes_null_text_and_the_real_cli_accepts_the_arguments(logi
     assert argv[argv.index("--edit-region") + 1] == "prompt"
     assert build_parser().parse_args(argv).edit_region == "prompt"
     logic.editBlocking(node, "Subject has high lesion load.", steps=2)
-    assert "--edit-region" not in fake_cli.calls()[-1]["argv"]  # the CLI's default: the whole brain
+    assert "--edit-region" not in fake_cli.calls()[-1]["argv"]  # the CLI's default (auto: white matter for lesion load)
 
 
 def test_widget_shows_a_worker_warning_and_repeats_it_when_the_run_ends(cfg, scene, slicer_stub):
