@@ -703,13 +703,12 @@ def edit_scan(
             rep.log(f"Model '{model.id}' ships no white-matter template: the lesion-load edit acts on the whole brain.")
         else:
             wm_region = white_matter_region(white, brain_model, grid.spacing_mm)
-            if not wm_region.any():
-                wm_region = None
-                rep.log("The template's white matter does not overlap the scan's brain mask on the model grid: the "
-                        "lesion-load edit acts on the whole brain. Check the brain mask and the registration.",
-                        level="warning")
     inpaint = lesion_region is not None
     warnings: list[str] = []
+    if wm_region is not None and not wm_region.any():
+        wm_region = None
+        warnings.append("The template's white matter does not overlap the scan's brain mask on the model grid, so "
+                        "the lesion-load edit acts on the whole brain. Check the brain mask and the registration.")
     if filling and not inpaint:
         warnings.append(TEXT_ONLY_FILL_WARNING)
     if mask_source == "oracle" and scan.voxel_volume_ml < 0.5 * grid.spacing_mm ** 3 / 1000.0:

@@ -723,6 +723,10 @@ def test_a_lesion_load_edit_acts_in_the_white_matter_by_default(tiny, tmp_path):
     dx = edit_scan(m, tiny_encoder(), scan, target_prompt="Subject has mild Alzheimer's dementia (AD).",
                    **{**kw, "source_prompt": "Subject is cognitively normal (CN)."})
     assert dx.report["edit_region"] == {"kind": "brain"} and (dx.counterfactual.array != scan.array)[~region].any()
+    outer = brain & ~region  # a brain mask that misses the template's white matter: whole brain, with a warning
+    r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, **{**kw, "brain_mask": outer})
+    assert r.report["edit_region"] == {"kind": "brain"}
+    assert any("does not overlap the scan's brain mask" in w for w in r.report["warnings"])
     bare = load_model(build_tiny_model(tmp_path / "bare"))  # no templates
     events = []
     r = edit_scan(bare, tiny_encoder(), scan, target_prompt=HIGH, on_event=events.append, **kw)
