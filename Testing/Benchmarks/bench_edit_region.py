@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="edit-region thresholds (fraction of the largest prompt disagreement in the brain)")
     ap.add_argument("--strengths", nargs="*", type=float, default=[0.6],
                     help="inversion strengths to run each region with (edit's --strength; default 0.6)")
+    ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
+                    help="edit regions to run besides the prompt thresholds (default: auto brain)")
     args = ap.parse_args(argv)
 
     from CounterfactualGenLib.evaluation.edits import evaluate_edits
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                              strength=strength, seed=0)
         return edit
 
-    settings = [(s, r, None) for s in args.strengths for r in ("auto", "brain")] + \
+    settings = [(s, r, None) for s in args.strengths for r in args.regions] + \
         [(s, "prompt", t) for s in args.strengths for t in args.thresholds]
     results = {}
     for strength, region, thr in settings:
