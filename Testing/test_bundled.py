@@ -302,19 +302,27 @@ def test_masked_lesion_filling_of_a_finer_scan_beats_the_spread_change(tmp_path)
 
 
 def test_lesion_addition_may_be_brighter_than_anything_in_the_scan():
-    """Added lesions on a lesion-free engine twin (no skull: its brightest voxels are brain) come out brighter
-    than the scan's maximum, as FLAIR lesions are; the output was clipped there, which hid part of an addition
-    from the written file while the oracle's reading after the edit saw the unclipped change."""
+    """A lesion addition may brighten voxels beyond the scan's maximum, as FLAIR lesions can be; the output was
+    clipped there, which hid part of an addition from the written file while the oracle's reading after the
+    edit saw the unclipped change. On a lesion-free engine twin the brightest voxels are cortex, outside the
+    white matter a lesion-load edit acts in, so the scan here is capped at its white matter's brightest value,
+    and the edit must write voxels above it."""
     from CounterfactualGenLib.evaluation.edits import held_out_pairs
     from CounterfactualGenLib.evaluation.oracle import default_oracle_path, load_oracle
     from CounterfactualGenLib.cli import Events, _load
-    from CounterfactualGenLib.pipeline import edit_scan
+    from CounterfactualGenLib.pipeline import edit_scan, white_matter_region
+    from CounterfactualGenLib.volume import Volume
 
     m, encoder = _load(None, None, Events(json_mode=False, quiet=True))
     _, twin = next(held_out_pairs(m.spec.grid, 1, seed=0))
     brain = twin.brain_mask > 0
-    r = edit_scan(m, encoder, twin.image, target_prompt="Subject has high lesion load.",
+    region = white_matter_region(m.template("white_matter").array, brain, m.spec.grid.spacing_mm)
+    cap = float(twin.image.array[region].max())
+    assert cap < float(twin.image.array.max())
+    scan = Volume(np.minimum(twin.image.array, cap), twin.image.affine_ras)
+    r = edit_scan(m, encoder, scan, target_prompt="Subject has high lesion load.",
                   source_prompt="Subject has no lesions.", brain_mask=brain, registration="none",
                   oracle=load_oracle(default_oracle_path()))
-    assert r.counterfactual.array.max() > twin.image.array.max()
+    over = r.counterfactual.array > cap
+    assert over.any() and (r.change_labels.array[over] > 0).all() and not over[~region].any()
     assert r.report["lesion_ml_after"] > r.report["lesion_ml_before"] + 5.0
