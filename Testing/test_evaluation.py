@@ -402,21 +402,24 @@ def _identity_editor(scan, *, target, source, brain_mask, lesion_mask=None, auto
 
 def _twin_editor(grid, n, seed=0):
     """A perfect editor: returns the exact engine twin the target asks for (identity for null edits)."""
-    from CounterfactualGenLib.evaluation.edits import held_out_pairs
+    from CounterfactualGenLib.evaluation.edits import atrophy_pair, held_out_pairs
 
     table = {}
     for subj, twin in held_out_pairs(grid, n, seed=seed):
         table[TruthOracle.key(subj.image.array)] = (twin, subj.attributes["lesion_ml"])
         table[TruthOracle.key(twin.image.array)] = (subj, 0.0)
+        cn, ad = atrophy_pair(subj, grid)
+        table[TruthOracle.key(cn.image.array)] = (ad, subj.attributes["lesion_ml"])
 
     def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
         if target == source or TruthOracle.key(scan.array) not in table:
             return _Result(scan, np.zeros(scan.shape), {"timings_s": {}})
         other, _ = table[TruthOracle.key(scan.array)]
         changed = other.image.array != scan.array
-        label = 2 if "no lesions" in target else 1
+        label = 2 if "no lesions" in target else 1 if "lesion" in target else 3
         return _Result(other.image, changed * label,
-                       {"lesion_ml_after": float(other.attributes["lesion_ml"]), "timings_s": {}})
+                       {"lesion_ml_after": float(other.attributes["lesion_ml"]),
+                        "diagnosis_after": other.attributes["diagnosis"], "timings_s": {}})
 
     return edit
 
@@ -434,6 +437,10 @@ def test_edits_of_a_perfect_editor_match_the_twins():
     assert s["fill"]["effectiveness"] == 1.0 and s["add"]["effectiveness"] == 1.0
     assert s["composition_l1"] == {"1": 0.0, "2": 0.0} and s["reversibility_l1"] == 0.0
     assert s["fill"]["outside_brain_bit_identical"] == 1.0
+    # the diagnosis edit: the CN twin becomes its exact AD twin, read as AD
+    assert all(math.isinf(row["atrophy"]["psnr_db"]) and np.isfinite(row["atrophy"]["baseline_psnr_db"])
+               for row in r["per_subject"])
+    assert s["atrophy"]["effectiveness"] == 1.0
 
 
 def test_edits_of_an_identity_editor_score_the_baseline():
@@ -444,6 +451,8 @@ def test_edits_of_an_identity_editor_score_the_baseline():
     assert row["fill"]["psnr_db"] == row["fill"]["baseline_psnr_db"]  # nothing changed: the baseline exactly
     assert row["fill"]["dice_removed_vs_true"] == 0.0 and row["composition_l1"] == {"1": 0.0}
     assert row["fill"]["oracle_class_after"] is None and r["summary"]["fill"]["effectiveness"] is None
+    assert row["atrophy"]["psnr_db"] == row["atrophy"]["baseline_psnr_db"] < 30.0  # CN and AD twins differ
+    assert r["summary"]["atrophy"]["effectiveness"] is None
     assert row["true_lesion_ml"] > 5.0  # moderate lesion load: there was something to remove
 
 

@@ -70,7 +70,7 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
         e = r["edits"]["summary"]
         m["edits"] = {"n_subjects": r["edits"]["n_subjects"], "seconds_per_edit": r["edits"]["seconds_per_edit"],
                       "fill": e["fill"], "fill_text_only": e.get("fill_text_only"), "fill_with_mask": e["fill_with_mask"],
-                      "add": e["add"],
+                      "add": e["add"], **({"atrophy": e["atrophy"]} if e.get("atrophy") else {}),
                       "composition_l1": e["composition_l1"], "reversibility_l1": e["reversibility_l1"]}
     return m
 
@@ -132,6 +132,10 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
              f"{_pct(f['effectiveness'])} / {_pct(fm['effectiveness'])} / {_pct(a['effectiveness'])}",
              "Monteiro et al. axiom" + ("; filling without a mask is read by the oracle that chose its voxels "
                                         f"(by the text alone: {_pct(ft['effectiveness'])})" if ft else "")),
+            *([("diagnosis edit CN → AD vs the exact AD twin: PSNR in brain (unedited CN twin) / read as AD",
+                f"{_num(e['atrophy']['psnr_db'], 2)} dB ({_num(e['atrophy']['baseline_psnr_db'], 2)} dB) / "
+                f"{_pct(e['atrophy']['effectiveness'])}", "the same subjects' CN twins, oracle diagnosis after")]
+              if e.get("atrophy") else []),
             ("composition L1, m = " + ", ".join(e["composition_l1"]) + " null edits; reversibility L1",
              ", ".join(_num(v, 4) for v in e["composition_l1"].values()) + f"; {_num(e['reversibility_l1'], 4)}",
              "brain, model units (range 2); 0 = perfect"),

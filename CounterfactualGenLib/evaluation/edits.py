@@ -16,6 +16,10 @@ lesions removed (or added), bit-identical everywhere else. For each held-out sub
 * **lesion addition** — the lesion-free twin edited to the subject's own lesion class,
   compared with the subject: oracle volume vs the true volume (where lesions appear is
   not determined by the prompt, so Dice here measures only overlap by chance + prior);
+* **diagnosis edit** — the subject's cognitively normal twin edited to "Subject has mild Alzheimer's
+  dementia (AD).", compared with its exact AD twin (the same person with AD-level atrophy: enlarged
+  ventricles, thinner cortex): PSNR / MAE in the brain against the AD twin and for the unedited CN
+  twin, and the oracle's diagnosis after the edit (effectiveness: read as AD);
 * **axioms** (Monteiro et al., ICLR 2023) — composition: L1 in the brain between the
   scan and m = 1, 2, 10 repeated null edits (target = source prompt); reversibility:
   L1 between the scan and its high → none → high cycle; effectiveness: the fraction of
@@ -35,11 +39,14 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["EDIT_SIZES", "best_worst_montage", "evaluate_edits", "held_out_pairs", "model_editor", "summarise_edits"]
+__all__ = ["EDIT_SIZES", "atrophy_pair", "best_worst_montage", "evaluate_edits", "held_out_pairs", "model_editor",
+           "summarise_edits"]
 
 #: Repeated null edits for the composition axiom (Monteiro et al. use m = 1, 2, 10).
 EDIT_SIZES = (1, 2, 10)
 NONE_PROMPT = "Subject has no lesions."
+CN_PROMPT = "Subject is cognitively normal (CN)."
+AD_PROMPT = "Subject has mild Alzheimer's dementia (AD)."
 
 Editor = Callable[..., Any]  # (scan Volume, target, source, brain_mask, lesion_mask, auto_lesion_mask) -> result
 
@@ -98,6 +105,15 @@ def held_out_pairs(grid: Any, n_subjects: int, *, seed: int = 0, contrast: str =
         yield make_subject(spec, **geo), make_twin(spec, lesion_class="none", **geo)
 
 
+def atrophy_pair(subject: Any, grid: Any) -> tuple[Any, Any]:
+    """``(CN twin, AD twin)`` of an engine subject on ``grid``: the same person, lesions and scan at the
+    two ends of the atrophy scale (the diagnosis edit's input and its exact truth)."""
+    from ..synth import make_twin
+
+    geo = {"shape": tuple(grid.shape), "spacing_mm": grid.spacing_mm, "center_mm": tuple(grid.center_ras)}
+    return make_twin(subject.spec, diagnosis="CN", **geo), make_twin(subject.spec, diagnosis="AD", **geo)
+
+
 def evaluate_edits(
     edit: Editor,
     *,
@@ -154,9 +170,10 @@ def evaluate_edits(
         row: dict[str, Any] = {"subject_seed": int(spec.seed), "lesion_class": subj.attributes["lesion_load"],
                                "true_lesion_ml": round(true_ml, 3), "diagnosis": subj.attributes["diagnosis"]}
 
-        def run(name: str, image, *, target: str, source: str, lesion_mask=None, **kw):
+        def run(name: str, image, *, target: str, source: str, lesion_mask=None, brain_mask=None, **kw):
             t = time.perf_counter()
-            res = edit(image, target=target, source=source, brain_mask=brain, lesion_mask=lesion_mask, **kw)
+            res = edit(image, target=target, source=source, brain_mask=brain if brain_mask is None else brain_mask,
+                       lesion_mask=lesion_mask, **kw)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
             for stage, s in (res.report.get("timings_s") or {}).items():
                 timings[f"stage:{stage}"] = timings.get(f"stage:{stage}", 0.0) + float(s)
@@ -197,6 +214,17 @@ def evaluate_edits(
                       "oracle_ml_error_vs_twin": None if after is None else round(abs(float(after) - true_ml), 3),
                       "oracle_class_after": None if after is None else lesion_class_of_ml(float(after)),
                       "outside_brain_bit_identical": _outside_identical(cf, clean.array, brain)}
+
+        # -- diagnosis: the CN twin edited to AD, against the exact AD twin -------------------------
+        cn, ad = atrophy_pair(subj, grid)
+        cn_brain = cn.brain_mask > 0
+        res = run("atrophy", cn.image, target=AD_PROMPT, source=CN_PROMPT, brain_mask=cn_brain)
+        cf = res.counterfactual.array
+        row["atrophy"] = {**_comparison(cf, ad.image.array, cn.image.array, cn_brain, _units(cn.image.array, cn_brain)),
+                          "oracle_diagnosis_before": res.report.get("diagnosis_before"),
+                          "oracle_diagnosis_after": res.report.get("diagnosis_after"),
+                          "outside_brain_bit_identical": _outside_identical(cf, cn.image.array, cn_brain),
+                          "changed_ml": res.report.get("changed_ml")}
 
         # -- axioms -------------------------------------------------------------------------------
         if n_max:
@@ -281,6 +309,12 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         hits = [r[task]["oracle_class_after"] == ("none" if task != "add" else r["lesion_class"])
                 for r in rows if r[task].get("oracle_class_after") is not None]
         out[task]["effectiveness"] = round(float(np.mean(hits)), 4) if hits else None
+    if any("atrophy" in r for r in rows):
+        out["atrophy"] = {k: mean(("atrophy", k)) for k in ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae",
+                                                            "outside_brain_bit_identical", "changed_ml")}
+        hits = [r["atrophy"]["oracle_diagnosis_after"] == "AD" for r in rows
+                if "atrophy" in r and r["atrophy"].get("oracle_diagnosis_after") is not None]
+        out["atrophy"]["effectiveness"] = round(float(np.mean(hits)), 4) if hits else None
     sizes = sorted({int(m) for r in rows for m in (r.get("composition_l1") or {})})
     out["composition_l1"] = {str(m): mean(("composition_l1", str(m))) for m in sizes}
     out["reversibility_l1"] = mean(("reversibility_l1",))

@@ -480,7 +480,7 @@ def plot_report(results: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7)
     if ed:
         ax = axes[-1]
-        tasks = [t for t in ("fill", "fill_text_only", "fill_with_mask", "add") if t in ed["per_subject"][0]]
+        tasks = [t for t in ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy") if t in ed["per_subject"][0]]
         for x, task in enumerate(tasks):
             for r in ed["per_subject"]:
                 a, b = r[task]["baseline_psnr_db"], r[task]["psnr_db"]
@@ -489,7 +489,8 @@ def plot_report(results: dict[str, Any], path: Path) -> Path:
                 ax.scatter([x - 0.15], [a], color="tab:red", s=12)
                 ax.scatter([x + 0.15], [b], color="tab:blue", s=12)
         ax.set_xticks(range(len(tasks)), [{"fill": "fill", "fill_text_only": "fill,\ntext only",
-                                           "fill_with_mask": "fill +\ntrue mask", "add": "add"}[t] for t in tasks])
+                                           "fill_with_mask": "fill +\ntrue mask", "add": "add",
+                                           "atrophy": "CN → AD"}[t] for t in tasks])
         ax.set_ylabel("PSNR vs exact twin, brain (dB)")
         ax.set_title("per subject: unedited (red) → edited (blue)")
     fig.suptitle("SYNTHETIC volumes: oracle readings of counterfactual series")
@@ -630,14 +631,15 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
     names = {"fill": "lesion filling → 'no lesions' (no mask: the oracle's segmentation is filled)",
              "fill_text_only": "lesion filling → 'no lesions' by the text alone (no mask, no oracle segmentation)",
              "fill_with_mask": "lesion filling with the true lesion mask",
-             "add": "lesion addition (clean twin → its class)"}
+             "add": "lesion addition (clean twin → its class)",
+             "atrophy": "diagnosis edit CN → AD (the CN twin against its exact AD twin; effectiveness: read as AD)"}
     for task, label in names.items():
         if task not in sm:
             continue
         t = sm[task]
         d = t.get("dice_removed_vs_true", t.get("dice_added_vs_true"))
         lines.append(f"| {label} | {_fmt(t['psnr_db'], 2)} ({_fmt(t['baseline_psnr_db'], 2)}) | {_fmt(t['mae'])} "
-                     f"({_fmt(t['baseline_mae'])}) | {_fmt(d, 3)} | {_fmt(t['oracle_ml_error_vs_twin'], 2)} | "
+                     f"({_fmt(t['baseline_mae'])}) | {_fmt(d, 3)} | {_fmt(t.get('oracle_ml_error_vs_twin'), 2)} | "
                      f"{_fmt(t['effectiveness'], 2)} | {_fmt(t['outside_brain_bit_identical'], 4)} |")
     comp = sm.get("composition_l1") or {}
     lines += ["", "Axioms (Monteiro et al. 2023), L1 in the brain in model units (0 = perfect):", "",
