@@ -368,7 +368,7 @@ EDIT_REGION_T, EDIT_REGION_DRAWS = 0.5, 8
 #: acts where MS lesions lie: the template's white matter (probability ≥ this) and
 #: :data:`LESION_EDIT_WM_MARGIN_MM` around it (:func:`white_matter_region`). On 12 held-out engine
 #: subjects (``Testing/Benchmarks/bench_edit_region.py --seed 200 --subjects 12``) that region holds
-#: 99.2 % of the true lesion volume (the white matter alone 81.5 %) in 1268 of the 5 mm template brain
+#: 98.8 % of the true lesion volume (the white matter alone 81.2 %) in 1268 of the 5 mm template brain
 #: mask's 1810 ml; against the exact twins it raised lesion addition from 28.09 to 30.24 dB and filling
 #: by the text alone from 28.29 to 30.64 dB (unedited 35.76 dB), with additions reaching the prompt's
 #: class in 4 of 12 (whole brain 3) and the same Dice of removed voxels.

@@ -31,22 +31,20 @@ from _bench import load, parser
 
 
 def white_matter_coverage(model, seed: int, n: int) -> dict:
-    """How much of ``n`` engine subjects' true lesion volume (seeds from ``seed``; minimal, moderate, high
-    in turn) lies in the edit's white-matter region, on the model grid."""
+    """How much of the true lesion volume of the ``n`` held-out subjects the edits are measured on
+    (``evaluation.edits.held_out_pairs`` from ``seed``) lies in the edit's white-matter region, on the model grid."""
     import numpy as np
 
+    from CounterfactualGenLib.evaluation.edits import held_out_pairs
     from CounterfactualGenLib.pipeline import LESION_EDIT_WM_PROBABILITY, white_matter_region
-    from CounterfactualGenLib.synth import make_subject, random_spec
 
     g = model.spec.grid
     white = model.template("white_matter").array
     brain = model.template("brain_mask").array > 0.5
     region = white_matter_region(white, brain, g.spacing_mm)
     inside = inside_wm = total = 0.0
-    for k in range(n):
-        spec = random_spec(seed + k, lesion_class=("minimal", "moderate", "high")[k % 3])
-        lesions = np.asarray(make_subject(spec, shape=g.shape, spacing_mm=g.spacing_mm, center_mm=g.center_ras)
-                             .lesion_mask, dtype=np.float64)
+    for subj, _ in held_out_pairs(g, n, seed=seed):
+        lesions = np.asarray(subj.lesion_mask, dtype=np.float64)
         total += lesions.sum()
         inside += lesions[region].sum()
         inside_wm += lesions[white >= LESION_EDIT_WM_PROBABILITY].sum()
@@ -93,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     coverage = white_matter_coverage(model, args.seed, args.subjects)
     print(f"White-matter region (white matter ≥ {LESION_EDIT_WM_PROBABILITY:g} and {LESION_EDIT_WM_MARGIN_MM:g} mm "
           f"around it): {coverage['region_ml']} ml of the template brain mask's {coverage['brain_ml']} ml; it holds "
-          f"{coverage['lesion_fraction']:.1%} of the true lesion volume of {args.subjects} engine subjects from seed "
-          f"{args.seed} (the white matter alone {coverage['lesion_fraction_wm_only']:.1%})")
+          f"{coverage['lesion_fraction']:.1%} of these subjects' true lesion volume (the white matter alone "
+          f"{coverage['lesion_fraction_wm_only']:.1%})")
     results["white_matter_coverage"] = coverage
     print(f"{args.subjects} held-out subjects from seed {args.seed}; PSNR / MAE in the brain vs the exact twin "
           "(unedited input in brackets); ml error: the oracle's reading vs the twin's truth")
