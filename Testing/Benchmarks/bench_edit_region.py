@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             t = s[task]
             print(f"| {name} | {task} | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) | "
                   f"{t['oracle_ml_error_vs_twin']} | {t['effectiveness']} | {t[dice_key]} |")
+        if s.get("atrophy"):  # the diagnosis edit (CN twin → AD, whole brain): effectiveness = read as AD
+            t = s["atrophy"]
+            print(f"| {name} | CN → AD | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) | "
+                  f"| {t['effectiveness']} | |")
         print(f"| {name} | reversibility L1 | {s['reversibility_l1']} | | | | |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
