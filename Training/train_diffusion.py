@@ -639,12 +639,8 @@ def _stage_row(t: dict) -> str:
                     "see its card)" if s.get("averaged_from") else "") + " |\n")
     a = t.get("anchor")
     if a:
-        what = " and ".join(x for x in (
-            f"prompts naming {', '.join(a['learn'])} lesion load" if a.get("learn") else "",
-            f"every sample of {', '.join(ANATOMY_TITLES.get(b, b) for b in a['learn_anatomies'])}"
-            if a.get("learn_anatomies") else "") if x)
         rows += (f"| anchored to | model folder `{a['model']}` (`{a.get('id')}`, denoiser SHA-256 "
-                 f"{str(a.get('denoiser_sha256'))[:12]}…): only {what} "
+                 f"{str(a.get('denoiser_sha256'))[:12]}…): only {_anchor_learners(a, ANATOMY_TITLES)} "
                  f"learnt from the data{' through guidance ' + str(a['guidance']) if a.get('guidance') else ''}; "
                  f"every other sample copied its prediction (weight {a['weight']}) |\n")
     return rows
@@ -749,6 +745,14 @@ def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Mo
     teacher.to(device).eval().requires_grad_(False)
     sha = next((f.get("sha256") for f in m.spec.files if f.get("role") == "denoiser"), None)
     return teacher, {**anchor, "id": m.spec.id, "denoiser_sha256": sha}
+
+
+def _anchor_learners(anchor: dict, titles: dict | None = None) -> str:
+    """Which samples of an anchored run learn from the data, in words (the card and the console)."""
+    brains = [(titles or {}).get(b, b) for b in anchor.get("learn_anatomies") or []]
+    return " and ".join(x for x in (
+        f"prompts naming {', '.join(anchor['learn'])} lesion load" if anchor.get("learn") else "",
+        f"every sample of {', '.join(brains)}" if brains else "") if x)
 
 
 def learning_masks(names_lesions: torch.Tensor, dropped: torch.Tensor, classes: torch.Tensor, brains: torch.Tensor,
@@ -1058,10 +1062,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         learn_idx = torch.tensor([LESION_LOAD_CLASSES.index(c) for c in anchor["learn"]], dtype=torch.long)
         learn_brains = torch.tensor([_anatomy_index(b) for b in anchor.get("learn_anatomies", [])], dtype=torch.long)
         if is_main(rank):
-            what = " and ".join(x for x in (
-                f"prompts naming {', '.join(anchor['learn'])} lesion load" if anchor["learn"] else "",
-                f"every sample of {', '.join(anchor['learn_anatomies'])}" if anchor.get("learn_anatomies") else "") if x)
-            print(f"Anchored to {anchor['model']}: {what} learn from the data"
+            print(f"Anchored to {anchor['model']}: {_anchor_learners(anchor)} learn from the data"
                   f"{' through guidance ' + str(anchor['guidance']) if anchor.get('guidance') else ''}, the rest keep "
                   f"its predictions (weight {anchor['weight']}).", file=sys.stderr)
 
