@@ -624,7 +624,8 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         with slicer.util.tryWithErrorDisplay(_("Failed to start CounterfactualGen."), waitCursor=True):
             if self._isGenerateTask():
                 self._run = self.logic.startGenerate(self._promptLines(), count=p.count, share=p.share,
-                                                     separation=p.separation, **common)
+                                                     separation=self.logic.separationArgument(model, p.separation),
+                                                     **common)
             else:
                 self._run = self.logic.startEdit(
                     p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
@@ -995,6 +996,15 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             except (TypeError, ValueError):
                 pass
         return out
+
+    def separationArgument(self, model: str, separation: float):
+        """What the separation box's value asks the command line for: ``None`` (the model's own choice for
+        each series) while it holds the model's recommended value, since a model may separate a series of
+        lesion-load prompts more (its ``separation_lesion_load``); any other value as it is."""
+        recommended = self.modelDefaults(model).get("separation")
+        if recommended is not None and abs(float(separation) - recommended) < 1e-9:
+            return None
+        return float(separation)
 
     def applyModelDefaults(self, parameterNode, model: str) -> bool:
         """Fill in the model's recommended steps/guidance/share/separation once per chosen model.

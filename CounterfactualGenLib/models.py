@@ -86,6 +86,11 @@ class ModelSpec:
             raise ModelError("A latent-diffusion model needs an 'autoencoder' section in its spec.")
         if self.schedule.get("kind") not in ("rflow", "ddpm"):
             raise ModelError(f"Unknown schedule kind {self.schedule.get('kind')!r}; expected 'rflow' or 'ddpm'.")
+        for key in ("default_separation", "default_separation_lesion_load"):
+            value = self.schedule.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and 0.0 <= float(value) <= 20.0):
+                raise ModelError(f"The model's schedule.{key} must be a number from 0 to 20; got {value!r}.")
         if self.family == "wdm" and any(s % 2 for s in self.grid.shape):
             raise ModelError(f"A wavelet model needs an even grid shape; got {self.grid.shape}.")
 

@@ -173,6 +173,26 @@ def _timesteps(model: DiffusionModel, steps: int):
     return rflow_timesteps(steps, shift=float(shift))
 
 
+def series_separation(schedule: dict[str, Any], prompts: Sequence[str]) -> float:
+    """A model's separation (:func:`generate_series`) for a series of these prompts, when none is asked for.
+
+    ``schedule.default_separation_lesion_load`` for a lesion-load series (every prompt names a lesion
+    load and none a diagnosis) of a model that has one, else ``schedule.default_separation`` (0 when the
+    model has none). The two series are separate samplings, and the scale that separates lesion loads
+    best costs the CN / MCI / AD series (``Training/EXPERIMENTS.md``, A separation for each series?).
+    """
+    from .text.prompts import classify_prompt
+
+    general = float(schedule.get("default_separation", 0.0))
+    lesion = schedule.get("default_separation_lesion_load")
+    if lesion is None or not prompts:
+        return general
+    classes = [classify_prompt(str(p)) for p in prompts]
+    if all(c["lesion_load"] is not None and c["diagnosis"] is None for c in classes):
+        return float(lesion)
+    return general
+
+
 def generate_series(
     model: DiffusionModel,
     text_encoder: Any,
@@ -219,8 +239,8 @@ def generate_series(
         guidance: classifier-free guidance scale s (v = v_null + s·(v_cond − v_null)); 1 = none.
         share: fraction of the steps the series shares before it branches, in [0, 1): 0 shares
             only the noise. The default is the model's ``schedule.default_share``, or 0 when it has none.
-        separation: a in [0, 20] (see above); default the model's
-            ``schedule.default_separation``, or 0.
+        separation: a in [0, 20] (see above); default the model's for this series
+            (:func:`series_separation`).
         device: ``auto``, ``cpu`` or ``cuda:N``.
         precision: ``auto`` (bf16 on GPU if the parity check passes), ``fp32`` or ``bf16``.
         on_event: progress/log callback.
@@ -250,7 +270,7 @@ def generate_series(
     share = float(model.spec.schedule.get("default_share", 0.0) if share is None else share)
     if not (0.0 <= share < 1.0):
         raise InputError(f"share must be at least 0 and below 1 (a fraction of the sampler steps); got {share}.")
-    separation = float(model.spec.schedule.get("default_separation", 0.0) if separation is None else separation)
+    separation = series_separation(model.spec.schedule, prompts) if separation is None else float(separation)
     if not (0.0 <= separation <= 20.0):
         raise InputError(f"separation must be between 0 and 20; got {separation}.")
 

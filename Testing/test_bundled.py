@@ -186,6 +186,24 @@ def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatc
     report["settings"]["separation"] = 2.0
     (ev / "report.json").write_text(json.dumps(report))
     assert mod.install(dest, evaluation=ev, default=False, expected={}, readme=readme) == dest
+    # a separation of its own for lesion-load series: recorded, and an evaluation that ran them otherwise is refused
+    dest = mod.install(dest, evaluation=None, default=False, expected={}, readme=readme,
+                       default_separation_lesion_load=3.0, separation_lesion_load_note="chosen on probe seeds")
+    assert load_model(dest).spec.schedule["default_separation_lesion_load"] == 3.0
+    assert load_model(dest).spec.schedule["default_separation"] == 2.0
+    assert "| separation, lesion-load series |" in (dest / "MODEL_CARD.md").read_text()
+    assert json.loads((res / "Models.json").read_text())["models"][0]["defaults"]["separation_lesion_load"] == 3.0
+    with pytest.raises(Exception, match="lesion-load series"):
+        mod.install(dest, evaluation=ev, default=False, expected={}, readme=readme)  # its lesion series ran at 2
+    with pytest.raises(Exception, match="between 0 and 20"):
+        mod.install(dest, evaluation=None, default=False, expected={}, readme=readme,
+                    default_separation_lesion_load=21.0)
+    report["settings"]["separation_lesion_load"] = 3.0
+    (ev / "report.json").write_text(json.dumps(report))
+    assert mod.install(dest, evaluation=ev, default=False, expected={}, readme=readme) == dest
+    spec = json.loads((dest / "model.json").read_text())
+    assert spec["metrics"]["separation"] == 2.0 and spec["metrics"]["separation_lesion_load"] == 3.0
+    assert "separation 2 (lesion-load series 3)" in mod.numbers_table(spec["id"], spec["metrics"], {})
     assert (_sha(real) if real.exists() else None) == real_before  # the real registry was not touched
 
 

@@ -171,6 +171,37 @@ def test_separation_pushes_the_members_apart_and_is_recorded(tiny, tmp_path):
     assert generate_series(model, enc, PROMPTS, seed=3, steps=3).separation == 1.5
 
 
+def test_a_lesion_load_series_takes_the_models_lesion_separation(tiny):
+    """A model may separate a series of lesion-load prompts more than other series: without --separation a
+    series whose every prompt names a lesion load (and none a diagnosis) gets the model's
+    ``default_separation_lesion_load``, any other series the general default; an asked-for one wins."""
+    from CounterfactualGenLib.cli import Events, _load
+    from CounterfactualGenLib.errors import ModelError
+    from CounterfactualGenLib.models import ModelSpec
+    from CounterfactualGenLib.pipeline import generate_series, series_separation
+
+    lesion = ["Subject has no lesions.", "Subject has high lesion load."]
+    dx = ["Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD)."]
+    mixed = ["Subject has no lesions.", "Subject has mild Alzheimer's dementia (AD)."]
+    schedule = {"default_separation": 1.5, "default_separation_lesion_load": 2.5}
+    assert series_separation(schedule, lesion) == 2.5
+    assert series_separation(schedule, dx) == 1.5 and series_separation(schedule, mixed) == 1.5
+    assert series_separation(schedule, ["Subject is cognitively normal (CN) with no lesions.", *lesion]) == 1.5
+    assert series_separation(schedule, ["A brain.", *lesion]) == 1.5  # a prompt on no known scale
+    assert series_separation({"default_separation": 1.5}, lesion) == 1.5  # a model without one
+    assert series_separation({}, lesion) == 0.0
+    model, enc = _load(str(tiny), None, Events(json_mode=False))
+    model.spec.schedule.update(schedule)
+    assert generate_series(model, enc, lesion, seed=3, steps=2).separation == 2.5
+    assert generate_series(model, enc, dx, seed=3, steps=2).separation == 1.5
+    assert generate_series(model, enc, lesion, seed=3, steps=2, separation=0.5).separation == 0.5
+    spec = model.spec.to_dict()
+    for bad in (-1, 21, "2", True):
+        spec["schedule"]["default_separation_lesion_load"] = bad
+        with pytest.raises(ModelError, match="default_separation_lesion_load"):
+            ModelSpec.from_dict(spec)
+
+
 def test_separation_guides_each_member_away_from_the_one_before_it(tiny, monkeypatch):
     """The away prompt of member i is member i−1's (the first member's is the second's), not the series' mean."""
     import torch

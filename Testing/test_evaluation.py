@@ -349,6 +349,10 @@ def test_evaluate_quick_end_to_end(tmp_path):
     assert [row["guidance"] for row in sw["guidance"]] == [1.0, 3.0] and [row["steps"] for row in sw["steps"]] == [2, 4]
     assert [row["share"] for row in sw["share"]] == [0.0, 0.3] and rep["settings"]["share"] == 0.0
     assert [row["separation"] for row in sw["separation"]] == [0.0, 2.0] and rep["settings"]["separation"] == 0.0
+    assert rep["settings"]["separation_lesion_load"] == 0.0  # the tiny model has no separation of its own for them
+    # the other sweeps run at the model's own separation for each series, and say so
+    assert all(row["separation"] is None for row in sw["guidance"] + sw["steps"] + sw["share"])
+    assert "| model's |" in md
     e = r["edits"]
     assert e["n_subjects"] == 1 and set(e["summary"]) >= {"fill", "fill_with_mask", "add", "composition_l1"}
     assert set(e["summary"]["composition_l1"]) == {"1", "2"} and e["seconds_per_edit"] > 0

@@ -1056,6 +1056,10 @@ def test_model_defaults_fill_in_once_per_model(cfg, scene, tmp_path, monkeypatch
     local.mkdir()
     (local / "model.json").write_text(json.dumps({"schedule": {"default_steps": 9, "default_share": 0.3}}))
     assert lg.applyModelDefaults(p, str(local)) and (p.steps, p.guidance, p.share) == (9, 3.5, 0.3)
+    # left at the model's recommended separation, the box asks for none: the model chooses for each series
+    # (it may separate a lesion-load series more); any other value is passed as it is
+    assert lg.separationArgument("a", 2.0) is None and lg.separationArgument("a", 2.5) == 2.5
+    assert lg.separationArgument("b", 0.0) == 0.0  # a model that recommends none: the box's value
 
 
 def test_generate_passes_share_and_the_real_cli_accepts_it(logic, scene, slicer_stub, fake_cli):

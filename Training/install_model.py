@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 from CounterfactualGenLib.errors import InputError  # noqa: E402
 from CounterfactualGenLib.models import publish_folder  # noqa: E402
+from CounterfactualGenLib.evaluation.report import separation_text  # noqa: E402
 
 RESOURCES = ROOT / "Resources"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # the Extensions Index / device limits: each file ≤ 16 MiB
@@ -43,7 +44,10 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     m: dict[str, Any] = {
         "command": report["command"], "n_seeds": r["n_seeds"], "steps": report["settings"]["steps"],
         "guidance": report["settings"]["guidance"], "share": report["settings"].get("share", 0.0),
-        "separation": report["settings"].get("separation", 0.0), "oracle": report["oracle"]["id"],
+        "separation": report["settings"].get("separation", 0.0),
+        "separation_lesion_load": report["settings"].get("separation_lesion_load",
+                                                         report["settings"].get("separation", 0.0)),
+        "oracle": report["oracle"]["id"],
         "lesion_monotone_fraction": r["lesion_monotone_fraction"],
         "lesion_monotone_with_none_fraction": r["lesion_monotone_with_none_fraction"],
         "alignment_lesion": r["alignment"]["lesion_accuracy"], "alignment_diagnosis": r["alignment"]["diagnosis_accuracy"],
@@ -107,7 +111,7 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
         ("subject MS-SSIM within a series (lesion / diagnosis)", f"{_num(m['subject_ms_ssim_lesion'])} / "
          f"{_num(m['subject_ms_ssim_diagnosis'])}", "one shared noise"
          + (f" and the first {_pct(m['share'])} of the steps" if m.get("share") else "")
-         + (f"; separation {m['separation']:g}" if m.get("separation") else "")
+         + (f"; separation {separation_text(m)}" if m.get("separation") or m.get("separation_lesion_load") else "")
          + "; Imagining Alternatives WDM (MS): 0.968"
          + (f"; exact engine twins: {_num(m['twin_subject_ms_ssim_lesion'])} / {_num(m['twin_subject_ms_ssim_diagnosis'])}"
             if m.get("twin_subject_ms_ssim_lesion") is not None else "")),
@@ -145,7 +149,7 @@ def numbers_table(model_id: str, metrics: dict[str, Any], expected_time: dict[st
     for k, v in expected_time.items():
         rows.append((f"wall time: {k}", v, ""))
     lines = [f"Model `{model_id}`, {m['n_seeds']} seeds, {m['steps']} steps, guidance {m['guidance']}, "
-             f"shared steps {m.get('share', 0.0):g}, separation {m.get('separation', 0.0):g}, oracle "
+             f"shared steps {m.get('share', 0.0):g}, separation {separation_text(m)}, oracle "
              f"`{m['oracle']}`. Recompute: `{m['command']}`.", "",
              "| measure | value | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
@@ -245,7 +249,8 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
             default_guidance: float | None = None, guidance_note: str = "",
             default_share: float | None = None, share_note: str = "",
             default_steps: int | None = None, steps_note: str = "",
-            default_separation: float | None = None, separation_note: str = "") -> Path:
+            default_separation: float | None = None, separation_note: str = "",
+            default_separation_lesion_load: float | None = None, separation_lesion_load_note: str = "") -> Path:
     if (src / "oracle.json").exists():
         from CounterfactualGenLib.evaluation.oracle import load_oracle
 
@@ -300,6 +305,18 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                          f"before it with scale {float(default_separation):g}"
                          f"{f' ({separation_note})' if separation_note else ''} |")
             print(f"Default separation {old:g} → {float(default_separation):g}.", file=sys.stderr)
+        if default_separation_lesion_load is not None:
+            if not 0.0 <= float(default_separation_lesion_load) <= 20.0:
+                raise InputError("--default-separation-lesion-load must be between 0 and 20; got "
+                                 f"{default_separation_lesion_load}.")
+            old = spec["schedule"].get("default_separation_lesion_load", spec["schedule"].get("default_separation", 0.0))
+            _set_default(spec, work, "separation_lesion_load", float(default_separation_lesion_load),
+                         separation_lesion_load_note,
+                         f"| separation, lesion-load series | a series whose prompts all name a lesion load (and no "
+                         f"diagnosis) is separated with scale {float(default_separation_lesion_load):g} instead"
+                         f"{f' ({separation_lesion_load_note})' if separation_lesion_load_note else ''} |")
+            print(f"Default separation of lesion-load series {old:g} → {float(default_separation_lesion_load):g}.",
+                  file=sys.stderr)
         if default_steps is not None:
             if not 1 <= int(default_steps) <= 1000:
                 raise InputError(f"--default-steps must be between 1 and 1000; got {default_steps}.")
@@ -337,6 +354,12 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
                 raise InputError(f"The evaluation in {evaluation} ran at separation "
                                  f"{report['settings'].get('separation', 0.0):g}, but the model's default is {a:g}: "
                                  "evaluate at the default separation.")
+            lesion_a = float(spec["schedule"].get("default_separation_lesion_load", a))
+            ran = float(report["settings"].get("separation_lesion_load", report["settings"].get("separation", 0.0)))
+            if abs(ran - lesion_a) > 1e-9:
+                raise InputError(f"The evaluation in {evaluation} separated its lesion-load series with scale {ran:g}, "
+                                 f"but the model's default for them is {lesion_a:g}: evaluate at the defaults "
+                                 "(without --separation).")
             spec["metrics"] = card_metrics(report)
             (work / "model.json").write_text(json.dumps(spec, indent=2))
             card = (work / "MODEL_CARD.md").read_text() if (work / "MODEL_CARD.md").exists() else f"# {model.id}\n"
@@ -354,7 +377,8 @@ def install(src: Path, *, evaluation: Path | None, default: bool, expected: dict
              "description": model.spec.description, "family": model.spec.family, "contrast": model.spec.contrast,
              "grid": model.spec.grid.to_dict(), "text_encoder": model.spec.text_encoder["id"],
              "licence": model.spec.licence, "files": files, "expected_time": expected,
-             "defaults": {k: spec["schedule"][f"default_{k}"] for k in ("steps", "guidance", "share", "separation")
+             "defaults": {k: spec["schedule"][f"default_{k}"]
+                          for k in ("steps", "guidance", "share", "separation", "separation_lesion_load")
                           if f"default_{k}" in spec["schedule"]}}
     _write_registry(entry, default=default)
     if default and spec.get("metrics", {}).get("command") and readme is not None:
@@ -383,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="set the model's default series separation (e.g. from evaluate's separation sweep)")
     ap.add_argument("--separation-note", default="",
                     help="how the default separation was chosen (recorded in spec and card)")
+    ap.add_argument("--default-separation-lesion-load", type=float, default=None,
+                    help="set the model's default separation for series of lesion-load prompts (default: the "
+                         "general one)")
+    ap.add_argument("--separation-lesion-load-note", default="",
+                    help="how the lesion-load series' separation was chosen (recorded in spec and card)")
     args = ap.parse_args(argv)
     expected = dict(kv.split("=", 1) for kv in args.expected_time)
     dest = install(Path(args.folder), evaluation=Path(args.evaluation) if args.evaluation else None,
@@ -390,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                    default_guidance=args.default_guidance, guidance_note=args.guidance_note,
                    default_share=args.default_share, share_note=args.share_note,
                    default_steps=args.default_steps, steps_note=args.steps_note,
-                   default_separation=args.default_separation, separation_note=args.separation_note)
+                   default_separation=args.default_separation, separation_note=args.separation_note,
+                   default_separation_lesion_load=args.default_separation_lesion_load,
+                   separation_lesion_load_note=args.separation_lesion_load_note)
     print(f"Installed {args.folder} → {dest} and registered it in {RESOURCES / 'Models.json'}.", file=sys.stderr)
     return 0
 

@@ -793,7 +793,8 @@ def anchored_targets(v: torch.Tensor, anchor_pred: torch.Tensor, learn: torch.Te
 #: Keys of the config's "grid", "text_encoder" and "schedule" objects.
 GRID_KEYS = ("shape", "spacing_mm", "center_ras")
 TEXT_ENCODER_KEYS = ("id", "max_tokens", "dim", "path", "seed")
-SCHEDULE_KEYS = ("kind", "default_steps", "default_guidance", "default_share", "default_separation", "base_numel")
+SCHEDULE_KEYS = ("kind", "default_steps", "default_guidance", "default_share", "default_separation",
+                 "default_separation_lesion_load", "base_numel")
 #: Keys of the config's "data" object.
 DATA_KEYS = {"kind": "synthetic", "manifest": None, "prompts": None, "ignore_columns": [], "paraphrase_prob": 0.3,
              "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None,

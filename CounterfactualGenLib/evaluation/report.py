@@ -375,7 +375,7 @@ def evaluate_generator(
 def sweep(make_generator: Callable[[int, float, float, float], Generator], oracle: Any, *, seeds: Sequence[int],
           grid: Any | None, guidances: Sequence[float], steps_list: Sequence[int], default_steps: int,
           default_guidance: float, shares: Sequence[float] = (), default_share: float = 0.0,
-          separations: Sequence[float] = (), default_separation: float = 0.0,
+          separations: Sequence[float] = (), default_separation: float | None = 0.0,
           on_event: EventCallback | None = None) -> dict[str, Any]:
     """Guidance, steps, sharing and separation sweeps (Imagining Alternatives Table 2): alignment vs subject preservation.
 
@@ -385,6 +385,8 @@ def sweep(make_generator: Callable[[int, float, float, float], Generator], oracl
         steps_list: sampler steps, run at the other defaults.
         shares: fractions of shared steps (see :func:`~..pipeline.generate_series`), run at the other defaults.
         separations: separation scales (see :func:`~..pipeline.generate_series`), run at the other defaults.
+        default_separation: the separation of the other sweeps' runs; ``None``: the model's for each series
+            (:func:`~..pipeline.series_separation`), recorded as ``None`` in their rows.
 
     Returns:
         ``{"guidance": [row, …], "steps": [row, …], "share": [row, …], "separation": [row, …]}``; a row
@@ -522,7 +524,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"Seeds {r['seeds']} ({r['n_seeds']} seeds × (4 + 3) prompts = {r['n_volumes']} volumes), "
         f"{report['settings']['steps']} steps, guidance {report['settings']['guidance']}, "
         f"shared steps {report['settings'].get('share', 0.0):g} of the trajectory, separation "
-        f"{report['settings'].get('separation', 0.0):g}, device {report['settings']['device']}."
+        f"{separation_text(report['settings'])}, device {report['settings']['device']}."
         + (f" Twins, edited and reference subjects from the {report['settings']['anatomy']} anatomy."
            if report["settings"].get("anatomy", "icbm152") != "icbm152" else ""),
         "",
@@ -605,7 +607,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in sw["guidance"] + sw["steps"] + sw.get("share", []) + sw.get("separation", []):
             lines.append(f"| {row['steps']} | {row['guidance']:g} | {row.get('share', 0.0):g} | "
-                         f"{row.get('separation', 0.0):g} | {row['lesion_accuracy']:.1%} | "
+                         f"{_separation_cell(row)} | {row['lesion_accuracy']:.1%} | "
                          f"{row['diagnosis_accuracy']:.1%} | {row['overall_accuracy']:.1%} | "
                          f"{row['lesion_monotone_fraction']:.0%} | {_fmt(row['subject_ms_ssim_lesion'])} / "
                          f"{_fmt(row['subject_ms_ssim_diagnosis'])} | {_fmt(row['subject_psnr_db_lesion'], 2)} | "
@@ -712,6 +714,20 @@ def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
                    "precomputed embedding table (.safetensors, Training/embed_prompts.py)")
 
 
+def separation_text(settings: dict[str, Any]) -> str:
+    """An evaluation's separation in words: ``1.5``, or ``1.5 (lesion-load series 2.5)`` when they differ."""
+    a = float(settings.get("separation") or 0.0)
+    lesion = settings.get("separation_lesion_load")
+    if lesion is None or abs(float(lesion) - a) < 1e-9:
+        return f"{a:g}"
+    return f"{a:g} (lesion-load series {float(lesion):g})"
+
+
+def _separation_cell(row: dict[str, Any]) -> str:
+    a = row.get("separation", 0.0)
+    return "model's" if a is None else f"{float(a):g}"
+
+
 def add_share_argument(p: argparse.ArgumentParser) -> None:
     """``--share F`` and ``--separation A`` for the commands that generate series (generate, demo, evaluate)."""
     p.add_argument("--share", type=float, default=None, metavar="F",
@@ -721,7 +737,8 @@ def add_share_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--separation", type=float, default=None, metavar="A",
                    help="after the branch, guide each member of a series away from the member before it (the first "
                         "away from the second) with scale A, 0 ≤ A ≤ 20 (more = the members differ more in what their prompts name, e.g. "
-                        "lesion load; 0 = off; costs a third network pass per step; default: the model's)")
+                        "lesion load; 0 = off; costs a third network pass per step; default: the model's, which may be "
+                        "larger for a series of lesion-load prompts)")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -814,8 +831,13 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
         used_steps = int(steps if steps is not None else model.spec.schedule.get("default_steps", 30))
         used_guidance = float(args.guidance if args.guidance is not None else model.spec.schedule.get("default_guidance", 1.0))
         used_share = float(args.share if args.share is not None else model.spec.schedule.get("default_share", 0.0))
+        from ..pipeline import series_separation
+
+        # per series: a model may separate its lesion-load series more than its diagnosis series
         used_separation = float(args.separation if args.separation is not None
-                                else model.spec.schedule.get("default_separation", 0.0))
+                                else series_separation(model.spec.schedule, DIAGNOSIS_SERIES))
+        used_lesion_separation = float(args.separation if args.separation is not None
+                                       else series_separation(model.spec.schedule, LESION_SERIES))
         if sweep_mode == "auto":
             guidances, steps_list = ((1.0, 3.0), (2, 4)) if args.quick else ((0.5, 1.0, 2.0, 3.0, 4.0, 5.0),
                                                                                 (5, 10, 20, 40))
@@ -834,7 +856,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
             results["sweep"] = sweep(make_generator, oracle, seeds=sweep_seeds, grid=model.spec.grid,
                                      guidances=guidances, steps_list=steps_list, default_steps=used_steps,
                                      default_guidance=used_guidance, shares=shares, default_share=used_share,
-                                     separations=separations, default_separation=used_separation,
+                                     separations=separations, default_separation=args.separation,
                                      on_event=ev.emit)
         if n_edits > 0:
             from .edits import evaluate_edits, model_editor
@@ -858,6 +880,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
                                       ("lesion_ml_mae", "dice_mean", "diagnosis_accuracy", "lesion_class_accuracy")}},
             "settings": {"seeds": n_seeds, "first_seed": int(args.seed), "steps": used_steps,
                          "guidance": used_guidance, "share": used_share, "separation": used_separation,
+                         "separation_lesion_load": used_lesion_separation,
                          "device": args.device, "quick": bool(args.quick),
                          "edited_subjects": n_edits, "sweep": sweep_mode, "anatomy": args.anatomy,
                          "reference_subjects": n_ref if reference is not None else 0},
