@@ -17,6 +17,8 @@ text alone: PSNR / MAE in the brain against the twin (and for the unedited input
 oracle's lesion ml error against the twin, effectiveness (oracle class after = target) and
 the Dice of the true lesions with the labelled voxels. Choose on subjects other than the
 evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default here is 200).
+``--strengths`` and ``--separations`` run each region at other inversion strengths and with the
+target guided away from the source prompt (``edit_scan(separation=…)``).
 
     python Testing/Benchmarks/bench_edit_region.py --threads 2 --seed 200 --subjects 12 \\
         --thresholds 0.5   # ≈9 min on 2 CPU cores
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="edit-region thresholds (fraction of the largest prompt disagreement in the brain)")
     ap.add_argument("--strengths", nargs="*", type=float, default=[0.6],
                     help="inversion strengths to run each region with (edit's --strength; default 0.6)")
+    ap.add_argument("--separations", nargs="*", type=float, default=[0.0],
+                    help="scales guiding a prompt edit's target away from its source prompt (default 0)")
     ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
     args = ap.parse_args(argv)
@@ -68,21 +72,21 @@ def main(argv: list[str] | None = None) -> int:
 
     model, encoder, oracle = load(args, oracle=True)
 
-    def editor(region: str, threshold: float | None, strength: float):
+    def editor(region: str, threshold: float | None, strength: float, separation: float = 0.0):
         def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
             return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
                              lesion_mask=lesion_mask, registration="none", oracle=oracle,
                              auto_lesion_mask=auto_lesion_mask, edit_region=region, edit_region_threshold=threshold,
-                             strength=strength, seed=0)
+                             strength=strength, separation=separation, seed=0)
         return edit
 
-    settings = [(s, r, None) for s in args.strengths for r in args.regions] + \
-        [(s, "prompt", t) for s in args.strengths for t in args.thresholds]
+    settings = [(s, r, None, a) for s in args.strengths for r in args.regions for a in args.separations] + \
+        [(s, "prompt", t, a) for s in args.strengths for t in args.thresholds for a in args.separations]
     results = {}
-    for strength, region, thr in settings:
+    for strength, region, thr, sep in settings:
         name = ({"auto": "white matter (auto)"}.get(region, region) if thr is None else f"prompt:{thr:g}") + \
-            ("" if strength == 0.6 else f" strength {strength:g}")
-        r = evaluate_edits(editor(region, thr, strength), grid=model.spec.grid, n_subjects=args.subjects,
+            ("" if strength == 0.6 else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "")
+        r = evaluate_edits(editor(region, thr, strength, sep), grid=model.spec.grid, n_subjects=args.subjects,
                            seed=args.seed, composition_sizes=())
         r.pop("_examples", None)
         results[name] = {"summary": r["summary"], "changed_ml": {
