@@ -421,7 +421,7 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
     res = edit_scan(model, encoder, scan, target_prompt=args.to, source_prompt=args.source, brain_mask=brain,
                     lesion_mask=lesions, strength=args.strength, steps=args.steps, guidance=args.guidance,
                     seed=args.seed, registration=args.registration, attention_keep=args.attention_keep,
-                    null_text_iterations=args.null_text, edit_region=args.edit_region,
+                    null_text_iterations=args.null_text, edit_region=args.edit_region, direction=args.direction,
                     edit_word_weight=args.edit_word_weight, oracle=oracle, scan_name=input_path.name,
                     device=args.device,
                     precision=args.precision, on_event=ev.emit, should_cancel=ev.should_cancel)
@@ -697,6 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "source and target prompts disagree (DiffEdit): much less change to healthy tissue, "
                             "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py). "
                             "Other edits act on the whole brain")
+        e.add_argument("--direction", default="auto", choices=["auto", "any"],
+                       help="auto (default): a lesion-load prompt edit keeps only the change in the direction its "
+                            "prompts move the scan (adding lesions brightens a FLAIR scan, removing them darkens "
+                            "it), not the opposite change to healthy tissue; any = keep every change "
+                            "(Testing/Benchmarks/bench_edit_region.py)")
         e.add_argument("--oracle", default="auto",
                        help="oracle folder or registered oracle id for lesion ml before/after; auto = the bundled one "
                             "if installed, none = skip")

@@ -87,6 +87,61 @@ def test_separation_guides_the_target_away_from_the_source_and_leaves_the_recons
         edit_scan(m, tiny_encoder(), scan, separation=-1.0, **kw)
 
 
+def test_change_direction_follows_the_prompts_scales_and_the_contrast():
+    from CounterfactualGenLib.pipeline import change_direction
+
+    cn, ad = "Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD)."
+    moderate = "Subject has moderate lesion load."
+    assert change_direction(NONE, HIGH, "FLAIR")[0] == 1
+    assert change_direction(moderate, NONE, "flair")[0] == -1
+    assert change_direction(moderate, HIGH, "FLAIR") == (1, "lesion load moderate → high on FLAIR brightens")
+    assert change_direction(NONE, HIGH, "T1")[0] == -1  # lesions are hypointense on T1
+    assert change_direction(cn, ad, "FLAIR")[0] == -1 and change_direction(ad, cn, "T1")[0] == 1
+    assert change_direction(cn, ad, "FLAIR", scales=("lesion_load",)) == (0, "no direction rule for diagnosis edits")
+    # nothing to rule on: same class, moves both ways, an unnamed source class, an unknown contrast
+    assert change_direction(HIGH, "Patient with high lesion load.", "FLAIR")[0] == 0
+    assert change_direction(f"{NONE} {cn}", f"{HIGH} {ad}", "FLAIR") == (0, "the prompts' changes move intensities both ways")
+    assert change_direction(f"{NONE} {ad}", f"{HIGH} {ad}", "FLAIR")[0] == 1  # the diagnosis does not move
+    assert change_direction("", HIGH, "FLAIR") == (0, "the source prompt names no lesion load")
+    assert change_direction(NONE, HIGH, "T2")[0] == 0
+    assert change_direction(NONE, "Subject is 60 years old.", "FLAIR")[0] == 0
+
+
+def test_a_lesion_load_edit_keeps_only_the_change_in_its_direction(tiny):
+    """direction="auto" (the default): adding lesions to a FLAIR scan only brightens it and filling only
+    darkens it: the kept change is "any"'s change of that sign, the rest is zero, and the report says how
+    much was removed. A diagnosis edit keeps both signs unless direction="all" (atrophy darkens)."""
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    kw = dict(brain_mask=scan.array > 0, registration="none", steps=4)
+    for source, target, sign in ((NONE, HIGH, 1), (HIGH, NONE, -1)):
+        both = edit_scan(m, tiny_encoder(), scan, source_prompt=source, target_prompt=target, direction="any", **kw)
+        one = edit_scan(m, tiny_encoder(), scan, source_prompt=source, target_prompt=target, **kw)
+        full, kept = both.model_space["change"], one.model_space["change"]
+        assert (sign * full < 0).any() and (sign * full > 0).any()  # the tiny model's change holds both signs
+        np.testing.assert_array_equal(kept, np.where(sign * full > 0, full, 0.0))
+        assert (sign * one.difference.array >= 0).all() and (one.difference.array != 0).any()
+        changed = one.counterfactual.array != scan.array
+        assert (sign * (one.counterfactual.array - scan.array)[changed] > 0).all()
+        rep = one.report["direction"]
+        assert rep["kept"] == ("brightening" if sign > 0 else "darkening")
+        assert rep["removed_ml_model_grid"] == pytest.approx((sign * full < 0).sum() * g.spacing_mm ** 3 / 1000.0,
+                                                             abs=1e-3)
+        energy = float((full ** 2).sum())
+        assert rep["removed_energy_fraction"] == pytest.approx(float((full[sign * full < 0] ** 2).sum()) / energy,
+                                                               abs=1e-4)
+        assert "direction" not in both.report
+    cn, ad = "Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD)."
+    dx = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, **kw)
+    assert dx.report["direction"] == {"kept": "both", "rule": "no direction rule for diagnosis edits"}
+    assert (dx.difference.array > 0).any() and (dx.difference.array < 0).any()
+    dx_all = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, direction="all", **kw)
+    assert dx_all.report["direction"]["kept"] == "darkening" and (dx_all.difference.array <= 0).all()
+    with pytest.raises(InputError, match="direction"):
+        edit_scan(m, tiny_encoder(), scan, source_prompt=NONE, target_prompt=HIGH, direction="up", **kw)
+
+
 def test_oblique_anisotropic_lps_input_comes_back_in_its_own_geometry(tiny, tmp_path):
     rng = np.random.default_rng(7)
     shape = (120, 110, 24)
@@ -401,8 +456,10 @@ def test_cli_edit_with_oracle_folder_and_none(tiny, tiny_oracle, tmp_path):
     assert main(base + ["--oracle", str(tiny_oracle), "--out", str(tmp_path / "a")]) == 0
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["oracle"] == "tiny-oracle" and rep["lesion_ml_before"] is not None
-    assert main(base + ["--oracle", "none", "--out", str(tmp_path / "b")]) == 0
-    assert json.loads((tmp_path / "b" / "report.json").read_text())["lesion_ml_before"] is None
+    assert rep["direction"]["kept"] == "brightening"  # --direction auto, the default
+    assert main(base + ["--oracle", "none", "--direction", "any", "--out", str(tmp_path / "b")]) == 0
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["lesion_ml_before"] is None and "direction" not in rep
     assert main(base + ["--oracle", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 4
     assert not (tmp_path / "c").exists()
 

@@ -18,7 +18,10 @@ oracle's lesion ml error against the twin, effectiveness (oracle class after = t
 the Dice of the true lesions with the labelled voxels. Choose on subjects other than the
 evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default here is 200).
 ``--strengths`` and ``--separations`` run each region at other inversion strengths and with the
-target guided away from the source prompt (``edit_scan(separation=…)``).
+target guided away from the source prompt (``edit_scan(separation=…)``); ``--directions`` with the
+change kept whole (``any``) or only in the prompts' direction (``auto``: lesion-load edits, the default;
+``all``: diagnosis edits too; ``pipeline.change_direction``; the benchmark also prints how much of the
+exact twins' own difference has that direction).
 
     python Testing/Benchmarks/bench_edit_region.py --threads 2 --seed 200 --subjects 12 \\
         --thresholds 0.5   # ≈9 min on 2 CPU cores
@@ -55,6 +58,30 @@ def white_matter_coverage(model, seed: int, n: int) -> dict:
             "lesion_fraction": inside / max(total, 1e-9), "lesion_fraction_wm_only": inside_wm / max(total, 1e-9)}
 
 
+def twin_directions(model, seed: int, n: int) -> dict:
+    """For the ``n`` held-out subjects from ``seed``: the share of the exact twins' squared difference (in the
+    brain, the edit benchmark's units) that brightens for lesion addition and darkens from the CN to the AD
+    twin: the directions ``pipeline.change_direction`` keeps. Returns (min, max) over the subjects."""
+    import numpy as np
+
+    from CounterfactualGenLib.evaluation.edits import _units, atrophy_pair, held_out_pairs
+
+    def share(diff: np.ndarray, sign: int) -> float:
+        e = float((diff ** 2).sum())
+        return float((diff[sign * diff > 0] ** 2).sum()) / e if e else 1.0
+
+    add, ad = [], []
+    for subj, twin in held_out_pairs(model.spec.grid, n, seed=seed):
+        brain = subj.brain_mask > 0
+        u = _units(subj.image.array, brain)
+        add.append(share((u(subj.image.array) - u(twin.image.array))[brain], 1))
+        cn, adt = atrophy_pair(subj, model.spec.grid)
+        b = cn.brain_mask > 0
+        u = _units(cn.image.array, b)
+        ad.append(share((u(adt.image.array) - u(cn.image.array))[b], -1))
+    return {"add_brightening": (min(add), max(add)), "ad_darkening": (min(ad), max(ad))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, subjects=6, seed=200)
     ap.add_argument("--thresholds", nargs="*", type=float, default=[0.5],
@@ -63,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="inversion strengths to run each region with (edit's --strength; default 0.6)")
     ap.add_argument("--separations", nargs="*", type=float, default=[0.0],
                     help="scales guiding a prompt edit's target away from its source prompt (default 0)")
+    ap.add_argument("--directions", nargs="*", default=["auto"], choices=["auto", "all", "any"],
+                    help="change directions to run (edit_scan(direction=…); default auto)")
     ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
     args = ap.parse_args(argv)
@@ -72,27 +101,36 @@ def main(argv: list[str] | None = None) -> int:
 
     model, encoder, oracle = load(args, oracle=True)
 
-    def editor(region: str, threshold: float | None, strength: float, separation: float = 0.0):
+    def editor(region: str, threshold: float | None, strength: float, separation: float = 0.0,
+               direction: str = "auto"):
         def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
             return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
                              lesion_mask=lesion_mask, registration="none", oracle=oracle,
                              auto_lesion_mask=auto_lesion_mask, edit_region=region, edit_region_threshold=threshold,
-                             strength=strength, separation=separation, seed=0)
+                             strength=strength, separation=separation, direction=direction, seed=0)
         return edit
 
-    settings = [(s, r, None, a) for s in args.strengths for r in args.regions for a in args.separations] + \
-        [(s, "prompt", t, a) for s in args.strengths for t in args.thresholds for a in args.separations]
+    settings = [(s, r, None, a, d) for s in args.strengths for r in args.regions for a in args.separations
+                for d in args.directions] + \
+        [(s, "prompt", t, a, d) for s in args.strengths for t in args.thresholds for a in args.separations
+         for d in args.directions]
     results = {}
-    for strength, region, thr, sep in settings:
+    for strength, region, thr, sep, direction in settings:
         name = ({"auto": "white matter (auto)"}.get(region, region) if thr is None else f"prompt:{thr:g}") + \
-            ("" if strength == 0.6 else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "")
-        r = evaluate_edits(editor(region, thr, strength, sep), grid=model.spec.grid, n_subjects=args.subjects,
+            ("" if strength == 0.6 else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "") + \
+            (f" direction {direction}" if len(args.directions) > 1 or direction != "auto" else "")
+        r = evaluate_edits(editor(region, thr, strength, sep, direction), grid=model.spec.grid, n_subjects=args.subjects,
                            seed=args.seed, composition_sizes=())
         r.pop("_examples", None)
         results[name] = {"summary": r["summary"], "changed_ml": {
             t: [row[t].get("changed_ml") for row in r["per_subject"] if t in row] for t in ("fill_text_only",)}}
 
     coverage = white_matter_coverage(model, args.seed, args.subjects)
+    truth = twin_directions(model, args.seed, args.subjects)
+    print(f"The exact twins' own difference, share of its energy in the rule's direction (min … max over subjects): "
+          f"lesion addition brightening {truth['add_brightening'][0]:.3f} … {truth['add_brightening'][1]:.3f}, "
+          f"CN → AD darkening {truth['ad_darkening'][0]:.3f} … {truth['ad_darkening'][1]:.3f}")
+    results["twin_directions"] = truth
     print(f"White-matter region (white matter ≥ {LESION_EDIT_WM_PROBABILITY:g} and {LESION_EDIT_WM_MARGIN_MM:g} mm "
           f"around it): {coverage['region_ml']} ml of the template brain mask's {coverage['brain_ml']} ml; it holds "
           f"{coverage['lesion_fraction']:.1%} of these subjects' true lesion volume (the white matter alone "
