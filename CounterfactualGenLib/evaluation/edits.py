@@ -62,8 +62,9 @@ def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | N
         return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
                          lesion_mask=lesion_mask, strength=strength, steps=steps, guidance=guidance, seed=seed,
                          registration="none", oracle=oracle, auto_lesion_mask=auto_lesion_mask, device=device,
-                         should_cancel=should_cancel)
+                         edit_region="auto", direction="auto", should_cancel=should_cancel)
 
+    edit.settings = {"strength": strength, "edit_region": "auto", "direction": "auto"}  # for the report
     return edit
 
 

@@ -626,7 +626,12 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
              f"{e['seconds_per_edit']} s per edit (stages: {json.dumps(e['seconds_per_edit_by_stage'])}). "
              "PSNR / MAE in the brain in model units (range 2) against the exact twin; *baseline* = the unedited "
              "input against the same twin (what doing nothing scores). Outside-brain identity: fraction of "
-             "voxels bit-identical to the input.", "",
+             "voxels bit-identical to the input."
+             + (" Edits as `counterfactualgen edit` makes them by default: strength {strength:g}, a lesion-load edit in "
+                "the white matter and 5 mm around it, keeping only the change in its prompts' direction "
+                "(--direction {direction}).".format(**e["editor"])
+                if e.get("editor", {}).get("direction") == "auto" and e["editor"].get("edit_region") == "auto" else ""),
+             "",
              "| task | PSNR dB (baseline) | MAE (baseline) | Dice vs true lesions | oracle ml error vs twin | "
              "effectiveness (oracle class = target) | outside brain bit-identical |",
              "|---|---|---|---|---|---|---|"]
@@ -871,6 +876,7 @@ def cmd_evaluate(args: argparse.Namespace, ev: Any) -> dict:
             results["edits"] = evaluate_edits(editor, grid=model.spec.grid, n_subjects=n_edits, seed=int(args.seed),
                                               contrast=model.spec.contrast, composition_sizes=sizes,
                                               anatomy=args.anatomy, on_event=ev.emit)
+            results["edits"]["editor"] = editor.settings
         report = {
             "kind": "evaluate", "synthetic": True, "command": _command_line(args),
             "software": f"CounterfactualGen {__version__}",
