@@ -408,8 +408,8 @@ EDIT_REGIONS = ("auto", "brain", "prompt")
 #: AD twin but one fewer of 12 was read as AD on 200–211, so diagnosis edits keep every change by default.
 EDIT_DIRECTIONS = ("auto", "all", "any")
 #: Ordered classes of the two prompt scales, and the sign (+1 brighter, −1 darker) a step up each scale
-#: gives, by contrast: MS lesions are hyperintense on FLAIR and hypointense on T1; atrophy replaces tissue
-#: by CSF, dark on both.
+#: gives, by contrast: MS lesions are hyperintense on FLAIR and hypo- or isointense on T1; atrophy replaces
+#: tissue by CSF, dark on both. Measured on FLAIR only (the benchmark above); no T1 model is bundled.
 _SCALES = {"lesion_load": ("none", "minimal", "moderate", "high"), "diagnosis": ("CN", "MCI", "AD")}
 _SCALE_SIGN = {"FLAIR": {"lesion_load": 1, "diagnosis": -1}, "T1": {"lesion_load": -1, "diagnosis": -1}}
 
@@ -453,6 +453,8 @@ def change_direction(source_prompt: str, target_prompt: str, contrast: str,
     sign = moves[0][1]
     what = ", ".join(f"{m[0].replace('_', ' ')} {m[2]}" for m in moves)
     return sign, f"{what} on {str(contrast).upper()} {'brightens' if sign > 0 else 'darkens'}"
+
+
 #: |change| in model units above which a FLAIR brightening/darkening inside a filled lesion region
 #: (lesion filling by inpainting) is called a lesion added/removed.
 LESION_DELTA = 0.12
