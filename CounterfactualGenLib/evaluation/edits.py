@@ -57,14 +57,16 @@ def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | N
     """An editor for :func:`evaluate_edits` that runs :func:`~CounterfactualGenLib.pipeline.edit_scan`."""
     from ..pipeline import edit_scan
 
+    settings = {"strength": strength, "edit_region": "auto", "direction": "auto"}  # also recorded in the report
+
     def edit(scan, *, target: str, source: str, brain_mask: np.ndarray, lesion_mask: np.ndarray | None = None,
              auto_lesion_mask: bool = True):
         return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
-                         lesion_mask=lesion_mask, strength=strength, steps=steps, guidance=guidance, seed=seed,
-                         registration="none", oracle=oracle, auto_lesion_mask=auto_lesion_mask, device=device,
-                         edit_region="auto", direction="auto", should_cancel=should_cancel)
+                         lesion_mask=lesion_mask, steps=steps, guidance=guidance, seed=seed, registration="none",
+                         oracle=oracle, auto_lesion_mask=auto_lesion_mask, device=device, should_cancel=should_cancel,
+                         **settings)
 
-    edit.settings = {"strength": strength, "edit_region": "auto", "direction": "auto"}  # for the report
+    edit.settings = settings
     return edit
 
 

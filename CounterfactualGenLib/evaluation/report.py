@@ -620,6 +620,8 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def edits_markdown(e: dict[str, Any]) -> list[str]:
     """The exact-twin and axiom section of the report."""
+    from ..pipeline import LESION_EDIT_WM_MARGIN_MM
+
     sm = e["summary"]
     lines = ["## Edits of held-out synthetic scans against their exact twins", "",
              f"{e['n_subjects']} subjects (moderate / high lesion load, alternating), {e['n_edits']} edits, "
@@ -628,8 +630,8 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
              "input against the same twin (what doing nothing scores). Outside-brain identity: fraction of "
              "voxels bit-identical to the input."
              + (" Edits as `counterfactualgen edit` makes them by default: strength {strength:g}, a lesion-load edit in "
-                "the white matter and 5 mm around it, keeping only the change in its prompts' direction "
-                "(--direction {direction}).".format(**e["editor"])
+                "the white matter and {margin:g} mm around it, keeping only the change in its prompts' direction "
+                "(--direction {direction}).".format(**e["editor"], margin=LESION_EDIT_WM_MARGIN_MM)
                 if e.get("editor", {}).get("direction") == "auto" and e["editor"].get("edit_region") == "auto" else ""),
              "",
              "| task | PSNR dB (baseline) | MAE (baseline) | Dice vs true lesions | oracle ml error vs twin | "
