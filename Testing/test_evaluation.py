@@ -410,17 +410,20 @@ def _twin_editor(grid, n, seed=0):
     """A perfect editor: returns the exact engine twin the target asks for (identity for null edits)."""
     from CounterfactualGenLib.evaluation.edits import atrophy_pair, held_out_pairs
 
-    table = {}
+    table, mci = {}, {}
     for subj, twin in held_out_pairs(grid, n, seed=seed):
         table[TruthOracle.key(subj.image.array)] = (twin, subj.attributes["lesion_ml"])
         table[TruthOracle.key(twin.image.array)] = (subj, 0.0)
         cn, ad = atrophy_pair(subj, grid)
         table[TruthOracle.key(cn.image.array)] = (ad, subj.attributes["lesion_ml"])
+        mci[TruthOracle.key(cn.image.array)] = atrophy_pair(subj, grid, "MCI")[1]
 
     def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
         if target == source or TruthOracle.key(scan.array) not in table:
             return _Result(scan, np.zeros(scan.shape), {"timings_s": {}})
         other, _ = table[TruthOracle.key(scan.array)]
+        if "(MCI)" in target:
+            other = mci[TruthOracle.key(scan.array)]
         changed = other.image.array != scan.array
         label = 2 if "no lesions" in target else 1 if "lesion" in target else 3
         return _Result(other.image, changed * label,
@@ -447,6 +450,24 @@ def test_edits_of_a_perfect_editor_match_the_twins():
     assert all(math.isinf(row["atrophy"]["psnr_db"]) and np.isfinite(row["atrophy"]["baseline_psnr_db"])
                for row in r["per_subject"])
     assert s["atrophy"]["effectiveness"] == 1.0
+
+
+def test_edit_tasks_run_only_what_is_asked():
+    from CounterfactualGenLib.errors import InputError
+    from CounterfactualGenLib.evaluation.edits import evaluate_edits
+
+    r = evaluate_edits(_twin_editor(TEST_GRID, 1), grid=TEST_GRID, n_subjects=1, tasks=("mci", "atrophy"))
+    row, s = r["per_subject"][0], r["summary"]
+    assert not {"fill", "fill_text_only", "add", "reversibility_l1", "composition_l1"} & set(row)
+    assert r["n_edits"] == 2 and s["reversibility_l1"] is None
+    # the perfect editor makes the exact MCI twin: read as MCI, not AD, and closer to it than the AD twin is
+    assert math.isinf(row["mci"]["psnr_db"]) and s["mci"]["effectiveness"] == 1.0 and s["mci"]["read_as_ad"] == 0.0
+    assert row["mci"]["baseline_psnr_db"] > row["atrophy"]["baseline_psnr_db"]  # CN is nearer MCI than AD
+    ident = evaluate_edits(_identity_editor, grid=TEST_GRID, n_subjects=1, tasks=("mci",))
+    assert ident["per_subject"][0]["mci"]["psnr_db"] == row["mci"]["baseline_psnr_db"]
+    for bad in (("fill", "nonsense"), ()):
+        with pytest.raises(InputError, match="edit task"):
+            evaluate_edits(_identity_editor, grid=TEST_GRID, n_subjects=1, tasks=bad)
 
 
 def test_edits_of_an_identity_editor_score_the_baseline():

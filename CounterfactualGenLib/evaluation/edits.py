@@ -39,14 +39,20 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["EDIT_SIZES", "atrophy_pair", "best_worst_montage", "evaluate_edits", "held_out_pairs", "model_editor",
+__all__ = ["DEFAULT_EDIT_TASKS", "EDIT_SIZES", "EDIT_TASKS", "atrophy_pair", "best_worst_montage", "evaluate_edits", "held_out_pairs", "model_editor",
            "summarise_edits"]
 
 #: Repeated null edits for the composition axiom (Monteiro et al. use m = 1, 2, 10).
 EDIT_SIZES = (1, 2, 10)
+#: The edits :func:`evaluate_edits` can run per subject: lesion filling (without a mask, by text alone, with the
+#: true mask), lesion addition, the diagnosis edit CN → AD, the axioms (composition, reversibility), and CN → MCI
+#: (``"mci"``: does a diagnosis edit stop at MCI or overshoot to AD?). :data:`DEFAULT_EDIT_TASKS` are the card's.
+EDIT_TASKS = ("fill", "add", "atrophy", "axioms", "mci")
+DEFAULT_EDIT_TASKS = ("fill", "add", "atrophy", "axioms")
 NONE_PROMPT = "Subject has no lesions."
 CN_PROMPT = "Subject is cognitively normal (CN)."
 AD_PROMPT = "Subject has mild Alzheimer's dementia (AD)."
+MCI_PROMPT = "Subject has mild cognitive impairment (MCI)."
 
 Editor = Callable[..., Any]  # (scan Volume, target, source, brain_mask, lesion_mask, auto_lesion_mask) -> result
 
@@ -108,13 +114,14 @@ def held_out_pairs(grid: Any, n_subjects: int, *, seed: int = 0, contrast: str =
         yield make_subject(spec, **geo), make_twin(spec, lesion_class="none", **geo)
 
 
-def atrophy_pair(subject: Any, grid: Any) -> tuple[Any, Any]:
+def atrophy_pair(subject: Any, grid: Any, diagnosis: str = "AD") -> tuple[Any, Any]:
     """``(CN twin, AD twin)`` of an engine subject on ``grid``: the same person, lesions and scan at the
-    two ends of the atrophy scale (the diagnosis edit's input and its exact truth)."""
+    two ends of the atrophy scale (the diagnosis edit's input and its exact truth); ``diagnosis="MCI"``
+    gives the MCI twin instead of the AD twin."""
     from ..synth import make_twin
 
     geo = {"shape": tuple(grid.shape), "spacing_mm": grid.spacing_mm, "center_mm": tuple(grid.center_ras)}
-    return make_twin(subject.spec, diagnosis="CN", **geo), make_twin(subject.spec, diagnosis="AD", **geo)
+    return make_twin(subject.spec, diagnosis="CN", **geo), make_twin(subject.spec, diagnosis=diagnosis, **geo)
 
 
 def evaluate_edits(
@@ -127,6 +134,7 @@ def evaluate_edits(
     lesion_classes: Sequence[str] = ("moderate", "high"),
     composition_sizes: Sequence[int] = EDIT_SIZES,
     anatomy: str = "icbm152",
+    tasks: Sequence[str] = DEFAULT_EDIT_TASKS,
     on_event: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Edit held-out engine subjects on ``grid`` and measure them against their exact twins.
@@ -142,6 +150,7 @@ def evaluate_edits(
         lesion_classes: the factual subjects' lesion classes, cycled.
         composition_sizes: numbers of repeated null edits; () skips the composition axiom.
         anatomy: the engine anatomy of the subjects (``synth.ANATOMIES``).
+        tasks: which of :data:`EDIT_TASKS` to run (a benchmark of one kind of edit skips the others).
         on_event: progress/log callback.
 
     Returns:
@@ -153,6 +162,10 @@ def evaluate_edits(
 
     if n_subjects < 1:
         raise InputError("Evaluate edits on at least one subject.")
+    unknown = sorted(set(tasks) - set(EDIT_TASKS))
+    if unknown or not tasks:
+        raise InputError(f"Unknown edit task(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(EDIT_TASKS)}.")
     emit = on_event or (lambda e: None)
     rows: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
@@ -184,8 +197,9 @@ def evaluate_edits(
             return res
 
         # -- lesion filling: no mask (the editor's default: the oracle's segmentation), text only, true mask --
-        for name, lmask, kw in (("fill", None, {}), ("fill_text_only", None, {"auto_lesion_mask": False}),
-                                ("fill_with_mask", subj.lesion_mask, {})):
+        fills = (("fill", None, {}), ("fill_text_only", None, {"auto_lesion_mask": False}),
+                 ("fill_with_mask", subj.lesion_mask, {}))
+        for name, lmask, kw in fills if "fill" in tasks else ():
             res = run(name, scan, target=NONE_PROMPT, source=src, lesion_mask=lmask, **kw)
             cf = res.counterfactual.array
             if name == "fill":
@@ -206,46 +220,55 @@ def evaluate_edits(
                                                            u)["psnr_db"]
 
         # -- lesion addition: the clean twin edited to the subject's class ---------------------
-        res = run("add", clean, target=src, source=NONE_PROMPT)
-        cf = res.counterfactual.array
-        added = res.change_labels.array == 1
-        after = res.report.get("lesion_ml_after")
-        row["add"] = {**_comparison(cf, scan.array, clean.array, brain, u),
-                      "dice_added_vs_true": round(dice(added, true_lesions), 4) if true_lesions.any() else None,
-                      "labelmap_added_ml": res.report.get("lesion_ml_added"),
-                      "oracle_ml_before": res.report.get("lesion_ml_before"), "oracle_ml_after": after,
-                      "oracle_ml_error_vs_twin": None if after is None else round(abs(float(after) - true_ml), 3),
-                      "oracle_class_after": None if after is None else lesion_class_of_ml(float(after)),
-                      "outside_brain_bit_identical": _outside_identical(cf, clean.array, brain)}
+        if "add" in tasks:
+            res = run("add", clean, target=src, source=NONE_PROMPT)
+            cf = res.counterfactual.array
+            added = res.change_labels.array == 1
+            after = res.report.get("lesion_ml_after")
+            row["add"] = {**_comparison(cf, scan.array, clean.array, brain, u),
+                          "dice_added_vs_true": round(dice(added, true_lesions), 4) if true_lesions.any() else None,
+                          "labelmap_added_ml": res.report.get("lesion_ml_added"),
+                          "oracle_ml_before": res.report.get("lesion_ml_before"), "oracle_ml_after": after,
+                          "oracle_ml_error_vs_twin": None if after is None else round(abs(float(after) - true_ml), 3),
+                          "oracle_class_after": None if after is None else lesion_class_of_ml(float(after)),
+                          "outside_brain_bit_identical": _outside_identical(cf, clean.array, brain)}
 
-        # -- diagnosis: the CN twin edited to AD, against the exact AD twin -------------------------
-        cn, ad = atrophy_pair(subj, grid)
-        cn_brain = cn.brain_mask > 0
-        res = run("atrophy", cn.image, target=AD_PROMPT, source=CN_PROMPT, brain_mask=cn_brain)
-        cf = res.counterfactual.array
-        row["atrophy"] = {**_comparison(cf, ad.image.array, cn.image.array, cn_brain, _units(cn.image.array, cn_brain)),
-                          "oracle_diagnosis_before": res.report.get("diagnosis_before"),
-                          "oracle_diagnosis_after": res.report.get("diagnosis_after"),
-                          "outside_brain_bit_identical": _outside_identical(cf, cn.image.array, cn_brain),
-                          "changed_ml": res.report.get("changed_ml")}
+        # -- diagnosis: the CN twin edited to AD (and MCI), against the exact AD (MCI) twin -------------
+        for task, diagnosis, prompt in (("atrophy", "AD", AD_PROMPT), ("mci", "MCI", MCI_PROMPT)):
+            if task not in tasks:
+                continue
+            cn, truth = atrophy_pair(subj, grid, diagnosis)
+            cn_brain = cn.brain_mask > 0
+            res = run(task, cn.image, target=prompt, source=CN_PROMPT, brain_mask=cn_brain)
+            cf = res.counterfactual.array
+            row[task] = {**_comparison(cf, truth.image.array, cn.image.array, cn_brain,
+                                       _units(cn.image.array, cn_brain)),
+                         "oracle_diagnosis_before": res.report.get("diagnosis_before"),
+                         "oracle_diagnosis_after": res.report.get("diagnosis_after"),
+                         "outside_brain_bit_identical": _outside_identical(cf, cn.image.array, cn_brain),
+                         "changed_ml": res.report.get("changed_ml")}
 
         # -- axioms -------------------------------------------------------------------------------
-        if n_max:
-            y = scan
-            comp = {}
-            for m in range(1, n_max + 1):
-                y = run("composition", y, target=src, source=src).counterfactual
-                if m in composition_sizes:
-                    comp[str(m)] = round(mae(u(scan.array), u(y.array), brain), 5)
-            row["composition_l1"] = comp
-        back = run("reversibility", run("reversibility", scan, target=NONE_PROMPT, source=src).counterfactual,
-                   target=src, source=NONE_PROMPT).counterfactual
-        row["reversibility_l1"] = round(mae(u(scan.array), u(back.array), brain), 5)
+        if "axioms" in tasks:
+            if n_max:
+                y = scan
+                comp = {}
+                for m in range(1, n_max + 1):
+                    y = run("composition", y, target=src, source=src).counterfactual
+                    if m in composition_sizes:
+                        comp[str(m)] = round(mae(u(scan.array), u(y.array), brain), 5)
+                row["composition_l1"] = comp
+            back = run("reversibility", run("reversibility", scan, target=NONE_PROMPT, source=src).counterfactual,
+                       target=src, source=NONE_PROMPT).counterfactual
+            row["reversibility_l1"] = round(mae(u(scan.array), u(back.array), brain), 5)
         rows.append(row)
-        emit({"event": "log", "level": "info",
-              "message": f"edit subject {k + 1}/{n_subjects} ({lclass}, {true_ml:.1f} ml): fill PSNR "
-                         f"{row['fill']['psnr_db']} dB (baseline {row['fill']['baseline_psnr_db']}), Dice "
-                         f"{row['fill_with_mask']['dice_removed_vs_true']} with mask"})
+        if "fill" in tasks:
+            emit({"event": "log", "level": "info",
+                  "message": f"edit subject {k + 1}/{n_subjects} ({lclass}, {true_ml:.1f} ml): fill PSNR "
+                             f"{row['fill']['psnr_db']} dB (baseline {row['fill']['baseline_psnr_db']}), Dice "
+                             f"{row['fill_with_mask']['dice_removed_vs_true']} with mask"})
+        else:
+            emit({"event": "log", "level": "info", "message": f"edit subject {k + 1}/{n_subjects} done"})
     emit({"event": "progress", "stage": "evaluate_edits", "step": int(n_subjects), "total": int(n_subjects),
           "eta_s": 0})
     n_edits = max(1, int(timings.pop("n_edits", 1)))
@@ -312,12 +335,16 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         hits = [r[task]["oracle_class_after"] == ("none" if task != "add" else r["lesion_class"])
                 for r in rows if r[task].get("oracle_class_after") is not None]
         out[task]["effectiveness"] = round(float(np.mean(hits)), 4) if hits else None
-    if any("atrophy" in r for r in rows):
-        out["atrophy"] = {k: mean(("atrophy", k)) for k in ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae",
-                                                            "outside_brain_bit_identical", "changed_ml")}
-        hits = [r["atrophy"]["oracle_diagnosis_after"] == "AD" for r in rows
-                if "atrophy" in r and r["atrophy"].get("oracle_diagnosis_after") is not None]
-        out["atrophy"]["effectiveness"] = round(float(np.mean(hits)), 4) if hits else None
+    for task, diagnosis in (("atrophy", "AD"), ("mci", "MCI")):
+        if not any(task in r for r in rows):
+            continue
+        out[task] = {k: mean((task, k)) for k in ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae",
+                                                  "outside_brain_bit_identical", "changed_ml")}
+        read = [r[task]["oracle_diagnosis_after"] for r in rows
+                if task in r and r[task].get("oracle_diagnosis_after") is not None]
+        out[task]["effectiveness"] = round(float(np.mean([d == diagnosis for d in read])), 4) if read else None
+        if task == "mci":  # a diagnosis edit that goes too far
+            out[task]["read_as_ad"] = round(float(np.mean([d == "AD" for d in read])), 4) if read else None
     sizes = sorted({int(m) for r in rows for m in (r.get("composition_l1") or {})})
     out["composition_l1"] = {str(m): mean(("composition_l1", str(m))) for m in sizes}
     out["reversibility_l1"] = mean(("reversibility_l1",))

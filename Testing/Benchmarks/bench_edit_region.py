@@ -34,6 +34,8 @@ from pathlib import Path
 
 from _bench import load, parser
 
+from CounterfactualGenLib.evaluation.edits import DEFAULT_EDIT_TASKS, EDIT_TASKS, evaluate_edits
+
 
 def white_matter_coverage(model, seed: int, n: int) -> dict:
     """How much of the true lesion volume of the ``n`` held-out subjects the edits are measured on
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="change directions to run (edit_scan(direction=…); default auto)")
     ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
+    ap.add_argument("--tasks", nargs="*", default=list(DEFAULT_EDIT_TASKS), choices=list(EDIT_TASKS),
+                    help="edits to run per subject (default: the card's; atrophy is CN → AD, mci CN → MCI)")
     args = ap.parse_args(argv)
 
-    from CounterfactualGenLib.evaluation.edits import evaluate_edits
     from CounterfactualGenLib.pipeline import LESION_EDIT_WM_MARGIN_MM, LESION_EDIT_WM_PROBABILITY, edit_scan
 
     model, encoder, oracle = load(args, oracle=True)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             ("" if strength == 0.6 else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "") + \
             (f" direction {direction}" if len(args.directions) > 1 or direction != "auto" else "")
         r = evaluate_edits(editor(region, thr, strength, sep, direction), grid=model.spec.grid, n_subjects=args.subjects,
-                           seed=args.seed, composition_sizes=())
+                           seed=args.seed, composition_sizes=(), tasks=args.tasks)
         r.pop("_examples", None)
         results[name] = {"summary": r["summary"], "changed_ml": {
             t: [row[t].get("changed_ml") for row in r["per_subject"] if t in row] for t in ("fill_text_only",)}}
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s = res["summary"]
         for task, dice_key in (("add", "dice_added_vs_true"), ("fill_text_only", "dice_removed_vs_true")):
+            if task not in s:
+                continue
             t = s[task]
             print(f"| {name} | {task} | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) | "
                   f"{t['oracle_ml_error_vs_twin']} | {t['effectiveness']} | {t[dice_key]} |")
@@ -152,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             t = s["atrophy"]
             print(f"| {name} | CN → AD | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) | "
                   f"| {t['effectiveness']} | |")
-        print(f"| {name} | reversibility L1 | {s['reversibility_l1']} | | | | |")
+        if s.get("mci"):  # CN twin → MCI: effectiveness = read as MCI; the share read as AD went too far
+            t = s["mci"]
+            print(f"| {name} | CN → MCI | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) "
+                  f"| | {t['effectiveness']} (read as AD {t['read_as_ad']}) | |")
+        if s.get("reversibility_l1") is not None:
+            print(f"| {name} | reversibility L1 | {s['reversibility_l1']} | | | | |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
