@@ -219,7 +219,8 @@ class CounterfactualGenParameterNode:
     inputVolume, brainMask, lesionMask - edit inputs (masks optional: a labelmap or scalar volume, voxels > 0, or a
         segmentation, its visible segments).
     targetPrompt, sourcePrompt - what the scan should show / what it shows now (optional).
-    strength - how far the edit may move the scan (0..1).
+    strength - how far the edit may move the scan (0..1), used when strengthDefault is off.
+    strengthDefault - use the library's default strength for the target's kind (0.6 lesion load, 0.8 diagnosis).
     nullTextIterations - null-text optimisation iterations per step (0 = off).
     localEdit - a lesion-load edit changes only where the source and target prompts disagree (DiffEdit).
     prompts - one description per line for generating subjects; count - number of subjects (seeds).
@@ -237,6 +238,7 @@ class CounterfactualGenParameterNode:
     targetPrompt: str = "Subject has high lesion load."
     sourcePrompt: str = ""
     strength: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    strengthDefault: bool = True
     nullTextIterations: Annotated[int, WithinRange(0, 100)] = 0
     localEdit: bool = False
     prompts: str = "Subject has minimal lesion load.\nSubject has moderate lesion load.\nSubject has high lesion load."
@@ -382,6 +384,7 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p = self._parameterNode
             if self.ui.targetPromptComboBox.currentText != p.targetPrompt:
                 self.ui.targetPromptComboBox.setEditText(p.targetPrompt)
+            self.ui.strengthSliderWidget.enabled = not p.strengthDefault
             wanted = self.LOCAL_MODEL if p.modelFolder and p.modelId == self.LOCAL_MODEL else p.modelId
             index = self.ui.modelComboBox.findData(wanted)
             if index >= 0 and index != self.ui.modelComboBox.currentIndex:
@@ -629,7 +632,8 @@ class CounterfactualGenWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             else:
                 self._run = self.logic.startEdit(
                     p.inputVolume, p.targetPrompt.strip(), sourcePrompt=p.sourcePrompt.strip(),
-                    brainMask=p.brainMask, lesionMask=p.lesionMask, strength=p.strength,
+                    brainMask=p.brainMask, lesionMask=p.lesionMask,
+                    strength=None if p.strengthDefault else p.strength,
                     nullTextIterations=p.nullTextIterations, localEdit=p.localEdit, **common)
         if self._run is None:
             return
@@ -1153,7 +1157,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
     # (a NIfTI keeps them only in its 80-character descrip and a JSON sidecar).
     @staticmethod
     def buildEditArgs(inputPath, outDir, targetPrompt, *, sourcePrompt="", brainMaskPath=None, lesionMaskPath=None,
-                      strength=0.6, nullTextIterations=0, model="", steps=None, guidance=None, seed=0,
+                      strength=None, nullTextIterations=0, model="", steps=None, guidance=None, seed=0,
                       device="auto", localEdit=False, overwrite=False) -> list:
         args = ["edit", "--input", inputPath, "--to", targetPrompt]
         if sourcePrompt:
@@ -1162,7 +1166,8 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             args += ["--mask", brainMaskPath]
         if lesionMaskPath:
             args += ["--lesion-mask", lesionMaskPath]
-        args += ["--strength", f"{float(strength):g}"]
+        if strength is not None:  # None: the command line's default for the target's kind
+            args += ["--strength", f"{float(strength):g}"]
         if int(nullTextIterations) > 0:
             args += ["--null-text", str(int(nullTextIterations))]
         if localEdit:
@@ -1421,16 +1426,18 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
             self.removeNodes([placed])
 
     # ------------------------------------------------------------------ edit
-    def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=0.6,
+    def startEdit(self, inputVolume, targetPrompt, *, sourcePrompt="", brainMask=None, lesionMask=None, strength=None,
                   nullTextIterations=0, model="", steps=None, guidance=None, seed=0, device="auto",
                   outputDir=None, localEdit=False) -> CounterfactualGenRun:
-        """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``."""
+        """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``.
+
+        ``strength`` None uses the library's default for the target's kind (0.6 lesion load, 0.8 diagnosis)."""
         if inputVolume is None:
             raise ValueError(_("Select an input volume."))
         if not targetPrompt or not targetPrompt.strip():
             raise ValueError(_("Enter a target description, e.g. 'Subject has high lesion load.'"))
-        if not 0.0 <= float(strength) <= 1.0:
-            raise ValueError(_("Strength must be between 0 and 1."))
+        if strength is not None and not 0.0 < float(strength) <= 1.0:
+            raise ValueError(_("Strength must be above 0 and at most 1."))
         if not 0 <= int(nullTextIterations) <= 100:
             raise ValueError(_("Null-text iterations must be between 0 and 100."))
         self._validateCommon(model, steps, guidance, device)

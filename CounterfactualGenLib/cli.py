@@ -426,7 +426,7 @@ def _edit_one(args: argparse.Namespace, ev: Events, model, encoder, input_path: 
                     device=args.device,
                     precision=args.precision, on_event=ev.emit, should_cancel=ev.should_cancel)
     prompts = [res.report["prompts"]["from"], res.report["prompts"]["to"]]
-    extra = {"strength": args.strength, "steps": res.report["steps"], "guidance": res.report["guidance"],
+    extra = {"strength": res.report["strength"], "steps": res.report["steps"], "guidance": res.report["guidance"],
              "source_file": input_path.name}
     fmt = args.format
     names = {"counterfactual": f"{prefix}counterfactual_SYNTHETIC.{fmt}", "difference": f"{prefix}difference.{fmt}",
@@ -682,7 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--lesion-mask", default=None,
                        help="lesion mask of the scan (any grid in its world coordinates): lesion filling (--to 'no "
                             "lesions') regenerates only these voxels; without one it fills the oracle's lesion segmentation (--oracle none: by the text alone)")
-        e.add_argument("--strength", type=float, default=0.6, help="how far to invert towards noise, 0..1 (default 0.6)")
+        e.add_argument("--strength", type=float, default=None,
+                       help="how far to invert towards noise, 0..1 (default: 0.6 for lesion-load prompts, 0.8 for "
+                            "diagnosis prompts; Testing/Benchmarks/README.md)")
         e.add_argument("--registration", default="affine", choices=["affine", "none"],
                        help="affine (default) or none when the scan is already on the model's grid/world")
         e.add_argument("--attention-keep", type=float, default=0.8,
@@ -698,9 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py). "
                             "Other edits act on the whole brain")
         e.add_argument("--direction", default="auto", choices=["auto", "any"],
-                       help="auto (default): a lesion-load prompt edit keeps only the change in the direction its "
-                            "prompts move the scan (adding lesions brightens a FLAIR scan, removing them darkens "
-                            "it), not the opposite change to healthy tissue; any = keep every change "
+                       help="auto (default): a prompt edit keeps only the change in the direction its prompts "
+                            "move the scan (adding lesions brightens a FLAIR scan, removing them darkens it; more "
+                            "atrophy darkens), not the opposite change to healthy tissue; any = keep every change "
                             "(Testing/Benchmarks/bench_edit_region.py)")
         e.add_argument("--oracle", default="auto",
                        help="oracle folder or registered oracle id for lesion ml before/after; auto = the bundled one "

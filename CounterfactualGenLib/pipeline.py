@@ -398,15 +398,33 @@ LESION_EDIT_WM_PROBABILITY = 0.5
 LESION_EDIT_WM_MARGIN_MM = 5.0
 #: Edit regions ``edit_scan`` accepts.
 EDIT_REGIONS = ("auto", "brain", "prompt")
-#: Change directions ``edit_scan`` accepts: ``"auto"`` keeps only the change in the direction a lesion-load
-#: difference between the prompts moves intensities (:func:`change_direction`), ``"all"`` does so for diagnosis
-#: differences too, ``"any"`` keeps every change. On held-out engine subjects (``Testing/Benchmarks/
-#: bench_edit_region.py --directions any all``; 236–247, then 200–211) keeping the direction raised lesion
-#: addition against the exact twin from 30.77 to 33.01 dB and from 30.24 to 32.51 dB, filling by the text
+#: Change directions ``edit_scan`` accepts: ``"auto"`` keeps only the change in the direction the prompts'
+#: difference moves intensities (:func:`change_direction`: more lesion load brightens a FLAIR scan, more
+#: atrophy darkens it), ``"any"`` keeps every change. On held-out engine subjects (``Testing/Benchmarks/
+#: bench_edit_region.py``, its README) keeping the direction raised lesion addition against the exact twin
+#: from 30.77 to 33.01 dB and from 30.24 to 32.51 dB (subjects from seeds 236 and 200), filling by the text
 #: alone from 31.37 to 34.10 dB and from 30.64 to 33.69 dB, with as many additions reaching their class
-#: (7 and 4 of 12) and the same Dice of removed voxels; for CN → AD edits it gained 0.8–0.9 dB against the
-#: AD twin but one fewer of 12 was read as AD on 200–211, so diagnosis edits keep every change by default.
-EDIT_DIRECTIONS = ("auto", "all", "any")
+#: (7 and 4 of 12); for diagnosis edits it is adopted together with :data:`EDIT_STRENGTHS`.
+EDIT_DIRECTIONS = ("auto", "any")
+#: Default inversion strength of a prompt edit, by the scale its target names. A diagnosis edit moves the
+#: cortex and ventricles of the whole brain and at 0.6 mostly stopped at MCI. At 0.8 with only the change in
+#: the prompts' direction kept, CN → AD edits were read as AD in 17 and 16 of 24 held-out engine subjects
+#: (10 and 9 at 0.6 keeping every change) and came nearer the exact AD twin (18.60 → 19.26 dB, 18.88 →
+#: 19.66 dB); CN → MCI edits were read as MCI in 24 of 24 both times (19, 21) and never as AD
+#: (``bench_edit_region.py --tasks atrophy mci``, seeds 260 and 284). Stronger inversions bought lesion-load
+#: edits nothing once their direction was kept (8 / 8 / 7 of 12 reaching the class at 0.6 / 0.7 / 0.8).
+#: A target on both scales, or on neither, uses :data:`DEFAULT_EDIT_STRENGTH`.
+EDIT_STRENGTHS = {"lesion_load": 0.6, "diagnosis": 0.8}
+DEFAULT_EDIT_STRENGTH = 0.6
+
+
+def edit_strength(target_prompt: str) -> float:
+    """The default inversion strength of a prompt edit to ``target_prompt`` (:data:`EDIT_STRENGTHS`)."""
+    from .text.prompts import classify_prompt
+
+    c = classify_prompt(target_prompt)
+    named = [k for k in EDIT_STRENGTHS if c.get(k) is not None]
+    return EDIT_STRENGTHS[named[0]] if len(named) == 1 else DEFAULT_EDIT_STRENGTH
 #: Ordered classes of the two prompt scales, and the sign (+1 brighter, −1 darker) a step up each scale
 #: gives, by contrast: MS lesions are hyperintense on FLAIR and hypo- or isointense on T1; atrophy replaces
 #: tissue by CSF, dark on both. Measured on FLAIR only (the benchmark above); no T1 model is bundled.
@@ -563,7 +581,7 @@ def edit_scan(
     source_prompt: str | None = None,
     brain_mask: np.ndarray | None = None,
     lesion_mask: np.ndarray | None = None,
-    strength: float = 0.6,
+    strength: float | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
@@ -650,13 +668,16 @@ def edit_scan(
     its class (8 of 12 at 0) and every CN → AD edit read as AD (3 of 12) at 2.1 dB lower addition PSNR
     against the twin and 0.8 dB lower CN → AD PSNR, so it is 0 by default.
 
-    ``direction="auto"`` (the default) keeps only the part of a lesion-load prompt edit's change (the
-    inversion path) that moves intensities the way the prompts' difference does (:func:`change_direction`:
-    adding lesions brightens a FLAIR scan, removing them darkens it); the opposite part is regenerated
-    healthy tissue (:data:`EDIT_DIRECTIONS` has the measurements). ``"all"`` rules diagnosis edits too (more
-    atrophy darkens); ``"any"``, and every edit the rule does not cover, keeps all of the change. The
-    report's ``direction`` says which sign was kept and how much change (ml on the model grid, and its share
-    of the change's energy) the rule removed.
+    ``strength`` ``None`` (the default) is the default of the target's scale (:func:`edit_strength`: 0.6 for
+    lesion load, 0.8 for diagnosis, :data:`EDIT_STRENGTHS` has the measurements); the report records the
+    strength used.
+
+    ``direction="auto"`` (the default) keeps only the part of a prompt edit's change (the inversion path)
+    that moves intensities the way the prompts' difference does (:func:`change_direction`: adding lesions
+    brightens a FLAIR scan, removing them darkens it; more atrophy darkens); the opposite part is regenerated
+    healthy tissue (:data:`EDIT_DIRECTIONS` has the measurements). ``"any"``, and every edit the rule does not
+    cover, keeps all of the change. The report's ``direction`` says which sign was kept and how much change
+    (ml on the model grid, and its share of the change's energy) the rule removed.
 
     ``scan_name`` (the file or Slicer node name) is checked for the name of another contrast than the
     model's (:func:`contrast_name_warning`): the report then warns that the edit is not meaningful.
@@ -690,6 +711,9 @@ def edit_scan(
     check_text_encoder(model.spec, text_encoder)
     steps = int(model.spec.schedule.get("default_steps", 30) if steps is None else steps)
     guidance = float(model.spec.schedule.get("default_guidance", 1.0) if guidance is None else guidance)
+    strength = edit_strength(target_prompt) if strength is None else float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength must be in (0, 1]; got {strength:g}.")
     if not 1 <= steps <= 1000:
         raise InputError(f"steps must be between 1 and 1000; got {steps}.")
     if not 0.0 <= guidance <= 20.0:
@@ -701,8 +725,7 @@ def edit_scan(
     if not 0.0 <= float(separation) <= 20.0:
         raise InputError(f"separation must be between 0 and 20; got {separation}.")
     if direction not in EDIT_DIRECTIONS:
-        raise InputError(f"Unknown direction '{direction}'; use {', '.join(EDIT_DIRECTIONS[:-1])} or "
-                         f"{EDIT_DIRECTIONS[-1]}.")
+        raise InputError(f"Unknown direction '{direction}'; use {' or '.join(EDIT_DIRECTIONS)}.")
     if edit_region not in EDIT_REGIONS:
         raise InputError(f"Unknown edit region '{edit_region}'; use {', '.join(EDIT_REGIONS[:-1])} or {EDIT_REGIONS[-1]}.")
     thr = EDIT_REGION_THRESHOLD if edit_region_threshold is None else float(edit_region_threshold)
@@ -932,8 +955,7 @@ def edit_scan(
     change[np.abs(change) < CHANGE_EPS] = 0.0
     direction_report = None
     if direction != "any" and not inpaint:
-        sign, reason = change_direction(source_prompt, target_prompt, model.spec.contrast,
-                                        ("lesion_load",) if direction == "auto" else ("lesion_load", "diagnosis"))
+        sign, reason = change_direction(source_prompt, target_prompt, model.spec.contrast)
         direction_report = {"kept": {1: "brightening", -1: "darkening", 0: "both"}[sign], "rule": reason}
         if sign:
             against = sign * change < 0

@@ -110,7 +110,7 @@ def test_change_direction_follows_the_prompts_scales_and_the_contrast():
 def test_a_lesion_load_edit_keeps_only_the_change_in_its_direction(tiny):
     """direction="auto" (the default): adding lesions to a FLAIR scan only brightens it and filling only
     darkens it: the kept change is "any"'s change of that sign, the rest is zero, and the report says how
-    much was removed. A diagnosis edit keeps both signs unless direction="all" (atrophy darkens)."""
+    much was removed. A diagnosis edit towards AD keeps only the darkening (atrophy replaces tissue by CSF)."""
     m = load_model(tiny)
     g = m.spec.grid
     scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
@@ -133,13 +133,44 @@ def test_a_lesion_load_edit_keeps_only_the_change_in_its_direction(tiny):
                                                                abs=1e-4)
         assert "direction" not in both.report
     cn, ad = "Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD)."
+    dx_any = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, direction="any", **kw)
+    assert "direction" not in dx_any.report
+    assert (dx_any.difference.array > 0).any() and (dx_any.difference.array < 0).any()
     dx = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, **kw)
-    assert dx.report["direction"] == {"kept": "both", "rule": "no direction rule for diagnosis edits"}
-    assert (dx.difference.array > 0).any() and (dx.difference.array < 0).any()
-    dx_all = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, direction="all", **kw)
-    assert dx_all.report["direction"]["kept"] == "darkening" and (dx_all.difference.array <= 0).all()
-    with pytest.raises(InputError, match="direction"):
-        edit_scan(m, tiny_encoder(), scan, source_prompt=NONE, target_prompt=HIGH, direction="up", **kw)
+    assert dx.report["direction"]["kept"] == "darkening" and (dx.difference.array <= 0).all()
+    assert dx.report["direction"]["rule"] == "diagnosis CN → AD on FLAIR darkens"
+    both_scales = edit_scan(m, tiny_encoder(), scan, source_prompt=f"{NONE} {cn}", target_prompt=f"{HIGH} {ad}", **kw)
+    assert both_scales.report["direction"] == {"kept": "both", "rule": "the prompts' changes move intensities both ways"}
+    for bad in ("up", "all"):
+        with pytest.raises(InputError, match="direction"):
+            edit_scan(m, tiny_encoder(), scan, source_prompt=NONE, target_prompt=HIGH, direction=bad, **kw)
+
+
+def test_an_edit_defaults_to_the_strength_of_its_prompts_scale(tiny):
+    """strength=None: 0.6 for a lesion-load target, 0.8 for a diagnosis target, 0.6 for a target on both scales
+    or none; the report records the strength used and a given strength wins; out of range is refused."""
+    from CounterfactualGenLib.pipeline import DEFAULT_EDIT_STRENGTH, EDIT_STRENGTHS, edit_strength
+
+    cn, ad, mci = ("Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD).",
+                   "Subject has mild cognitive impairment (MCI).")
+    assert edit_strength(HIGH) == EDIT_STRENGTHS["lesion_load"] == 0.6
+    assert edit_strength(ad) == edit_strength(mci) == EDIT_STRENGTHS["diagnosis"] == 0.8
+    assert edit_strength(f"{HIGH} {ad}") == edit_strength("Subject is 60 years old.") == DEFAULT_EDIT_STRENGTH
+    m = load_model(tiny)
+    g = m.spec.grid
+    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
+    kw = dict(brain_mask=scan.array > 0, registration="none", steps=5)
+    dx = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, **kw)
+    lesion = edit_scan(m, tiny_encoder(), scan, source_prompt=NONE, target_prompt=HIGH, **kw)
+    assert dx.report["strength"] == 0.8 and lesion.report["strength"] == 0.6
+    same = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, strength=0.8, **kw)
+    np.testing.assert_array_equal(same.counterfactual.array, dx.counterfactual.array)
+    given = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, strength=0.6, **kw)
+    assert given.report["strength"] == 0.6
+    assert np.abs(given.model_space["reconstruction"] - dx.model_space["reconstruction"]).max() > 1e-3
+    for bad in (0.0, 1.5):
+        with pytest.raises(InputError, match="strength"):
+            edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, strength=bad, **kw)
 
 
 def test_oblique_anisotropic_lps_input_comes_back_in_its_own_geometry(tiny, tmp_path):
@@ -457,9 +488,10 @@ def test_cli_edit_with_oracle_folder_and_none(tiny, tiny_oracle, tmp_path):
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["oracle"] == "tiny-oracle" and rep["lesion_ml_before"] is not None
     assert rep["direction"]["kept"] == "brightening"  # --direction auto, the default
-    assert main(base + ["--oracle", "none", "--direction", "any", "--out", str(tmp_path / "b")]) == 0
+    assert rep["strength"] == 0.6  # a lesion-load edit's default strength
+    assert main(base + ["--oracle", "none", "--direction", "any", "--strength", "0.7", "--out", str(tmp_path / "b")]) == 0
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert rep["lesion_ml_before"] is None and "direction" not in rep
+    assert rep["lesion_ml_before"] is None and "direction" not in rep and rep["strength"] == 0.7
     assert main(base + ["--oracle", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 4
     assert not (tmp_path / "c").exists()
 

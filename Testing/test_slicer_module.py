@@ -1257,6 +1257,14 @@ def test_logic_edit_passes_null_text_and_the_real_cli_accepts_the_arguments(logi
     assert build_parser().parse_args(argv).edit_region == "prompt"
     logic.editBlocking(node, "Subject has high lesion load.", steps=2)
     assert "--edit-region" not in fake_cli.calls()[-1]["argv"]  # the CLI's default (auto: white matter for lesion load)
+    # no strength: the CLI's default for the target's kind (0.6 lesion load, 0.8 diagnosis); a given one is passed
+    assert "--strength" not in fake_cli.calls()[-1]["argv"]
+    assert build_parser().parse_args(fake_cli.calls()[-1]["argv"]).strength is None
+    logic.editBlocking(node, "Subject has mild Alzheimer's dementia (AD).", strength=0.7, steps=2)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--strength") + 1] == "0.7" and build_parser().parse_args(argv).strength == 0.7
+    with pytest.raises(ValueError, match="Strength"):
+        logic.startEdit(node, "Subject has high lesion load.", strength=0.0)
 
 
 def test_widget_shows_a_worker_warning_and_repeats_it_when_the_run_ends(cfg, scene, slicer_stub):
@@ -1460,6 +1468,28 @@ def test_widget_run_locks_inputs_shows_one_progress_and_readable_stages(make_wid
     _drive(w)
     assert w.ui.statusLabel.text.startswith("Failed") and w.ui.modelComboBox.enabled and w.ui.applyButton.text == "Apply"
     assert cfg_stage_label("null_text") == "Null-text optimisation"
+
+
+def test_widget_strength_is_the_prompts_default_unless_unchecked(make_widget, scene, slicer_stub, fake_cli):
+    """'Default' (checked at first) disables the strength slider and the edit passes no --strength (the CLI's
+    default for the target's kind); unchecked, the slider is enabled and its value is passed."""
+    _input_volume(slicer_stub)
+    w = make_widget()
+    _drive(w)
+    p = w._parameterNode
+    assert p.strengthDefault is True and w.ui.strengthSliderWidget.enabled is False
+    w.onApplyButton()
+    _drive(w)
+    assert "--strength" not in fake_cli.calls()[-1]["argv"]
+    p.strengthDefault = False
+    p.strength = 0.75
+    assert w.ui.strengthSliderWidget.enabled is True
+    w.onApplyButton()
+    _drive(w)
+    argv = fake_cli.calls()[-1]["argv"]
+    assert argv[argv.index("--strength") + 1] == "0.75"
+    p.strengthDefault = True
+    assert w.ui.strengthSliderWidget.enabled is False
 
 
 def cfg_stage_label(stage):

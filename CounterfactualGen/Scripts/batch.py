@@ -5,7 +5,7 @@ Usage (no window is opened; the layout manager and main window are never touched
     Slicer --no-splash --no-main-window --python-script CounterfactualGen/Scripts/batch.py \\
         --input DIR --to "Subject has high lesion load." --out DIR [--from "..."] \\
         [--model ID_OR_FOLDER] [--device auto|cpu|cuda:0] [--steps N] [--guidance G] \\
-        [--seed 0] [--strength 0.6] [--overwrite]
+        [--seed 0] [--strength S] [--overwrite]
 
 For each ``DIR/<name>.nrrd|.nii|.nii.gz|.nhdr|.mha|.mhd`` the outputs of the command line
 (``counterfactual_SYNTHETIC.nrrd``, ``difference.nrrd``, ``change_labels.nrrd``, ``preview.png``,
@@ -50,7 +50,8 @@ def parseArguments(argv):
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--strength", type=float, default=None,
+                        help="how far to invert, 0..1 (default: 0.6 for lesion-load prompts, 0.8 for diagnosis)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into OUT/<name>/ folders that hold results already (their files are replaced)")
     return parser.parse_args(argv)

@@ -58,10 +58,11 @@ Editor = Callable[..., Any]  # (scan Volume, target, source, brain_mask, lesion_
 
 
 def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | None = None,
-                 guidance: float | None = None, strength: float = 0.6, seed: int = 0, device: str = "auto",
+                 guidance: float | None = None, strength: float | None = None, seed: int = 0, device: str = "auto",
                  should_cancel: Callable[[], bool] | None = None) -> Editor:
-    """An editor for :func:`evaluate_edits` that runs :func:`~CounterfactualGenLib.pipeline.edit_scan`."""
-    from ..pipeline import edit_scan
+    """An editor for :func:`evaluate_edits` that runs :func:`~CounterfactualGenLib.pipeline.edit_scan`
+    (``strength`` ``None``: each edit's default, :func:`~CounterfactualGenLib.pipeline.edit_strength`)."""
+    from ..pipeline import EDIT_STRENGTHS, edit_scan
 
     settings = {"strength": strength, "edit_region": "auto", "direction": "auto"}  # also recorded in the report
 
@@ -72,7 +73,7 @@ def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | N
                          oracle=oracle, auto_lesion_mask=auto_lesion_mask, device=device, should_cancel=should_cancel,
                          **settings)
 
-    edit.settings = settings
+    edit.settings = {**settings, "strength": dict(EDIT_STRENGTHS) if strength is None else float(strength)}
     return edit
 
 

@@ -629,9 +629,11 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
              "PSNR / MAE in the brain in model units (range 2) against the exact twin; *baseline* = the unedited "
              "input against the same twin (what doing nothing scores). Outside-brain identity: fraction of "
              "voxels bit-identical to the input."
-             + (" Edits as `counterfactualgen edit` makes them by default: strength {strength:g}, a lesion-load edit in "
-                "the white matter and {margin:g} mm around it, keeping only the change in its prompts' direction "
-                "(--direction {direction}).".format(**e["editor"], margin=LESION_EDIT_WM_MARGIN_MM)
+             + (" Edits as `counterfactualgen edit` makes them by default: {strength}, a lesion-load edit in the "
+                "white matter and {margin:g} mm around it, every edit keeping only the change in its prompts' "
+                "direction (--direction {direction}).".format(
+                    strength=strength_text(e["editor"]["strength"]), direction=e["editor"]["direction"],
+                    margin=LESION_EDIT_WM_MARGIN_MM)
                 if e.get("editor", {}).get("direction") == "auto" and e["editor"].get("edit_region") == "auto" else ""),
              "",
              "| task | PSNR dB (baseline) | MAE (baseline) | Dice vs true lesions | oracle ml error vs twin | "
@@ -719,6 +721,14 @@ def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
     """``--text-encoder-path``, for every command that loads a model (generate, demo, edit, batch, evaluate)."""
     p.add_argument("--text-encoder-path", default=None, help="local folder of the text encoder (BiomedCLIP), or a "
                    "precomputed embedding table (.safetensors, Training/embed_prompts.py)")
+
+
+def strength_text(strength: Any) -> str:
+    """An edit's inversion strength in words: one value, or the default of each prompt scale
+    (:data:`~CounterfactualGenLib.pipeline.EDIT_STRENGTHS`)."""
+    if isinstance(strength, dict):
+        return "strength " + " and ".join(f"{float(v):g} for {k.replace('_', '-')} edits" for k, v in strength.items())
+    return f"strength {float(strength):g}"
 
 
 def separation_text(settings: dict[str, Any]) -> str:

@@ -19,9 +19,10 @@ the Dice of the true lesions with the labelled voxels. Choose on subjects other 
 evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default here is 200).
 ``--strengths`` and ``--separations`` run each region at other inversion strengths and with the
 target guided away from the source prompt (``edit_scan(separation=…)``); ``--directions`` with the
-change kept whole (``any``) or only in the prompts' direction (``auto``: lesion-load edits, the default;
-``all``: diagnosis edits too; ``pipeline.change_direction``; the benchmark also prints how much of the
-exact twins' own difference has that direction).
+change kept whole (``any``) or only in the prompts' direction (``auto``, the default;
+``pipeline.change_direction``; the benchmark also prints how much of the exact twins' own difference has
+that direction). ``--tasks`` picks the edits (``evaluate_edits(tasks=…)``): ``atrophy`` is CN → AD, ``mci``
+CN → MCI (read as AD: the edit went too far).
 
     python Testing/Benchmarks/bench_edit_region.py --threads 2 --seed 200 --subjects 12 \\
         --thresholds 0.5   # ≈9 min on 2 CPU cores
@@ -88,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__, subjects=6, seed=200)
     ap.add_argument("--thresholds", nargs="*", type=float, default=[0.5],
                     help="edit-region thresholds (fraction of the largest prompt disagreement in the brain)")
-    ap.add_argument("--strengths", nargs="*", type=float, default=[0.6],
-                    help="inversion strengths to run each region with (edit's --strength; default 0.6)")
+    ap.add_argument("--strengths", nargs="*", type=float, default=[None],
+                    help="inversion strengths to run each region with (edit's --strength; default: each edit's "
+                         "own, 0.6 for lesion load and 0.8 for diagnosis)")
     ap.add_argument("--separations", nargs="*", type=float, default=[0.0],
                     help="scales guiding a prompt edit's target away from its source prompt (default 0)")
-    ap.add_argument("--directions", nargs="*", default=["auto"], choices=["auto", "all", "any"],
+    ap.add_argument("--directions", nargs="*", default=["auto"], choices=["auto", "any"],
                     help="change directions to run (edit_scan(direction=…); default auto)")
     ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, encoder, oracle = load(args, oracle=True)
 
-    def editor(region: str, threshold: float | None, strength: float, separation: float = 0.0,
+    def editor(region: str, threshold: float | None, strength: float | None, separation: float = 0.0,
                direction: str = "auto"):
         def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
             return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for strength, region, thr, sep, direction in settings:
         name = ({"auto": "white matter (auto)"}.get(region, region) if thr is None else f"prompt:{thr:g}") + \
-            ("" if strength == 0.6 else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "") + \
+            ("" if strength is None else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "") + \
             (f" direction {direction}" if len(args.directions) > 1 or direction != "auto" else "")
         r = evaluate_edits(editor(region, thr, strength, sep, direction), grid=model.spec.grid, n_subjects=args.subjects,
                            seed=args.seed, composition_sizes=(), tasks=args.tasks)
