@@ -465,8 +465,10 @@ def test_edit_tasks_run_only_what_is_asked():
     # the perfect editor makes the exact MCI twin: read as MCI, not AD, and closer to it than the AD twin is
     assert math.isinf(row["mci"]["psnr_db"]) and s["mci"]["effectiveness"] == 1.0 and s["mci"]["read_as_ad"] == 0.0
     assert row["mci"]["baseline_psnr_db"] > row["atrophy"]["baseline_psnr_db"]  # CN is nearer MCI than AD
-    ident = evaluate_edits(_identity_editor, grid=TEST_GRID, n_subjects=1, tasks=("mci",))
+    ident = evaluate_edits(_identity_editor, grid=TEST_GRID, n_subjects=1, tasks=("mci", "fill_text_only"))
     assert ident["per_subject"][0]["mci"]["psnr_db"] == row["mci"]["baseline_psnr_db"]
+    assert {"fill_text_only", "mci"} <= set(ident["per_subject"][0]) and not {"fill", "fill_with_mask"} & set(
+        ident["per_subject"][0]) and set(ident["summary"]) >= {"fill_text_only", "mci"} and ident["n_edits"] == 2
     for bad in (("fill", "nonsense"), ()):
         with pytest.raises(InputError, match="edit task"):
             evaluate_edits(_identity_editor, grid=TEST_GRID, n_subjects=1, tasks=bad)

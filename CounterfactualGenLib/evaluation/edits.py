@@ -44,11 +44,12 @@ __all__ = ["DEFAULT_EDIT_TASKS", "EDIT_SIZES", "EDIT_TASKS", "atrophy_pair", "be
 
 #: Repeated null edits for the composition axiom (Monteiro et al. use m = 1, 2, 10).
 EDIT_SIZES = (1, 2, 10)
-#: The edits :func:`evaluate_edits` can run per subject: lesion filling (without a mask, by text alone, with the
-#: true mask), lesion addition, the diagnosis edit CN → AD, the axioms (composition, reversibility), and CN → MCI
-#: (``"mci"``: does a diagnosis edit stop at MCI or overshoot to AD?). :data:`DEFAULT_EDIT_TASKS` are the card's.
-EDIT_TASKS = ("fill", "add", "atrophy", "axioms", "mci")
-DEFAULT_EDIT_TASKS = ("fill", "add", "atrophy", "axioms")
+#: The edits :func:`evaluate_edits` can run per subject: lesion filling (without a mask: the oracle's segmentation;
+#: by the text alone; with the true mask), lesion addition, the diagnosis edit CN → AD, the axioms (composition,
+#: reversibility), and CN → MCI (``"mci"``: does a diagnosis edit stop at MCI or overshoot to AD?).
+#: :data:`DEFAULT_EDIT_TASKS` are the card's.
+EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms", "mci")
+DEFAULT_EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms")
 NONE_PROMPT = "Subject has no lesions."
 CN_PROMPT = "Subject is cognitively normal (CN)."
 AD_PROMPT = "Subject has mild Alzheimer's dementia (AD)."
@@ -200,7 +201,9 @@ def evaluate_edits(
         # -- lesion filling: no mask (the editor's default: the oracle's segmentation), text only, true mask --
         fills = (("fill", None, {}), ("fill_text_only", None, {"auto_lesion_mask": False}),
                  ("fill_with_mask", subj.lesion_mask, {}))
-        for name, lmask, kw in fills if "fill" in tasks else ():
+        for name, lmask, kw in fills:
+            if name not in tasks:
+                continue
             res = run(name, scan, target=NONE_PROMPT, source=src, lesion_mask=lmask, **kw)
             cf = res.counterfactual.array
             if name == "fill":
@@ -263,7 +266,7 @@ def evaluate_edits(
                        target=src, source=NONE_PROMPT).counterfactual
             row["reversibility_l1"] = round(mae(u(scan.array), u(back.array), brain), 5)
         rows.append(row)
-        if "fill" in tasks:
+        if "fill" in row and "fill_with_mask" in row:
             emit({"event": "log", "level": "info",
                   "message": f"edit subject {k + 1}/{n_subjects} ({lclass}, {true_ml:.1f} ml): fill PSNR "
                              f"{row['fill']['psnr_db']} dB (baseline {row['fill']['baseline_psnr_db']}), Dice "

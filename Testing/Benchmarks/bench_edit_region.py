@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
     ap.add_argument("--tasks", nargs="*", default=list(DEFAULT_EDIT_TASKS), choices=list(EDIT_TASKS),
-                    help="edits to run per subject (default: the card's; atrophy is CN → AD, mci CN → MCI)")
+                    help="edits to run per subject (default: the card's; fill is filling the oracle's segmentation, "
+                         "fill_text_only by the text alone, atrophy is CN → AD, mci CN → MCI)")
     args = ap.parse_args(argv)
 
     from CounterfactualGenLib.pipeline import LESION_EDIT_WM_MARGIN_MM, LESION_EDIT_WM_PROBABILITY, edit_scan
