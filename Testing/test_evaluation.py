@@ -410,22 +410,24 @@ def _identity_editor(scan, *, target, source, brain_mask, lesion_mask=None, auto
 
 def _twin_editor(grid, n, seed=0):
     """A perfect editor: returns the exact engine twin the target asks for (identity for null edits)."""
-    from CounterfactualGenLib.evaluation.edits import atrophy_pair, held_out_pairs
+    from CounterfactualGenLib.evaluation.edits import diagnosis_twin, held_out_pairs
 
-    table, mci = {}, {}
+    table, dx = {}, {}
     for subj, twin in held_out_pairs(grid, n, seed=seed):
-        table[TruthOracle.key(subj.image.array)] = (twin, subj.attributes["lesion_ml"])
-        table[TruthOracle.key(twin.image.array)] = (subj, 0.0)
-        cn, ad = atrophy_pair(subj, grid)
-        table[TruthOracle.key(cn.image.array)] = (ad, subj.attributes["lesion_ml"])
-        mci[TruthOracle.key(cn.image.array)] = atrophy_pair(subj, grid, "MCI")[1]
+        table[TruthOracle.key(subj.image.array)] = twin
+        table[TruthOracle.key(twin.image.array)] = subj
+        cn, mci, ad = (diagnosis_twin(subj, grid, d) for d in ("CN", "MCI", "AD"))
+        dx[TruthOracle.key(cn.image.array)] = {"(AD)": ad, "(MCI)": mci}
+        dx[TruthOracle.key(ad.image.array)] = {"(CN)": cn}
 
     def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
-        if target == source or TruthOracle.key(scan.array) not in table:
+        key = TruthOracle.key(scan.array)
+        if key in dx and any(m in target for m in ("(CN)", "(MCI)", "(AD)")):  # a diagnosis edit: that twin
+            other = next((t for marker, t in dx[key].items() if marker in target), None)
+        else:
+            other = table.get(key)
+        if target == source or other is None:
             return _Result(scan, np.zeros(scan.shape), {"timings_s": {}})
-        other, _ = table[TruthOracle.key(scan.array)]
-        if "(MCI)" in target:
-            other = mci[TruthOracle.key(scan.array)]
         changed = other.image.array != scan.array
         label = 2 if "no lesions" in target else 1 if "lesion" in target else 3
         return _Result(other.image, changed * label,
@@ -458,12 +460,16 @@ def test_edit_tasks_run_only_what_is_asked():
     from CounterfactualGenLib.errors import InputError
     from CounterfactualGenLib.evaluation.edits import evaluate_edits
 
-    r = evaluate_edits(_twin_editor(TEST_GRID, 1), grid=TEST_GRID, n_subjects=1, tasks=("mci", "atrophy"))
+    r = evaluate_edits(_twin_editor(TEST_GRID, 1), grid=TEST_GRID, n_subjects=1, tasks=("mci", "atrophy", "cn"))
     row, s = r["per_subject"][0], r["summary"]
     assert not {"fill", "fill_text_only", "add", "reversibility_l1", "composition_l1"} & set(row)
-    assert r["n_edits"] == 2 and s["reversibility_l1"] is None
+    assert r["n_edits"] == 3 and s["reversibility_l1"] is None
     # the perfect editor makes the exact MCI twin: read as MCI, not AD, and closer to it than the AD twin is
     assert math.isinf(row["mci"]["psnr_db"]) and s["mci"]["effectiveness"] == 1.0 and s["mci"]["read_as_ad"] == 0.0
+    assert s["mci"]["read_as"] == {"CN": 0, "MCI": 1, "AD": 0}
+    # AD → CN: the AD twin becomes the CN twin, which the AD twin differs from as much as the CN twin from AD
+    assert math.isinf(row["cn"]["psnr_db"]) and s["cn"]["effectiveness"] == 1.0 and s["cn"]["read_as"]["CN"] == 1
+    assert row["cn"]["baseline_psnr_db"] < 30.0 and row["cn"]["oracle_diagnosis_after"] == "CN"
     assert row["mci"]["baseline_psnr_db"] > row["atrophy"]["baseline_psnr_db"]  # CN is nearer MCI than AD
     ident = evaluate_edits(_identity_editor, grid=TEST_GRID, n_subjects=1, tasks=("mci", "fill_text_only"))
     assert ident["per_subject"][0]["mci"]["psnr_db"] == row["mci"]["baseline_psnr_db"]

@@ -39,21 +39,24 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["DEFAULT_EDIT_TASKS", "EDIT_SIZES", "EDIT_TASKS", "atrophy_pair", "best_worst_montage", "evaluate_edits", "held_out_pairs", "model_editor",
-           "summarise_edits"]
+__all__ = ["DEFAULT_EDIT_TASKS", "DIAGNOSIS_EDITS", "EDIT_SIZES", "EDIT_TASKS", "atrophy_pair", "best_worst_montage",
+           "diagnosis_twin", "evaluate_edits", "held_out_pairs", "model_editor", "summarise_edits"]
 
 #: Repeated null edits for the composition axiom (Monteiro et al. use m = 1, 2, 10).
 EDIT_SIZES = (1, 2, 10)
 #: The edits :func:`evaluate_edits` can run per subject: lesion filling (without a mask: the oracle's segmentation;
 #: by the text alone; with the true mask), lesion addition, the diagnosis edit CN → AD, the axioms (composition,
-#: reversibility), and CN → MCI (``"mci"``: does a diagnosis edit stop at MCI or overshoot to AD?).
-#: :data:`DEFAULT_EDIT_TASKS` are the card's.
-EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms", "mci")
+#: reversibility), CN → MCI (``"mci"``: does a diagnosis edit stop at MCI or overshoot to AD?) and AD → CN (``"cn"``:
+#: an edit down the diagnosis scale). :data:`DEFAULT_EDIT_TASKS` are the card's.
+EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms", "mci", "cn")
 DEFAULT_EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms")
 NONE_PROMPT = "Subject has no lesions."
 CN_PROMPT = "Subject is cognitively normal (CN)."
 AD_PROMPT = "Subject has mild Alzheimer's dementia (AD)."
 MCI_PROMPT = "Subject has mild cognitive impairment (MCI)."
+#: The diagnosis edits by task: (the input twin's diagnosis, the target twin's), each against the exact target twin.
+DIAGNOSIS_EDITS = {"atrophy": ("CN", "AD"), "mci": ("CN", "MCI"), "cn": ("AD", "CN")}
+_DIAGNOSIS_PROMPTS = {"CN": CN_PROMPT, "MCI": MCI_PROMPT, "AD": AD_PROMPT}
 
 Editor = Callable[..., Any]  # (scan Volume, target, source, brain_mask, lesion_mask, auto_lesion_mask) -> result
 
@@ -120,10 +123,16 @@ def atrophy_pair(subject: Any, grid: Any, diagnosis: str = "AD") -> tuple[Any, A
     """``(CN twin, AD twin)`` of an engine subject on ``grid``: the same person, lesions and scan at the
     two ends of the atrophy scale (the diagnosis edit's input and its exact truth); ``diagnosis="MCI"``
     gives the MCI twin instead of the AD twin."""
+    return diagnosis_twin(subject, grid, "CN"), diagnosis_twin(subject, grid, diagnosis)
+
+
+def diagnosis_twin(subject: Any, grid: Any, diagnosis: str) -> Any:
+    """The twin of an engine subject on ``grid`` at a diagnosis's atrophy level (CN / MCI / AD): the same person,
+    lesions and scan."""
     from ..synth import make_twin
 
     geo = {"shape": tuple(grid.shape), "spacing_mm": grid.spacing_mm, "center_mm": tuple(grid.center_ras)}
-    return make_twin(subject.spec, diagnosis="CN", **geo), make_twin(subject.spec, diagnosis=diagnosis, **geo)
+    return make_twin(subject.spec, diagnosis=diagnosis, **geo)
 
 
 def evaluate_edits(
@@ -237,19 +246,20 @@ def evaluate_edits(
                           "oracle_class_after": None if after is None else lesion_class_of_ml(float(after)),
                           "outside_brain_bit_identical": _outside_identical(cf, clean.array, brain)}
 
-        # -- diagnosis: the CN twin edited to AD (and MCI), against the exact AD (MCI) twin -------------
-        for task, diagnosis, prompt in (("atrophy", "AD", AD_PROMPT), ("mci", "MCI", MCI_PROMPT)):
+        # -- diagnosis: the CN twin edited to AD (MCI), the AD twin to CN, against the exact target twin --------
+        for task, (src_dx, tgt_dx) in DIAGNOSIS_EDITS.items():
             if task not in tasks:
                 continue
-            cn, truth = atrophy_pair(subj, grid, diagnosis)
-            cn_brain = cn.brain_mask > 0
-            res = run(task, cn.image, target=prompt, source=CN_PROMPT, brain_mask=cn_brain)
+            before, truth = diagnosis_twin(subj, grid, src_dx), diagnosis_twin(subj, grid, tgt_dx)
+            b_brain = before.brain_mask > 0
+            res = run(task, before.image, target=_DIAGNOSIS_PROMPTS[tgt_dx], source=_DIAGNOSIS_PROMPTS[src_dx],
+                      brain_mask=b_brain)
             cf = res.counterfactual.array
-            row[task] = {**_comparison(cf, truth.image.array, cn.image.array, cn_brain,
-                                       _units(cn.image.array, cn_brain)),
+            row[task] = {**_comparison(cf, truth.image.array, before.image.array, b_brain,
+                                       _units(before.image.array, b_brain)),
                          "oracle_diagnosis_before": res.report.get("diagnosis_before"),
                          "oracle_diagnosis_after": res.report.get("diagnosis_after"),
-                         "outside_brain_bit_identical": _outside_identical(cf, cn.image.array, cn_brain),
+                         "outside_brain_bit_identical": _outside_identical(cf, before.image.array, b_brain),
                          "changed_ml": res.report.get("changed_ml")}
 
         # -- axioms -------------------------------------------------------------------------------
@@ -339,7 +349,7 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         hits = [r[task]["oracle_class_after"] == ("none" if task != "add" else r["lesion_class"])
                 for r in rows if r[task].get("oracle_class_after") is not None]
         out[task]["effectiveness"] = round(float(np.mean(hits)), 4) if hits else None
-    for task, diagnosis in (("atrophy", "AD"), ("mci", "MCI")):
+    for task, (_, diagnosis) in DIAGNOSIS_EDITS.items():
         if not any(task in r for r in rows):
             continue
         out[task] = {k: mean((task, k)) for k in ("psnr_db", "baseline_psnr_db", "mae", "baseline_mae",
@@ -347,6 +357,7 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         read = [r[task]["oracle_diagnosis_after"] for r in rows
                 if task in r and r[task].get("oracle_diagnosis_after") is not None]
         out[task]["effectiveness"] = round(float(np.mean([d == diagnosis for d in read])), 4) if read else None
+        out[task]["read_as"] = {d: sum(x == d for x in read) for d in _DIAGNOSIS_PROMPTS}
         if task == "mci":  # a diagnosis edit that goes too far
             out[task]["read_as_ad"] = round(float(np.mean([d == "AD" for d in read])), 4) if read else None
     sizes = sorted({int(m) for r in rows for m in (r.get("composition_l1") or {})})

@@ -22,7 +22,7 @@ target guided away from the source prompt (``edit_scan(separation=…)``); ``--d
 change kept whole (``any``) or only in the prompts' direction (``auto``, the default;
 ``pipeline.change_direction``; the benchmark also prints how much of the exact twins' own difference has
 that direction). ``--tasks`` picks the edits (``evaluate_edits(tasks=…)``): ``atrophy`` is CN → AD, ``mci``
-CN → MCI (read as AD: the edit went too far).
+CN → MCI (read as AD: the edit went too far), ``cn`` AD → CN.
 
     python Testing/Benchmarks/bench_edit_region.py --threads 2 --seed 200 --subjects 12 \\
         --thresholds 0.5   # ≈9 min on 2 CPU cores
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from _bench import load, parser
 
-from CounterfactualGenLib.evaluation.edits import DEFAULT_EDIT_TASKS, EDIT_TASKS, evaluate_edits
+from CounterfactualGenLib.evaluation.edits import DEFAULT_EDIT_TASKS, DIAGNOSIS_EDITS, EDIT_TASKS, evaluate_edits
 
 
 def white_matter_coverage(model, seed: int, n: int) -> dict:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
     ap.add_argument("--tasks", nargs="*", default=list(DEFAULT_EDIT_TASKS), choices=list(EDIT_TASKS),
                     help="edits to run per subject (default: the card's; fill is filling the oracle's segmentation, "
-                         "fill_text_only by the text alone, atrophy is CN → AD, mci CN → MCI)")
+                         "fill_text_only by the text alone, atrophy is CN → AD, mci CN → MCI, cn AD → CN)")
     args = ap.parse_args(argv)
 
     from CounterfactualGenLib.pipeline import LESION_EDIT_WM_MARGIN_MM, LESION_EDIT_WM_PROBABILITY, edit_scan
@@ -156,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             t = s[task]
             print(f"| {name} | {task} | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) | "
                   f"{t['oracle_ml_error_vs_twin']} | {t['effectiveness']} | {t[dice_key]} |")
-        if s.get("atrophy"):  # the diagnosis edit (CN twin → AD, whole brain): effectiveness = read as AD
-            t = s["atrophy"]
-            print(f"| {name} | CN → AD | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) | "
-                  f"| {t['effectiveness']} | |")
-        if s.get("mci"):  # CN twin → MCI: effectiveness = read as MCI; the share read as AD went too far
-            t = s["mci"]
-            print(f"| {name} | CN → MCI | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} ({t['baseline_mae']}) "
-                  f"| | {t['effectiveness']} (read as AD {t['read_as_ad']}) | |")
+        for task, (src_dx, tgt_dx) in DIAGNOSIS_EDITS.items():  # whole brain; effectiveness = read as the target
+            if s.get(task):
+                t = s[task]
+                read = ", ".join(f"{d} {n}" for d, n in t["read_as"].items())
+                print(f"| {name} | {src_dx} → {tgt_dx} | {t['psnr_db']} ({t['baseline_psnr_db']}) | {t['mae']} "
+                      f"({t['baseline_mae']}) | | {t['effectiveness']} (read as {read}) | |")
         if s.get("reversibility_l1") is not None:
             print(f"| {name} | reversibility L1 | {s['reversibility_l1']} | | | | |")
     if args.json:
