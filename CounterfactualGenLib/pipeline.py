@@ -425,6 +425,8 @@ def edit_strength(target_prompt: str) -> float:
     c = classify_prompt(target_prompt)
     named = [k for k in EDIT_STRENGTHS if c.get(k) is not None]
     return EDIT_STRENGTHS[named[0]] if len(named) == 1 else DEFAULT_EDIT_STRENGTH
+
+
 #: Ordered classes of the two prompt scales, and the sign (+1 brighter, −1 darker) a step up each scale
 #: gives, by contrast: MS lesions are hyperintense on FLAIR and hypo- or isointense on T1; atrophy replaces
 #: tissue by CSF, dark on both. Measured on FLAIR only (the benchmark above); no T1 model is bundled.
