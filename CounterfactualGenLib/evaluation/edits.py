@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..text.prompts import DIAGNOSIS_CLASSES, canonical_prompt
 
 __all__ = ["DEFAULT_EDIT_TASKS", "DIAGNOSIS_EDITS", "EDIT_SIZES", "EDIT_TASKS", "atrophy_pair", "best_worst_montage",
            "diagnosis_twin", "evaluate_edits", "held_out_pairs", "model_editor", "summarise_edits"]
@@ -51,12 +52,8 @@ EDIT_SIZES = (1, 2, 10)
 EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms", "mci", "cn")
 DEFAULT_EDIT_TASKS = ("fill", "fill_text_only", "fill_with_mask", "add", "atrophy", "axioms")
 NONE_PROMPT = "Subject has no lesions."
-CN_PROMPT = "Subject is cognitively normal (CN)."
-AD_PROMPT = "Subject has mild Alzheimer's dementia (AD)."
-MCI_PROMPT = "Subject has mild cognitive impairment (MCI)."
 #: The diagnosis edits by task: (the input twin's diagnosis, the target twin's), each against the exact target twin.
 DIAGNOSIS_EDITS = {"atrophy": ("CN", "AD"), "mci": ("CN", "MCI"), "cn": ("AD", "CN")}
-_DIAGNOSIS_PROMPTS = {"CN": CN_PROMPT, "MCI": MCI_PROMPT, "AD": AD_PROMPT}
 
 Editor = Callable[..., Any]  # (scan Volume, target, source, brain_mask, lesion_mask, auto_lesion_mask) -> result
 
@@ -119,11 +116,10 @@ def held_out_pairs(grid: Any, n_subjects: int, *, seed: int = 0, contrast: str =
         yield make_subject(spec, **geo), make_twin(spec, lesion_class="none", **geo)
 
 
-def atrophy_pair(subject: Any, grid: Any, diagnosis: str = "AD") -> tuple[Any, Any]:
+def atrophy_pair(subject: Any, grid: Any) -> tuple[Any, Any]:
     """``(CN twin, AD twin)`` of an engine subject on ``grid``: the same person, lesions and scan at the
-    two ends of the atrophy scale (the diagnosis edit's input and its exact truth); ``diagnosis="MCI"``
-    gives the MCI twin instead of the AD twin."""
-    return diagnosis_twin(subject, grid, "CN"), diagnosis_twin(subject, grid, diagnosis)
+    two ends of the atrophy scale (the diagnosis edit's input and its exact truth)."""
+    return diagnosis_twin(subject, grid, "CN"), diagnosis_twin(subject, grid, "AD")
 
 
 def diagnosis_twin(subject: Any, grid: Any, diagnosis: str) -> Any:
@@ -168,7 +164,6 @@ def evaluate_edits(
         JSON-ready dict: ``per_subject`` rows and ``summary`` (means; see :func:`summarise_edits`).
     """
     from ..geometry import harmonic_interpolate
-    from ..text.prompts import canonical_prompt
     from .metrics import dice, lesion_class_of_ml, mae
 
     if n_subjects < 1:
@@ -252,8 +247,8 @@ def evaluate_edits(
                 continue
             before, truth = diagnosis_twin(subj, grid, src_dx), diagnosis_twin(subj, grid, tgt_dx)
             b_brain = before.brain_mask > 0
-            res = run(task, before.image, target=_DIAGNOSIS_PROMPTS[tgt_dx], source=_DIAGNOSIS_PROMPTS[src_dx],
-                      brain_mask=b_brain)
+            res = run(task, before.image, target=canonical_prompt(diagnosis=tgt_dx),
+                      source=canonical_prompt(diagnosis=src_dx), brain_mask=b_brain)
             cf = res.counterfactual.array
             row[task] = {**_comparison(cf, truth.image.array, before.image.array, b_brain,
                                        _units(before.image.array, b_brain)),
@@ -357,7 +352,7 @@ def summarise_edits(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         read = [r[task]["oracle_diagnosis_after"] for r in rows
                 if task in r and r[task].get("oracle_diagnosis_after") is not None]
         out[task]["effectiveness"] = round(float(np.mean([d == diagnosis for d in read])), 4) if read else None
-        out[task]["read_as"] = {d: sum(x == d for x in read) for d in _DIAGNOSIS_PROMPTS}
+        out[task]["read_as"] = {d: sum(x == d for x in read) for d in DIAGNOSIS_CLASSES}
         if task == "mci":  # a diagnosis edit that goes too far
             out[task]["read_as_ad"] = round(float(np.mean([d == "AD" for d in read])), 4) if read else None
     sizes = sorted({int(m) for r in rows for m in (r.get("composition_l1") or {})})
