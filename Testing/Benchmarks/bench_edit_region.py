@@ -21,7 +21,9 @@ evaluation's (``counterfactualgen evaluate`` edits seeds from 0; the default her
 target guided away from the source prompt (``edit_scan(separation=…)``); ``--directions`` with the
 change kept whole (``any``) or only in the prompts' direction (``auto``, the default;
 ``pipeline.change_direction``; the benchmark also prints how much of the exact twins' own difference has
-that direction). ``--tasks`` picks the edits (``evaluate_edits(tasks=…)``): ``atrophy`` is CN → AD, ``mci``
+that direction). ``--word-weights`` and ``--attention-keeps`` run prompt-to-prompt's two knobs (``edit_scan``'s
+``edit_word_weight``: the attention weight of the target's edited words, PRISM uses about 2; ``attention_keep``:
+the fraction of steps whose cross-attention is copied from the source for shared words). ``--tasks`` picks the edits (``evaluate_edits(tasks=…)``): ``atrophy`` is CN → AD, ``mci``
 CN → MCI (read as AD: the edit went too far), ``cn`` AD → CN.
 
     python Testing/Benchmarks/bench_edit_region.py --threads 2 --seed 200 --subjects 12 \\
@@ -96,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="scales guiding a prompt edit's target away from its source prompt (default 0)")
     ap.add_argument("--directions", nargs="*", default=["auto"], choices=["auto", "any"],
                     help="change directions to run (edit_scan(direction=…); default auto)")
+    ap.add_argument("--word-weights", nargs="*", type=float, default=[1.0],
+                    help="attention weights of the target's edited words (edit's --edit-word-weight; default 1)")
+    ap.add_argument("--attention-keeps", nargs="*", type=float, default=[0.8],
+                    help="fractions of steps with the source's cross-attention copied (edit's --attention-keep; "
+                         "default 0.8)")
     ap.add_argument("--regions", nargs="*", default=["auto", "brain"], choices=["auto", "brain"],
                     help="edit regions to run besides the prompt thresholds (default: auto brain)")
     ap.add_argument("--tasks", nargs="*", default=list(DEFAULT_EDIT_TASKS), choices=list(EDIT_TASKS),
@@ -108,24 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     model, encoder, oracle = load(args, oracle=True)
 
     def editor(region: str, threshold: float | None, strength: float | None, separation: float = 0.0,
-               direction: str = "auto"):
+               direction: str = "auto", word_weight: float = 1.0, keep: float = 0.8):
         def edit(scan, *, target, source, brain_mask, lesion_mask=None, auto_lesion_mask=True):
             return edit_scan(model, encoder, scan, target_prompt=target, source_prompt=source, brain_mask=brain_mask,
                              lesion_mask=lesion_mask, registration="none", oracle=oracle,
                              auto_lesion_mask=auto_lesion_mask, edit_region=region, edit_region_threshold=threshold,
-                             strength=strength, separation=separation, direction=direction, seed=0)
+                             strength=strength, separation=separation, direction=direction, seed=0,
+                             edit_word_weight=word_weight, attention_keep=keep)
         return edit
 
-    settings = [(s, r, None, a, d) for s in args.strengths for r in args.regions for a in args.separations
-                for d in args.directions] + \
-        [(s, "prompt", t, a, d) for s in args.strengths for t in args.thresholds for a in args.separations
-         for d in args.directions]
+    p2p = [(w, k) for w in args.word_weights for k in args.attention_keeps]
+    settings = [(s, r, None, a, d, w, k) for s in args.strengths for r in args.regions for a in args.separations
+                for d in args.directions for w, k in p2p] + \
+        [(s, "prompt", t, a, d, w, k) for s in args.strengths for t in args.thresholds for a in args.separations
+         for d in args.directions for w, k in p2p]
     results = {}
-    for strength, region, thr, sep, direction in settings:
+    for strength, region, thr, sep, direction, weight, keep in settings:
         name = ({"auto": "white matter (auto)"}.get(region, region) if thr is None else f"prompt:{thr:g}") + \
             ("" if strength is None else f" strength {strength:g}") + (f" separation {sep:g}" if sep else "") + \
-            (f" direction {direction}" if len(args.directions) > 1 or direction != "auto" else "")
-        r = evaluate_edits(editor(region, thr, strength, sep, direction), grid=model.spec.grid, n_subjects=args.subjects,
+            (f" direction {direction}" if len(args.directions) > 1 or direction != "auto" else "") + \
+            (f" word weight {weight:g}" if weight != 1.0 else "") + (f" attention keep {keep:g}" if keep != 0.8 else "")
+        r = evaluate_edits(editor(region, thr, strength, sep, direction, weight, keep), grid=model.spec.grid, n_subjects=args.subjects,
                            seed=args.seed, composition_sizes=(), tasks=args.tasks)
         r.pop("_examples", None)
         results[name] = {"summary": r["summary"], "changed_ml": {
