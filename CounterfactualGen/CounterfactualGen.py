@@ -220,7 +220,7 @@ class CounterfactualGenParameterNode:
         segmentation, its visible segments).
     targetPrompt, sourcePrompt - what the scan should show / what it shows now (optional).
     strength - how far the edit may move the scan (0..1), used when strengthDefault is off.
-    strengthDefault - use the library's default strength for the target's kind (0.6 lesion load, 0.8 diagnosis).
+    strengthDefault - use the library's default strength for the target's kind (0.6 lesion load, 0.8 diagnosis towards AD, 0.6 towards CN).
     nullTextIterations - null-text optimisation iterations per step (0 = off).
     localEdit - a lesion-load edit changes only where the source and target prompts disagree (DiffEdit).
     prompts - one description per line for generating subjects; count - number of subjects (seeds).
@@ -1431,7 +1431,7 @@ class CounterfactualGenLogic(ScriptedLoadableModuleLogic):
                   outputDir=None, localEdit=False) -> CounterfactualGenRun:
         """Start an edit in the background; drive it with ``run.poll()`` or ``run.waitBlocking()``.
 
-        ``strength`` None uses the library's default for the target's kind (0.6 lesion load, 0.8 diagnosis)."""
+        ``strength`` None uses the library's default for the target's kind (0.6 lesion load, 0.8 diagnosis towards AD, 0.6 towards CN)."""
         if inputVolume is None:
             raise ValueError(_("Select an input volume."))
         if not targetPrompt or not targetPrompt.strip():

@@ -684,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "lesions') regenerates only these voxels; without one it fills the oracle's lesion segmentation (--oracle none: by the text alone)")
         e.add_argument("--strength", type=float, default=None,
                        help="how far to invert towards noise, 0..1 (default: 0.6 for lesion-load prompts, 0.8 for "
-                            "diagnosis prompts; Testing/Benchmarks/README.md)")
+                            "diagnosis prompts towards AD, 0.6 towards CN; Testing/Benchmarks/README.md)")
         e.add_argument("--registration", default="affine", choices=["affine", "none"],
                        help="affine (default) or none when the scan is already on the model's grid/world")
         e.add_argument("--attention-keep", type=float, default=0.8,

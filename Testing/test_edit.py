@@ -147,22 +147,30 @@ def test_a_lesion_load_edit_keeps_only_the_change_in_its_direction(tiny):
 
 
 def test_an_edit_defaults_to_the_strength_of_its_prompts_scale(tiny):
-    """strength=None: 0.6 for a lesion-load target, 0.8 for a diagnosis target, 0.6 for a target on both scales
-    or none; the report records the strength used and a given strength wins; out of range is refused."""
+    """strength=None: 0.6 for a lesion-load target, 0.8 for a diagnosis target (0.6 down the scale, towards CN),
+    0.6 for a target on both scales or none; the report records the strength used and a given strength wins; out
+    of range is refused."""
+    from CounterfactualGenLib.evaluation.report import strength_text
     from CounterfactualGenLib.pipeline import DEFAULT_EDIT_STRENGTH, EDIT_STRENGTHS, edit_strength
 
     cn, ad, mci = ("Subject is cognitively normal (CN).", "Subject has mild Alzheimer's dementia (AD).",
                    "Subject has mild cognitive impairment (MCI).")
     assert edit_strength(HIGH) == EDIT_STRENGTHS["lesion_load"] == 0.6
     assert edit_strength(ad) == edit_strength(mci) == EDIT_STRENGTHS["diagnosis"] == 0.8
+    assert edit_strength(ad, cn) == edit_strength(mci, cn) == edit_strength(cn, cn) == edit_strength(cn, HIGH) == 0.8
+    assert edit_strength(cn, ad) == edit_strength(mci, ad) == edit_strength(cn, mci) == \
+        EDIT_STRENGTHS["diagnosis_down"] == 0.6
     assert edit_strength(f"{HIGH} {ad}") == edit_strength("Subject is 60 years old.") == DEFAULT_EDIT_STRENGTH
+    # a report written before the strength towards CN existed still reads as it did
+    assert strength_text({"lesion_load": 0.6, "diagnosis": 0.8}) == "strength 0.6 for lesion-load edits and 0.8 for diagnosis edits"
     m = load_model(tiny)
     g = m.spec.grid
     scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
     kw = dict(brain_mask=scan.array > 0, registration="none", steps=5)
     dx = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, **kw)
     lesion = edit_scan(m, tiny_encoder(), scan, source_prompt=NONE, target_prompt=HIGH, **kw)
-    assert dx.report["strength"] == 0.8 and lesion.report["strength"] == 0.6
+    down = edit_scan(m, tiny_encoder(), scan, source_prompt=ad, target_prompt=cn, **kw)
+    assert dx.report["strength"] == 0.8 and lesion.report["strength"] == 0.6 and down.report["strength"] == 0.6
     same = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, strength=0.8, **kw)
     np.testing.assert_array_equal(same.counterfactual.array, dx.counterfactual.array)
     given = edit_scan(m, tiny_encoder(), scan, source_prompt=cn, target_prompt=ad, strength=0.6, **kw)
@@ -592,6 +600,34 @@ class _SegmentationOracle:
         ml = float(self.mask.sum()) * self.grid.spacing_mm ** 3 / 1000.0
         return {"lesion_ml": np.full(n, ml), "diagnosis": ["CN"] * n, "diagnosis_probs": np.tile([1.0, 0.0, 0.0], (n, 1)),
                 "lesion_prob": np.repeat(self.mask[None].astype(np.float32), n, axis=0)}
+
+
+class _DiagnosisOracle(_SegmentationOracle):
+    """A segmentation oracle stand-in that reads every image as one diagnosis."""
+
+    def __init__(self, grid, mask, diagnosis):
+        super().__init__(grid, mask)
+        self.diagnosis = diagnosis
+
+    def read(self, images, grid=None):
+        out = super().read(images, grid)
+        probs = [1.0 if d == self.diagnosis else 0.0 for d in ("CN", "MCI", "AD")]
+        return {**out, "diagnosis": [self.diagnosis] * len(images), "diagnosis_probs": np.tile(probs, (len(images), 1))}
+
+
+def test_the_default_strength_follows_the_oracles_reading_as_the_source(tiny):
+    """Without a source prompt the oracle's reading is the source, and it sets the way along the diagnosis scale:
+    a scan read as AD edited to CN inverts at the strength towards CN (0.6), one read as CN edited to AD at 0.8."""
+    m = load_model(tiny)
+    g, scan, seg = _scan_on_grid_with_segmentation(m)
+    kw = dict(brain_mask=scan.array > 0, registration="none", steps=3)
+    down = edit_scan(m, tiny_encoder(), scan, target_prompt="Subject is cognitively normal (CN).",
+                     oracle=_DiagnosisOracle(g, seg, "AD"), **kw)
+    up = edit_scan(m, tiny_encoder(), scan, target_prompt="Subject has mild Alzheimer's dementia (AD).",
+                   oracle=_DiagnosisOracle(g, seg, "CN"), **kw)
+    assert down.report["source_prompt_origin"] == up.report["source_prompt_origin"] == "oracle reading of the scan"
+    assert "(AD)" in down.report["prompts"]["from"] and "(CN)" in up.report["prompts"]["from"]
+    assert down.report["strength"] == 0.6 and up.report["strength"] == 0.8
 
 
 def _scan_on_grid_with_segmentation(model):

@@ -357,9 +357,10 @@ def test_evaluate_quick_end_to_end(tmp_path):
     assert e["n_subjects"] == 1 and set(e["summary"]) >= {"fill", "fill_with_mask", "add", "composition_l1"}
     assert set(e["summary"]["composition_l1"]) == {"1", "2"} and e["seconds_per_edit"] > 0
     assert e["summary"]["fill"]["outside_brain_bit_identical"] == 1.0  # never touched outside the brain
-    assert e["editor"] == {"strength": {"lesion_load": 0.6, "diagnosis": 0.8}, "edit_region": "auto",
-                           "direction": "auto"}
-    assert "strength 0.6 for lesion-load edits and 0.8 for diagnosis edits" in md
+    assert e["editor"] == {"strength": {"lesion_load": 0.6, "diagnosis": 0.8, "diagnosis_down": 0.6},
+                           "edit_region": "auto", "direction": "auto"}
+    assert ("strength 0.6 for lesion-load edits, 0.8 for diagnosis edits towards AD and 0.6 for diagnosis edits "
+            "towards CN") in md
     assert "every edit keeping only the change in its prompts' direction (--direction auto)" in md
     assert "exact twins" in md and "Guidance, steps, sharing and separation sweeps" in md and (out / "edits_best_worst.png").exists()
     assert rep["peak_memory_mb"]["cpu_rss"] > 100

@@ -51,7 +51,7 @@ def parseArguments(argv):
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strength", type=float, default=None,
-                        help="how far to invert, 0..1 (default: 0.6 for lesion-load prompts, 0.8 for diagnosis)")
+                        help="how far to invert, 0..1 (default: 0.6 for lesion-load prompts, 0.8 for diagnosis towards AD, 0.6 towards CN)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into OUT/<name>/ folders that hold results already (their files are replaced)")
     return parser.parse_args(argv)

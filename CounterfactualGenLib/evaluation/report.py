@@ -723,11 +723,19 @@ def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
                    "precomputed embedding table (.safetensors, Training/embed_prompts.py)")
 
 
+#: How :func:`strength_text` names each key of :data:`~CounterfactualGenLib.pipeline.EDIT_STRENGTHS`.
+STRENGTH_LABELS = {"lesion_load": "lesion-load edits", "diagnosis": "diagnosis edits towards AD",
+                   "diagnosis_down": "diagnosis edits towards CN"}
+
+
 def strength_text(strength: Any) -> str:
     """An edit's inversion strength in words: one value, or the default of each prompt scale
-    (:data:`~CounterfactualGenLib.pipeline.EDIT_STRENGTHS`)."""
+    (:data:`~CounterfactualGenLib.pipeline.EDIT_STRENGTHS`; a report written before the strength towards CN
+    existed names its diagnosis strength plainly)."""
     if isinstance(strength, dict):
-        return "strength " + " and ".join(f"{float(v):g} for {k.replace('_', '-')} edits" for k, v in strength.items())
+        labels = {**STRENGTH_LABELS, **({} if "diagnosis_down" in strength else {"diagnosis": "diagnosis edits"})}
+        parts = [f"{float(v):g} for {labels.get(k, k.replace('_', '-') + ' edits')}" for k, v in strength.items()]
+        return "strength " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
     return f"strength {float(strength):g}"
 
 

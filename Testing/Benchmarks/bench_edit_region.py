@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="edit-region thresholds (fraction of the largest prompt disagreement in the brain)")
     ap.add_argument("--strengths", nargs="*", type=float, default=[None],
                     help="inversion strengths to run each region with (edit's --strength; default: each edit's "
-                         "own, 0.6 for lesion load and 0.8 for diagnosis)")
+                         "own, 0.6 for lesion load, 0.8 for diagnosis towards AD, 0.6 towards CN)")
     ap.add_argument("--separations", nargs="*", type=float, default=[0.0],
                     help="scales guiding a prompt edit's target away from its source prompt (default 0)")
     ap.add_argument("--directions", nargs="*", default=["auto"], choices=["auto", "any"],
