@@ -7,7 +7,7 @@ rims and along the cortex, nothing in deep white matter. This benchmark averages
 over engine subjects on the model grid (the "atrophy map") and, for each real scan and edit setting,
 runs the edit (affine registration, the oracle's reading as the source prompt) and reports:
 
-* ``changed``: the fraction of the brain whose voxels the edit changed (on the scan's grid);
+* ``brain changed``: the fraction of the brain whose voxels the edit changed (on the scan's grid);
 * ``median %``: the median change of those voxels, in % of the scan's brain intensity range;
 * ``atrophy r``: the correlation, in the model grid's brain, between the edit's change (model space,
   after the direction rule) and the atrophy map; 1 would be exactly the engine's mean atrophy;
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="change directions (default auto)")
     ap.add_argument("--word-weights", nargs="*", type=float, default=[1.0],
                     help="attention weights of the target's edited words (default 1)")
+    ap.add_argument("--regions", nargs="*", default=["auto"], choices=["auto", "brain"],
+                    help="edit regions (default auto: near the scan's CSF; brain: the whole brain)")
     args = ap.parse_args(argv)
 
     from CounterfactualGenLib.evaluation.edits import _units, diagnosis_twin, held_out_pairs
@@ -73,15 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     tbrain = model.template("brain_mask").array > 0.5
     truth_r = [correlation(d, atrophy, tbrain) for d in diffs]
 
-    settings = [(s, d, w) for s in args.strengths for d in args.directions for w in args.word_weights]
+    settings = [(s, d, w, g) for s in args.strengths for d in args.directions for w in args.word_weights
+                for g in args.regions]
     scans = args.scans
     if scans is None:
         scans = sorted(str(p) for p in (ROOT.parent / "shared" / "data" / "clinical_flair").glob("*FLAIR*.nii*"))
     rows = []
-    for strength, direction, weight in settings:
+    for strength, direction, weight, region in settings:
         name = ("default strength" if strength is None else f"strength {strength:g}") + f", direction {direction}" + \
-            ("" if weight == 1.0 else f", word weight {weight:g}")
-        kw = {"strength": strength, "direction": direction, "edit_word_weight": weight, "oracle": oracle, "seed": 0}
+            ("" if weight == 1.0 else f", word weight {weight:g}") + ("" if region == "auto" else f", region {region}")
+        kw = {"strength": strength, "direction": direction, "edit_word_weight": weight, "edit_region": region,
+              "oracle": oracle, "seed": 0}
         engine_r = []
         for cn, brain in befores:
             res = edit_scan(model, encoder, cn.image, target_prompt=target, source_prompt=source, brain_mask=brain,
