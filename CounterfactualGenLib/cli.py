@@ -698,8 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "around it, where MS lesions lie; brain = the whole brain; prompt = only where the "
                             "source and target prompts disagree (DiffEdit): much less change to healthy tissue, "
                             "fewer edits reach the target class (Testing/Benchmarks/bench_edit_region.py). "
-                            "A diagnosis edit acts within 5 mm of the scan's CSF or the brain's outline, where "
-                            "atrophy shows (auto and prompt; brain = the whole brain). Other edits act on the whole brain")
+                            "Other edits act on the whole brain")
         e.add_argument("--direction", default="auto", choices=["auto", "any"],
                        help="auto (default): a prompt edit keeps only the change in the direction its prompts "
                             "move the scan (adding lesions brightens a FLAIR scan, removing them darkens it; more "

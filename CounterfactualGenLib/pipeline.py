@@ -396,17 +396,6 @@ LESION_EDIT_WM_PROBABILITY = 0.5
 #: How far around the template's white matter a lesion-load prompt edit may act (juxtacortical and
 #: periventricular lesions border it).
 LESION_EDIT_WM_MARGIN_MM = 5.0
-#: By default (``edit_region="auto"``) a diagnosis prompt edit acts where atrophy shows: within
-#: :data:`DIAGNOSIS_EDIT_CSF_MARGIN_MM` of the scan's own CSF (the darkest
-#: :data:`DIAGNOSIS_EDIT_CSF_PERCENTILE` % of its brain on the model grid; CSF is dark on FLAIR and T1) or of
-#: the brain's outline (:func:`csf_border_region`): atrophy turns tissue at the ventricles' rims and the
-#: cortex into CSF, and leaves deep tissue as it is. Against the whole brain, on 24 + 24 held-out engine
-#: subjects (``bench_edit_region.py --regions auto brain --tasks atrophy mci cn``, seeds 452 and 476) it
-#: came nearer every exact twin (CN → AD 19.54 → 19.63 dB and 19.61 → 19.68 dB; CN → MCI, AD → CN as well) with as
-#: many edits read as their target (±1), and on the two clinical FLAIRs it changed 79 % and 72 % of the
-#: brain instead of 93 % and 90 % (``bench_real_diagnosis.py --regions auto brain``).
-DIAGNOSIS_EDIT_CSF_PERCENTILE = 30.0
-DIAGNOSIS_EDIT_CSF_MARGIN_MM = 5.0
 #: Edit regions ``edit_scan`` accepts.
 EDIT_REGIONS = ("auto", "brain", "prompt")
 #: Change directions ``edit_scan`` accepts: ``"auto"`` keeps only the change in the direction the prompts'
@@ -674,11 +663,9 @@ def edit_scan(
 
     By default (``edit_region="auto"``) a lesion-load prompt edit of a FLAIR scan on the inversion path
     keeps its change in the template's white matter and :data:`LESION_EDIT_WM_MARGIN_MM` around it
-    (:func:`white_matter_region`), where MS lesions lie; a diagnosis prompt edit keeps it within
-    :data:`DIAGNOSIS_EDIT_CSF_MARGIN_MM` of the scan's CSF or the brain's outline, where atrophy shows
-    (:func:`csf_border_region`); every other edit acts on the whole brain, and ``edit_region="brain"``
-    makes lesion-load and diagnosis edits do so too (a model that ships no white-matter template always
-    does for lesion load). ``edit_region="prompt"`` confines a lesion-load prompt edit on the inversion path to where
+    (:func:`white_matter_region`), where MS lesions lie; every other edit acts on the whole brain, and
+    ``edit_region="brain"`` makes a lesion-load edit do so too (a model that ships no white-matter
+    template always does). ``edit_region="prompt"`` confines a lesion-load prompt edit on the inversion path to where
     the source and target prompts disagree (DiffEdit, Couairon et al. 2023:
     :func:`~.sampling.editing.prompt_change_map` on ``EDIT_REGION_DRAWS`` noisings at
     ``t = EDIT_REGION_T``, kept where it reaches ``edit_region_threshold`` of its largest value in
@@ -836,12 +823,9 @@ def edit_scan(
     # -- where a lesion-load prompt edit may act (DiffEdit): not with a given or oracle mask --
     prompt_region = None
     lesion_prompt = target_class.get("lesion_load") is not None and model.spec.contrast.upper() == "FLAIR"
-    dx_prompt = target_class.get("diagnosis") is not None and target_class.get("lesion_load") is None
     if edit_region == "prompt" and not (lesion_prompt and lesion_region is None):
         rep.log("--edit-region prompt applies to lesion-load prompt edits of FLAIR models without a lesion mask; "
-                + ("this edit fills the lesion mask." if lesion_region is not None else
-                   "this diagnosis edit acts where atrophy shows, as by default." if dx_prompt else
-                   "this edit uses the whole brain."))
+                + ("this edit fills the lesion mask." if lesion_region is not None else "this edit uses the whole brain."))
     if edit_region == "prompt" and lesion_prompt and lesion_region is None:
         rep.start("edit_region")
         with torch.inference_mode():
@@ -861,12 +845,6 @@ def edit_scan(
             rep.log(f"Model '{model.id}' ships no white-matter template: the lesion-load edit acts on the whole brain.")
         else:
             wm_region = white_matter_region(white, brain_model, grid.spacing_mm)
-    dx_region = None
-    if edit_region in ("auto", "prompt") and dx_prompt:
-        dx_region = csf_border_region(x_model, brain_model, grid.spacing_mm)
-        rep.log(f"Edit region: within {DIAGNOSIS_EDIT_CSF_MARGIN_MM:g} mm of the scan's CSF or the brain's outline, "
-                f"where atrophy shows ({float(dx_region.sum()) * grid.spacing_mm ** 3 / 1000.0:.2f} ml on the model "
-                "grid; --edit-region brain edits the whole brain).")
     inpaint = lesion_region is not None
     warnings: list[str] = []
     if wm_region is not None and not wm_region.any():
@@ -988,8 +966,6 @@ def edit_scan(
         region &= lesion_region
     elif wm_region is not None:
         region &= wm_region
-    elif dx_region is not None:
-        region &= dx_region
     change = (cf - recon) * region
     change[np.abs(change) < CHANGE_EPS] = 0.0
     direction_report = None
@@ -1067,13 +1043,7 @@ def edit_scan(
                          "rule": f"the template's white matter (probability ≥ {LESION_EDIT_WM_PROBABILITY:g}) and "
                                  f"{LESION_EDIT_WM_MARGIN_MM:g} mm around it, where MS lesions lie",
                          "ml_model_grid": round(float(wm_region.sum()) * grid.spacing_mm ** 3 / 1000.0, 3)}
-                        if wm_region is not None else
-                        {"kind": "near CSF",
-                         "rule": f"within {DIAGNOSIS_EDIT_CSF_MARGIN_MM:g} mm of the scan's CSF (its darkest "
-                                 f"{DIAGNOSIS_EDIT_CSF_PERCENTILE:g} % of the brain) or of the brain's outline, where "
-                                 "atrophy shows",
-                         "ml_model_grid": round(float(dx_region.sum()) * grid.spacing_mm ** 3 / 1000.0, 3)}
-                        if dx_region is not None else {"kind": "lesion mask" if inpaint else "brain"}),
+                        if wm_region is not None else {"kind": "lesion mask" if inpaint else "brain"}),
         **({"direction": direction_report} if direction_report is not None else {}),
         "changed_ml": round(float(touched.sum()) * vox_ml, 3),
         **_change_size(change_src, touched & brain_mask),
@@ -1112,23 +1082,6 @@ def white_matter_region(white_matter: np.ndarray, brain: np.ndarray, spacing_mm:
         return np.zeros(np.shape(brain), bool)
     near = distance_transform_edt(~wm, sampling=float(spacing_mm)) <= float(margin_mm) + 1e-6
     return near & np.asarray(brain, bool)
-
-
-def csf_border_region(image: np.ndarray, brain: np.ndarray, spacing_mm: float, *,
-                      percentile: float = DIAGNOSIS_EDIT_CSF_PERCENTILE,
-                      margin_mm: float = DIAGNOSIS_EDIT_CSF_MARGIN_MM) -> np.ndarray:
-    """Where a diagnosis prompt edit may act: every voxel of ``brain`` within ``margin_mm`` (Euclidean, voxel
-    centres) of its CSF (``image`` below its ``percentile`` in the brain) or of the brain's outline."""
-    from scipy.ndimage import distance_transform_edt
-
-    brain = np.asarray(brain, bool)
-    if not brain.any():
-        return brain.copy()
-    x = np.asarray(image, np.float32)
-    csf = brain & (x < np.percentile(x[brain], float(percentile)))
-    seeds = csf | ~brain  # the outside marks the brain's outline
-    near = distance_transform_edt(~seeds, sampling=float(spacing_mm)) <= float(margin_mm) + 1e-6
-    return near & brain
 
 
 #: A lesion mask may cover at most this fraction of the brain (the heaviest MS lesion loads are a few

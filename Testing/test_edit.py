@@ -867,7 +867,7 @@ def test_a_lesion_load_edit_acts_in_the_white_matter_by_default(tiny, tmp_path):
     assert (whole.counterfactual.array != scan.array)[brain & ~region].any()
     dx = edit_scan(m, tiny_encoder(), scan, target_prompt="Subject has mild Alzheimer's dementia (AD).",
                    **{**kw, "source_prompt": "Subject is cognitively normal (CN)."})
-    assert dx.report["edit_region"]["kind"] == "near CSF" and (dx.counterfactual.array != scan.array)[~region].any()
+    assert dx.report["edit_region"] == {"kind": "brain"} and (dx.counterfactual.array != scan.array)[~region].any()
     outer = brain & ~region  # a brain mask that misses the template's white matter: whole brain, with a warning
     r = edit_scan(m, tiny_encoder(), scan, target_prompt=HIGH, **{**kw, "brain_mask": outer})
     assert r.report["edit_region"] == {"kind": "brain"}
@@ -877,48 +877,6 @@ def test_a_lesion_load_edit_acts_in_the_white_matter_by_default(tiny, tmp_path):
     r = edit_scan(bare, tiny_encoder(), scan, target_prompt=HIGH, on_event=events.append, **kw)
     assert r.report["edit_region"] == {"kind": "brain"}
     assert any("ships no white-matter template" in e.get("message", "") for e in events)
-
-
-def test_a_diagnosis_edit_acts_near_the_scans_csf_by_default(tiny):
-    """edit_region="auto": a diagnosis prompt edit changes only voxels within 5 mm of the scan's CSF (its darkest 30 %
-    of the brain on the model grid) or of the brain's outline, and the report says so; "brain" edits the whole
-    brain. A target that also names a lesion load keeps the white-matter region."""
-    from CounterfactualGenLib.pipeline import csf_border_region
-
-    m = load_model(tiny)
-    g = m.spec.grid
-    scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
-    kw = dict(source_prompt="Subject is cognitively normal (CN).", brain_mask=scan.array > 0, registration="none",
-              steps=4, strength=1.0, direction="any")
-    ad = "Subject has mild Alzheimer's dementia (AD)."
-    r = edit_scan(m, tiny_encoder(), scan, target_prompt=ad, **kw)
-    region = csf_border_region(r.model_space["input"], r.model_space["brain"], g.spacing_mm)
-    assert 0 < region.sum() < r.model_space["brain"].sum()
-    rep = r.report["edit_region"]
-    assert rep["kind"] == "near CSF" and "darkest 30 %" in rep["rule"]
-    assert rep["ml_model_grid"] == pytest.approx(region.sum() * g.spacing_mm ** 3 / 1000.0, abs=1e-3)
-    changed = r.model_space["change"] != 0
-    assert changed[region].any() and not changed[~region].any()
-    whole = edit_scan(m, tiny_encoder(), scan, target_prompt=ad, edit_region="brain", **kw)
-    assert whole.report["edit_region"] == {"kind": "brain"} and (whole.model_space["change"] != 0)[~region].any()
-    local = edit_scan(m, tiny_encoder(), scan, target_prompt=ad, edit_region="prompt", **kw)  # DiffEdit: lesion load only
-    assert local.report["edit_region"]["kind"] == "near CSF"
-    both = edit_scan(m, tiny_encoder(), scan, target_prompt=f"{HIGH} {ad}", **{**kw, "source_prompt": NONE})
-    assert both.report["edit_region"]["kind"] == "white matter"
-
-
-def test_csf_border_region_is_the_brain_near_its_darkest_voxels_or_its_outline():
-    from CounterfactualGenLib.pipeline import csf_border_region
-
-    image = np.ones((13, 13, 13), np.float32)
-    image[6, 6, 6] = 0.0  # the only CSF voxel
-    brain = np.zeros(image.shape, bool)
-    brain[1:12, 1:12, 1:12] = True
-    region = csf_border_region(image, brain, 5.0, percentile=30.0, margin_mm=5.0)
-    assert region.sum() == (11 ** 3 - 9 ** 3) + 7  # the brain's outer layer, the CSF voxel and its 6 faces
-    assert region[6, 6, 5] and region[1, 6, 6] and not region[6, 6, 3] and not region[0, 6, 6]
-    assert csf_border_region(image, brain, 5.0, percentile=30.0, margin_mm=0.0).sum() == 1  # the CSF voxel alone
-    assert not csf_border_region(image, np.zeros_like(brain), 5.0).any()
 
 
 def test_white_matter_region_grows_by_the_margin_in_mm_inside_the_brain():

@@ -358,10 +358,7 @@ def test_evaluate_quick_end_to_end(tmp_path):
     assert set(e["summary"]["composition_l1"]) == {"1", "2"} and e["seconds_per_edit"] > 0
     assert e["summary"]["fill"]["outside_brain_bit_identical"] == 1.0  # never touched outside the brain
     assert e["editor"] == {"strength": {"lesion_load": 0.6, "diagnosis": 0.8, "diagnosis_down": 0.6},
-                           "edit_region": "auto", "direction": "auto",
-                           "diagnosis_region": {"csf_percentile": 30.0, "margin_mm": 5.0}}
-    assert ("a diagnosis edit within 5 mm of the scan's CSF (its darkest 30 % of the brain) or of the brain's "
-            "outline") in md
+                           "edit_region": "auto", "direction": "auto"}
     assert ("strength 0.6 for lesion-load edits, 0.8 for diagnosis edits towards AD and 0.6 for diagnosis edits "
             "towards CN") in md
     assert "every edit keeping only the change in its prompts' direction (--direction auto)" in md

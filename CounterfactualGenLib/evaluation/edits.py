@@ -63,7 +63,7 @@ def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | N
                  should_cancel: Callable[[], bool] | None = None) -> Editor:
     """An editor for :func:`evaluate_edits` that runs :func:`~CounterfactualGenLib.pipeline.edit_scan`
     (``strength`` ``None``: each edit's default, :func:`~CounterfactualGenLib.pipeline.edit_strength`)."""
-    from ..pipeline import DIAGNOSIS_EDIT_CSF_MARGIN_MM, DIAGNOSIS_EDIT_CSF_PERCENTILE, EDIT_STRENGTHS, edit_scan
+    from ..pipeline import EDIT_STRENGTHS, edit_scan
 
     settings = {"strength": strength, "edit_region": "auto", "direction": "auto"}  # also recorded in the report
 
@@ -74,9 +74,7 @@ def model_editor(model: Any, encoder: Any, oracle: Any | None, *, steps: int | N
                          oracle=oracle, auto_lesion_mask=auto_lesion_mask, device=device, should_cancel=should_cancel,
                          **settings)
 
-    edit.settings = {**settings, "strength": dict(EDIT_STRENGTHS) if strength is None else float(strength),
-                     "diagnosis_region": {"csf_percentile": DIAGNOSIS_EDIT_CSF_PERCENTILE,
-                                          "margin_mm": DIAGNOSIS_EDIT_CSF_MARGIN_MM}}
+    edit.settings = {**settings, "strength": dict(EDIT_STRENGTHS) if strength is None else float(strength)}
     return edit
 
 

@@ -630,10 +630,10 @@ def edits_markdown(e: dict[str, Any]) -> list[str]:
              "input against the same twin (what doing nothing scores). Outside-brain identity: fraction of "
              "voxels bit-identical to the input."
              + (" Edits as `counterfactualgen edit` makes them by default: {strength}, a lesion-load edit in the "
-                "white matter and {margin:g} mm around it{dx}, every edit keeping only the change in its prompts' "
+                "white matter and {margin:g} mm around it, every edit keeping only the change in its prompts' "
                 "direction (--direction {direction}).".format(
                     strength=strength_text(e["editor"]["strength"]), direction=e["editor"]["direction"],
-                    margin=LESION_EDIT_WM_MARGIN_MM, dx=diagnosis_region_text(e["editor"].get("diagnosis_region")))
+                    margin=LESION_EDIT_WM_MARGIN_MM)
                 if e.get("editor", {}).get("direction") == "auto" and e["editor"].get("edit_region") == "auto" else ""),
              "",
              "| task | PSNR dB (baseline) | MAE (baseline) | Dice vs true lesions | oracle ml error vs twin | "
@@ -737,15 +737,6 @@ def strength_text(strength: Any) -> str:
         parts = [f"{float(v):g} for {labels.get(k, k.replace('_', '-') + ' edits')}" for k, v in strength.items()]
         return "strength " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
     return f"strength {float(strength):g}"
-
-
-def diagnosis_region_text(region: dict[str, Any] | None) -> str:
-    """Where an evaluation's diagnosis edits acted, as a clause (empty for a report written before they kept to
-    the scan's CSF: they acted on the whole brain, which the sentence then does not claim otherwise)."""
-    if not region:
-        return ""
-    return (f", a diagnosis edit within {float(region['margin_mm']):g} mm of the scan's CSF (its darkest "
-            f"{float(region['csf_percentile']):g} % of the brain) or of the brain's outline")
 
 
 def separation_text(settings: dict[str, Any]) -> str:
