@@ -11,7 +11,9 @@ runs the edit (affine registration, the oracle's reading as the source prompt) a
 * ``median %``: the median change of those voxels, in % of the scan's brain intensity range;
 * ``atrophy r``: the correlation, in the model grid's brain, between the edit's change (model space,
   after the direction rule) and the atrophy map; 1 would be exactly the engine's mean atrophy;
-* the edit's reconstruction PSNR (how near the scan lies to the model) and the oracle's readings.
+* the edit's reconstruction PSNR (how near the scan lies to the model) and the oracle's readings: its
+  diagnosis, and its lesion ml before → after (a diagnosis edit should leave the lesion load as it was;
+  an edit that darkens the tissue around untouched white matter can make that white matter read as lesion).
 
 For scale it reports the same correlation for the engine subjects' own exact CN → AD differences
 (what a perfect edit of an engine subject would score) and for edits of those subjects' CN twins with
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--word-weights", nargs="*", type=float, default=[1.0],
                     help="attention weights of the target's edited words (default 1)")
     ap.add_argument("--regions", nargs="*", default=["auto"], choices=["auto", "brain"],
-                    help="edit regions (default auto: near the scan's CSF; brain: the whole brain)")
+                    help="edit regions (edit_scan(edit_region=…); default auto)")
     args = ap.parse_args(argv)
 
     from CounterfactualGenLib.evaluation.edits import _units, diagnosis_twin, held_out_pairs
@@ -101,17 +103,18 @@ def main(argv: list[str] | None = None) -> int:
                          "atrophy_r": round(correlation(res.model_space["change"], atrophy, tbrain), 3),
                          "reconstruction_psnr_db": r["reconstruction_psnr_db"],
                          "diagnosis": f"{r.get('diagnosis_before')} → {r.get('diagnosis_after')}",
+                         "lesion_ml": f"{r.get('lesion_ml_before')} → {r.get('lesion_ml_after')}",
                          "engine_edit_atrophy_r": round(float(np.mean(engine_r)), 3)})
 
     print(f"Atrophy map: the mean exact CN → {args.target} difference of {args.subjects} engine subjects from seed "
           f"{args.seed}; the subjects' own differences correlate with it at r = {np.mean(truth_r):.3f} "
           f"({min(truth_r):.3f} … {max(truth_r):.3f}).")
     print("| setting | scan | brain changed | median change % | atrophy r | engine edits' atrophy r | "
-          "reconstruction dB | oracle |")
-    print("|---|---|---|---|---|---|---|---|")
+          "reconstruction dB | oracle diagnosis | oracle lesion ml |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['scan']} | {r['changed_fraction']:.1%} | {r['changed_median_pct']} | "
-              f"{r['atrophy_r']} | {r['engine_edit_atrophy_r']} | {r['reconstruction_psnr_db']} | {r['diagnosis']} |")
+              f"{r['atrophy_r']} | {r['engine_edit_atrophy_r']} | {r['reconstruction_psnr_db']} | {r['diagnosis']} | {r['lesion_ml']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"truth_atrophy_r": truth_r, "rows": rows}, indent=1))
     return 0
