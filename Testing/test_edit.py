@@ -162,7 +162,8 @@ def test_an_edit_defaults_to_the_strength_of_its_prompts_scale(tiny):
         EDIT_STRENGTHS["diagnosis_down"] == 0.6
     assert edit_strength(f"{HIGH} {ad}") == edit_strength("Subject is 60 years old.") == DEFAULT_EDIT_STRENGTH
     # a report written before the strength towards CN existed still reads as it did
-    assert strength_text({"lesion_load": 0.6, "diagnosis": 0.8}) == "strength 0.6 for lesion-load edits and 0.8 for diagnosis edits"
+    assert strength_text({"lesion_load": 0.6, "diagnosis": 0.8}) == \
+        "strength 0.6 for lesion-load edits and 0.8 for diagnosis edits"
     m = load_model(tiny)
     g = m.spec.grid
     scan = Volume(phantom_on(g.shape, g.affine_ras), g.affine_ras)
