@@ -519,28 +519,6 @@ def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 2.
 MODEL_INPUT_RANGE = (-1.0, 1.5)
 
 
-#: The synthetic engine's background in model units: every brain the models were trained on is framed by Rician
-#: noise of level 0.03 and σ 0.0225 (the middle of ``synth.random_spec``'s 0.01–0.035) on a brain whose 99.5th
-#: percentile is about 0.75, i.e. −1 + |0.08 + 0.06·(n₁ + i·n₂)| in model units (mean −0.89).
-MODEL_BACKGROUND_LEVEL = 0.08
-MODEL_BACKGROUND_SIGMA = 0.06
-
-
-def model_background(shape: Sequence[int]) -> np.ndarray:
-    """What the model sees outside a scan's brain (model units; the same array for every call of a shape).
-
-    A real scan's scalp and skull reach the model's convolutions across the brain mask's border, and the model
-    never saw either: on the two clinical FLAIRs they cost a diagnosis edit 6-8 dB of reconstruction and spread
-    it over 90 % of the brain. A flat −1 in their place is as foreign (it cost engine subjects' edits 0.4-0.6 dB);
-    the engine's own background is not (``Testing/Benchmarks/README.md``, "The model sees the brain in the
-    engine's background?").
-    """
-    rng = np.random.default_rng(0)
-    n_re, n_im = rng.standard_normal(tuple(shape)), rng.standard_normal(tuple(shape))
-    return (np.hypot(MODEL_BACKGROUND_LEVEL + MODEL_BACKGROUND_SIGMA * n_re, MODEL_BACKGROUND_SIGMA * n_im)
-            - 1.0).astype(np.float32)
-
-
 @dataclass
 class ModelSpaceScan:
     """A scan brought into a model's space by :func:`to_model_space`."""
@@ -548,7 +526,7 @@ class ModelSpaceScan:
     mapping: Any  # geometry.ModelSpaceMapping
     brain_mask: np.ndarray  # bool, on the scan's grid
     norm: Any  # intensity.IntensityNormalizer
-    x_model: np.ndarray  # the scan on the model grid, in model units; model_background outside the brain
+    x_model: np.ndarray  # the scan on the model grid, in model units
     brain_model: np.ndarray  # bool, the brain on the model grid
     correlation: float | None  # registration QC (None without registration)
 
@@ -559,9 +537,7 @@ def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_br
                    transform: np.ndarray | None = None) -> ModelSpaceScan:
     """A scan in a model's space: affine registration to the model's template (or none), the brain
     mask (``brain_mask``, else the template's brain carried back, else an estimate), the scan resampled
-    onto the model grid and its intensities normalised (background −1, brain p``upper_percentile`` +1),
-    and everything outside the brain replaced by :func:`model_background`: the model sees the brain as it
-    saw its training subjects, without the scan's scalp and skull.
+    onto the model grid and its intensities normalised (background −1, brain p``upper_percentile`` +1).
 
     One function for both sides of a model: :func:`edit_scan` brings the scan to edit here, and
     ``Training/train_diffusion.py`` brings each scan of a manifest here, so a model trained on your
@@ -605,11 +581,8 @@ def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_br
     if brain_mask.sum() < 100:
         raise InputError("The brain mask on the scan has almost no voxels; registration or the mask is wrong.")
     norm = IntensityNormalizer.fit(scan.array, brain_mask, upper_percentile=float(upper_percentile))
+    x_model = norm.forward(mapping.to_model(scan, default=norm.low))
     brain_model = mapping.to_model(brain_mask.astype(np.float32), interpolation="nearest") > 0.5
-    # The model sees the brain framed as the engine frames every brain it was trained on (model_background),
-    # not a real scan's scalp and skull.
-    x_model = np.where(brain_model, norm.forward(mapping.to_model(scan, default=norm.low)),
-                       model_background(grid.shape)).astype(np.float32)
     return ModelSpaceScan(mapping, brain_mask, norm, x_model, brain_model, score)
 
 

@@ -98,22 +98,6 @@ def test_edit_sample_scan_with_bundled_model_and_oracle(tmp_path):
     assert rep["source_prompt_origin"] == "oracle reading of the scan"
 
 
-def test_the_sample_scans_skull_does_not_reach_the_model():
-    """The sample FLAIR has its scalp and skull; the bundled model was trained on skull-stripped brains. The
-    README's diagnosis edit of it reconstructs the scan's brain at 24-26 dB (18.0 dB while the skull reached
-    the model, which spread the change over 93 % of the brain)."""
-    from conftest import CLINICAL_FLAIR
-    from CounterfactualGenLib.cli import Events, _load
-    from CounterfactualGenLib.pipeline import edit_scan
-    from CounterfactualGenLib.volume import read_volume
-
-    m, encoder = _load(None, None, Events(json_mode=False, quiet=True))
-    r = edit_scan(m, encoder, read_volume(CLINICAL_FLAIR), target_prompt="Subject has mild Alzheimer's dementia (AD).",
-                  source_prompt="Subject is cognitively normal (CN).")
-    assert r.report["reconstruction_psnr_db"] > 22.0
-    assert r.report["unchanged_fraction_in_brain"] > 0.2
-
-
 def test_install_model_registers_and_records_the_evaluation(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("install_model", ROOT / "Training" / "install_model.py")
     mod = importlib.util.module_from_spec(spec)
