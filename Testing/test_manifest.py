@@ -252,3 +252,30 @@ def test_training_on_a_manifest_gives_a_model_that_edits(tmp_path):
                           timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert edit.returncode == 0, edit.stderr[-2000:]
     assert (tmp_path / "edited" / "counterfactual_SYNTHETIC.nii.gz").exists()
+
+
+def test_flat_background_draws_of_a_manifest_set_the_outside_of_each_scans_brain_to_minus_one(tmp_path):
+    """data.flat_background_prob with a manifest: every draw at 1 has −1 outside the scan's brain mask on the
+    grid (the template's brain here, carried through the registration) and brain voxels inside."""
+    import importlib.util
+
+    from CounterfactualGenLib.geometry import ModelGrid
+
+    spec = importlib.util.spec_from_file_location("train_diffusion_mod", ROOT / "Training" / "train_diffusion.py")
+    td = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(td)
+    manifest_path = _engine_manifest(tmp_path / "cohort")
+    grid_d = {"shape": [32, 40, 32], "spacing_mm": 5.0, "center_ras": [0.0, -18.0, 8.0]}
+    cfg = {**td.DEFAULTS, "contrast": "FLAIR", "grid": grid_d,
+           "data": {"kind": "manifest", "manifest": str(manifest_path), "flat_background_prob": 1.0}}
+    _, manifest = td.check_config(cfg)
+    grid = ModelGrid.from_dict(grid_d)
+    templates = td.edit_templates(cfg, grid)
+    tpl_brain = templates["brain_mask"].array > 0.5
+    registered = td.register_manifest(cfg, grid, manifest, templates, verbose=False)
+    it = iter(td.Stream(cfg, grid, 0, None, manifest, registered, tpl_brain))
+    for _ in range(4):
+        img = next(it)[0][0].numpy()
+        outside = img == -1.0
+        assert outside.any() and (img[~outside] > -1.0).mean() > 0.99
+        assert (~outside).sum() == pytest.approx(tpl_brain.sum(), rel=0.15)

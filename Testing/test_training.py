@@ -682,3 +682,41 @@ def test_anchored_by_brain_run_records_it_and_pool_keeps_each_subjects_brain(tmp
                            cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
         assert p.returncode != 0 and words in p.stderr, p.stderr[-500:]
         assert not (tmp_path / "bad").exists()
+
+
+def test_flat_background_draws_set_the_outside_of_the_brain_to_minus_one(tmp_path):
+    """data.flat_background_prob: the pool keeps each subject's brain mask, and that share of the draws has
+    −1 outside the brain and the subject's own voxels inside; 0 draws the pool's images as they are; a cache
+    made without brain masks is made again; a value outside [0, 1] is refused."""
+    td = _train_module()
+    from CounterfactualGenLib.errors import InputError
+    from CounterfactualGenLib.geometry import ModelGrid
+
+    grid = ModelGrid.from_dict(TINY["grid"])
+    cache = tmp_path / "pool.npz"
+    pool = td.synthetic_pool(TINY, grid, 0, 4, cache)
+    brains = pool["brain_masks"] > 0
+    assert brains.shape == pool["images"].shape and brains.any() and (~brains).any()
+    old = {k: v for k, v in np.load(cache).items() if k != "brain_masks"}
+    np.savez(cache, **old)  # a cache from before brain masks were kept
+    assert "brain_masks" in td.synthetic_pool({**TINY, "data": {**TINY["data"], "flat_background_prob": 0.5}},
+                                              grid, 0, 4, cache)
+
+    def draws(prob, n):
+        cfg = {**TINY, "data": {**TINY["data"], "flat_background_prob": prob}}
+        td.check_config({**td.DEFAULTS, **cfg})
+        it = iter(td.Stream(cfg, grid, 3, pool))
+        out = []
+        for _ in range(n):
+            img = next(it)[0][0].numpy()
+            j = next(k for k in range(4) if np.array_equal(img[brains[k]], pool["images"][k][brains[k]].astype(np.float32)))
+            flat = bool((img[~brains[j]] == -1.0).all())
+            assert flat or np.array_equal(img, pool["images"][j].astype(np.float32))
+            out.append(flat)
+        return out
+
+    assert all(draws(1.0, 8)) and not any(draws(0.0, 8))
+    assert 0.3 < np.mean(draws(0.5, 80)) < 0.7
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(InputError, match="flat_background_prob"):
+            td.check_config({**td.DEFAULTS, **TINY, "data": {**TINY["data"], "flat_background_prob": bad}})

@@ -157,9 +157,10 @@ def is_main(rank: int) -> bool:
 # ---------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------
-def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]) -> tuple[np.ndarray, str, str, np.ndarray, str]:
-    """One synthetic subject in model units + its lesion-load class, diagnosis, exact lesion mask and anatomy
-    (pool worker)."""
+def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]
+                    ) -> tuple[np.ndarray, str, str, np.ndarray, str, np.ndarray]:
+    """One synthetic subject in model units + its lesion-load class, diagnosis, exact lesion mask, anatomy and
+    brain mask (pool worker)."""
     from CounterfactualGenLib.intensity import IntensityNormalizer
     from CounterfactualGenLib.synth import make_subject, random_spec
 
@@ -168,7 +169,8 @@ def _synthetic_item(args: tuple[int, str, str, tuple, float, tuple, tuple]) -> t
     subj = make_subject(spec, shape=shape, spacing_mm=spacing, center_mm=center)
     norm = IntensityNormalizer.fit(subj.image.array, subj.brain_mask, upper_percentile=99.5)
     img = np.clip(norm.forward(subj.image.array), -1.0, 1.5).astype(np.float16)
-    return img, subj.attributes["lesion_load"], subj.attributes["diagnosis"], subj.lesion_mask.astype(np.uint8), spec.anatomy
+    return (img, subj.attributes["lesion_load"], subj.attributes["diagnosis"], subj.lesion_mask.astype(np.uint8),
+            spec.anatomy, (subj.brain_mask > 0).astype(np.uint8))
 
 
 def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path | None) -> dict[str, np.ndarray]:
@@ -183,6 +185,7 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
         data = np.load(cache)
         made_from = tuple(data["anatomies"].tolist()) if "anatomies" in data.files else ("icbm152",)
         if ("lesion_masks" in data.files and len(data["lesion"]) >= size
+                and ("brain_masks" in data.files or not cfg["data"].get("flat_background_prob"))
                 and tuple(data["images"].shape[1:]) == tuple(grid.shape) and made_from == anatomies
                 and ("anatomy" in data.files or len(anatomies) == 1)):  # caches before "anatomy": one brain
             pool = {k: data[k][:size] for k in data.files if k != "anatomies"}
@@ -206,7 +209,7 @@ def synthetic_pool(cfg: dict, grid: ModelGrid, seed: int, size: int, cache: Path
                               file=sys.stderr, mininterval=5.0))
     pool = {"images": np.stack([i[0] for i in items]), "lesion": np.array([i[1] for i in items]),
             "diagnosis": np.array([i[2] for i in items]), "lesion_masks": np.stack([i[3] for i in items]),
-            "anatomy": np.array([i[4] for i in items])}
+            "anatomy": np.array([i[4] for i in items]), "brain_masks": np.stack([i[5] for i in items])}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(".partial-" + cache.name)
@@ -315,8 +318,8 @@ def _registration_note(registered: dict[int, dict]) -> str:
 
 
 def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, registered: dict[int, dict],
-                    tpl_brain: np.ndarray) -> Iterator[tuple[np.ndarray, ManifestRow, np.ndarray]]:
-    """(image on the model grid, its manifest row, lesion mask on the grid), drawn at random from a
+                    tpl_brain: np.ndarray) -> Iterator[tuple[np.ndarray, ManifestRow, np.ndarray, np.ndarray]]:
+    """(image on the model grid, its manifest row, lesion mask and brain mask on the grid), drawn at random from a
     checked manifest (:func:`CounterfactualGenLib.manifest.read_manifest`) whose scans
     :func:`register_manifest` registered (``tpl_brain``: the template's brain, a bool array on the grid).
 
@@ -332,7 +335,7 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, r
     rng = random.Random(seed)
     # Scans in model space, most recently drawn last, up to data.cache_mb per process (each data worker
     # keeps its own): a large cohort at 128³ would otherwise fill the memory.
-    cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+    cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
     budget, held = float(cfg["data"].get("cache_mb", DATA_KEYS["cache_mb"])) * 2**20, 0
     while True:
         row = rng.choice(manifest.rows)
@@ -353,11 +356,12 @@ def manifest_stream(cfg: dict, grid: ModelGrid, seed: int, manifest: Manifest, r
                                ).astype(np.uint8)
             except InputError as exc:
                 raise InputError(f"{manifest.path}, line {row.line} ({row.scan(cfg['contrast'])}): {exc}") from None
-            cache[row.line] = (np.clip(ms.x_model, *MODEL_INPUT_RANGE).astype(np.float32), lesions)  # what an edit reads
+            cache[row.line] = (np.clip(ms.x_model, *MODEL_INPUT_RANGE).astype(np.float32), lesions,  # what an edit reads
+                               ms.brain_model.astype(np.uint8))
             held += sum(a.nbytes for a in cache[row.line])
             while held > budget and len(cache) > 1:
                 held -= sum(a.nbytes for a in cache.popitem(last=False)[1])
-        yield cache[row.line][0], row, cache[row.line][1]
+        yield cache[row.line][0], row, cache[row.line][1], cache[row.line][2]
 
 
 def _check_lesion_mask(manifest: Manifest, row: ManifestRow, lesions: np.ndarray, brain: np.ndarray,
@@ -412,6 +416,14 @@ class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         seed = self.seed * 1009 + (info.id if info else 0)
+        flat = float(self.cfg["data"].get("flat_background_prob") or 0.0)
+
+        def framed(img: np.ndarray, brain: np.ndarray, rng: random.Random) -> np.ndarray:
+            # data.flat_background_prob: this draw's outside of the brain is −1 instead of the scan's own
+            # (the engine's noise, a real scan's skull); no draw from rng when it is 0, so runs without it
+            # draw as before
+            return np.where(brain > 0, img, np.float32(-1.0)) if flat and rng.random() < flat else img
+
         if self.pool is not None:
             rng = random.Random(seed)
             n = len(self.pool["lesion"])
@@ -419,6 +431,8 @@ class Stream(torch.utils.data.IterableDataset):
             while True:
                 i = rng.randrange(n) if cum is None else min(int(np.searchsorted(cum, rng.random(), side="right")), n - 1)
                 img = self.pool["images"][i].astype(np.float32)
+                if flat:  # synthetic_pool makes a cached pool again if it lacks the brain masks
+                    img = framed(img, self.pool["brain_masks"][i], rng)
                 prompt, names_lesions = pool_prompt(str(self.pool["lesion"][i]), str(self.pool["diagnosis"][i]),
                                                     rng, self.cfg)
                 yield (torch.from_numpy(img)[None], prompt, names_lesions,
@@ -429,8 +443,9 @@ class Stream(torch.utils.data.IterableDataset):
 
             rng = random.Random(seed + 1)
             both = self.cfg["data"].get("both_clauses_prob", 0.2)
-            for img, row, lesions in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered,
-                                                     self.tpl_brain):
+            for img, row, lesions, brain in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered,
+                                                            self.tpl_brain):
+                img = framed(img, brain, rng)
                 prompt, names = row.prompt, row.lesion_load is not None
                 if row.lesion_load is not None and row.diagnosis is not None:
                     # as in the synthetic pool: the whole row's prompt with probability both_clauses_prob,
@@ -683,7 +698,7 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | text encoder | `{spec.text_encoder['id']}` (width {spec.text_encoder['dim']}, {spec.text_encoder.get('max_tokens')} tokens) |
 | denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
 | schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
-| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join(ANATOMY_TITLES[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}) |
+| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join(ANATOMY_TITLES[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}{'; in ' + format(float(cfg['data']['flat_background_prob']), '.0%') + ' of draws the outside of the brain set to -1 (data.flat_background_prob)' if cfg['data'].get('flat_background_prob') else ''}) |
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
@@ -798,7 +813,7 @@ SCHEDULE_KEYS = ("kind", "default_steps", "default_guidance", "default_share", "
 #: Keys of the config's "data" object.
 DATA_KEYS = {"kind": "synthetic", "manifest": None, "prompts": None, "ignore_columns": [], "paraphrase_prob": 0.3,
              "both_clauses_prob": 0.2, "pool_size": 512, "pool_workers": None, "lesion_class_draw": None,
-             "cache_mb": 2048, "anatomies": ["icbm152"]}
+             "cache_mb": 2048, "anatomies": ["icbm152"], "flat_background_prob": 0.0}
 
 
 def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
@@ -831,6 +846,10 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
     if not (isinstance(mb, (int, float)) and not isinstance(mb, bool) and math.isfinite(mb) and mb >= 0):
         raise InputError(f"data.cache_mb must be a number of MiB >= 0 (scans kept in memory per data process; 0 "
                          f"keeps only the current one); got {mb!r}.")
+    flat = data.get("flat_background_prob", 0.0)
+    if not (isinstance(flat, (int, float)) and not isinstance(flat, bool) and 0.0 <= flat <= 1.0):
+        raise InputError(f"data.flat_background_prob must be a probability in [0, 1] (the share of draws whose outside "
+                         f"of the brain is set to -1); got {flat!r}.")
     ref = cfg.get("lesion_weight_volume_ref_ml")
     if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
         raise InputError(f"lesion_weight_volume_ref_ml must be a positive number of ml (or null); got {ref!r}.")
