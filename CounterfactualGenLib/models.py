@@ -55,6 +55,10 @@ FORMAT_VERSION = 1
 MAX_FILE_BYTES = 15 * 1024 * 1024
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 FAMILIES = ("wdm", "latent")
+#: What a model is shown outside the brain mask of a scan it edits (spec ``intensity.outside_brain``):
+#: the scan's own voxels (skull, scalp, noise), or a flat −1 (the normaliser's "no signal") for a model
+#: trained indifferent to it (``Training/train_diffusion.py``: ``data.flat_background_prob``).
+OUTSIDE_BRAIN = ("scan", "flat")
 
 
 @dataclass
@@ -91,6 +95,9 @@ class ModelSpec:
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                           and 0.0 <= float(value) <= 20.0):
                 raise ModelError(f"The model's schedule.{key} must be a number from 0 to 20; got {value!r}.")
+        if self.intensity.get("outside_brain", "scan") not in OUTSIDE_BRAIN:
+            raise ModelError(f"The model's intensity.outside_brain must be one of {OUTSIDE_BRAIN}; "
+                             f"got {self.intensity.get('outside_brain')!r}.")
         if self.family == "wdm" and any(s % 2 for s in self.grid.shape):
             raise ModelError(f"A wavelet model needs an even grid shape; got {self.grid.shape}.")
 

@@ -534,7 +534,7 @@ class ModelSpaceScan:
 def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_brain: np.ndarray | None, *,
                    brain_mask: np.ndarray | None = None, registration: str = "affine", contrast: str = "",
                    upper_percentile: float = 99.5, min_correlation: float = MIN_REGISTRATION_CORRELATION,
-                   transform: np.ndarray | None = None) -> ModelSpaceScan:
+                   transform: np.ndarray | None = None, outside_brain: str = "scan") -> ModelSpaceScan:
     """A scan in a model's space: affine registration to the model's template (or none), the brain
     mask (``brain_mask``, else the template's brain carried back, else an estimate), the scan resampled
     onto the model grid and its intensities normalised (background −1, brain p``upper_percentile`` +1).
@@ -544,7 +544,8 @@ def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_br
     scans sees them exactly as its edits will.
 
     ``transform`` (model world → scan world, from an earlier registration of this scan) is used
-    instead of registering again.
+    instead of registering again. ``outside_brain`` (the model's spec ``intensity.outside_brain``):
+    ``"scan"`` shows the model the scan's own voxels outside the brain mask, ``"flat"`` sets them to −1.
 
     Raises:
         InputError: the registration's correlation inside the template brain is below
@@ -583,6 +584,10 @@ def to_model_space(scan: Volume, grid: Any, template: Volume | None, template_br
     norm = IntensityNormalizer.fit(scan.array, brain_mask, upper_percentile=float(upper_percentile))
     x_model = norm.forward(mapping.to_model(scan, default=norm.low))
     brain_model = mapping.to_model(brain_mask.astype(np.float32), interpolation="nearest") > 0.5
+    if outside_brain == "flat":
+        x_model = np.where(brain_model, x_model, np.float32(norm.out_low)).astype(np.float32)
+    elif outside_brain != "scan":
+        raise InputError(f"Unknown outside_brain '{outside_brain}'; use scan or flat.")
     return ModelSpaceScan(mapping, brain_mask, norm, x_model, brain_model, score)
 
 
@@ -761,7 +766,8 @@ def edit_scan(
                         model.template("brain_mask").array > 0.5 if has_template_mask else None,
                         brain_mask=brain_mask, registration=registration, contrast=model.spec.contrast,
                         upper_percentile=float(model.spec.intensity.get("upper_percentile", 99.5)),
-                        min_correlation=min_registration_correlation)
+                        min_correlation=min_registration_correlation,
+                        outside_brain=str(model.spec.intensity.get("outside_brain", "scan")))
     mapping, brain_mask, norm, x_model, brain_model, score = (ms.mapping, ms.brain_mask, ms.norm, ms.x_model,
                                                               ms.brain_model, ms.correlation)
     if score is not None:

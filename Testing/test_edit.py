@@ -1003,3 +1003,45 @@ def test_lesion_masks_that_cannot_be_lesions_are_refused_or_warned_about(tiny, t
     assert any("hardly brighter than the rest of the brain" in w for w in report["warnings"])
     labels = read_volume(tmp_path / "dark" / "change_labels.nii.gz").array
     assert not (labels == 1).any() and report["lesion_ml_added"] == 0.0
+
+
+def test_a_model_trained_indifferent_to_the_outside_of_the_brain_sees_a_flat_minus_one_there(tiny, tmp_path):
+    """spec intensity.outside_brain: "scan" (default) shows the model a scan's own voxels outside the brain mask
+    (here a bright skull-like shell), "flat" sets them to −1, the same inside; the edit then differs, and either way
+    leaves the outside of the scan bit-identical. An unknown value is refused when the model loads."""
+    import shutil
+
+    from CounterfactualGenLib.errors import ModelError
+    from CounterfactualGenLib.pipeline import to_model_space
+
+    m = load_model(tiny)
+    g = m.spec.grid
+    img = phantom_on(g.shape, g.affine_ras)
+    brain = img > 0
+    from scipy import ndimage
+
+    shell = ndimage.binary_dilation(brain, iterations=2) & ~brain
+    img[shell] = 900.0  # brighter than the brain: a skull's marrow, a scalp
+    scan = Volume(img, g.affine_ras)
+    own = to_model_space(scan, g, None, None, brain_mask=brain, registration="none")
+    flat = to_model_space(scan, g, None, None, brain_mask=brain, registration="none", outside_brain="flat")
+    assert own.x_model[shell].min() > 1.0 and (flat.x_model[~flat.brain_model] == -1.0).all()
+    np.testing.assert_array_equal(flat.x_model[flat.brain_model], own.x_model[own.brain_model])
+    with pytest.raises(InputError, match="outside_brain"):
+        to_model_space(scan, g, None, None, brain_mask=brain, registration="none", outside_brain="noise")
+
+    folder = tmp_path / "flat"
+    shutil.copytree(tiny, folder)
+    spec = json.loads((folder / "model.json").read_text())
+    spec["intensity"] = {**spec.get("intensity", {}), "outside_brain": "flat"}
+    (folder / "model.json").write_text(json.dumps(spec))
+    kw = dict(target_prompt=HIGH, source_prompt=NONE, brain_mask=brain, registration="none", steps=4, seed=3)
+    r_scan = edit_scan(m, tiny_encoder(), scan, **kw)
+    r_flat = edit_scan(load_model(folder), tiny_encoder(), scan, **kw)
+    assert not np.array_equal(r_scan.counterfactual.array, r_flat.counterfactual.array)
+    for r in (r_scan, r_flat):
+        np.testing.assert_array_equal(r.counterfactual.array[~brain], img[~brain])
+    spec["intensity"]["outside_brain"] = "noise"
+    (folder / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelError, match="outside_brain"):
+        load_model(folder)

@@ -684,6 +684,49 @@ def test_anchored_by_brain_run_records_it_and_pool_keeps_each_subjects_brain(tmp
         assert not (tmp_path / "bad").exists()
 
 
+def test_background_invariant_anchor_copies_the_anchor_on_the_draw_as_the_data_has_it(tmp_path, config):
+    """anchor.background_invariance: a draw not framed copies the anchor exactly (loss 0, weights unmoved with EMA
+    off, as with any anchored sample), so the anchor's input for it is the student's own; flat-framed draws move
+    the weights (their target is the anchor's prediction on the unframed draw, moved by the framing). The card
+    and the record say so; it is refused without data.flat_background_prob, or if not a bool."""
+    from safetensors.numpy import load_file
+
+    script = str(ROOT / "Training" / "train_diffusion.py")
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "a")], tmp_path)
+    src = tmp_path / "a" / "model"
+    base = json.loads(config.read_text())
+    anchor = {"model": str(src), "learn": [], "background_invariance": True}
+    run = {**base, "init_from": str(src), "iterations": 3, "anchor": anchor, "ema_decay": 0.0,
+           "data": {**base["data"], "flat_background_prob": 1e-12}}  # no draw framed
+    (tmp_path / "held.json").write_text(json.dumps(run))
+    p = _run([sys.executable, script, "--config", str(tmp_path / "held.json"), "--out", str(tmp_path / "held")], tmp_path)
+    assert "every sample keeps its predictions (weight 1.0); a draw framed flat copies its prediction" in p.stderr
+    before = load_file(str(src / "denoiser.safetensors"))
+    held = load_file(str(tmp_path / "held" / "model" / "denoiser.safetensors"))
+    assert all(np.array_equal(before[k], held[k]) for k in before)
+    assert all(float(r["loss"]) < 1e-8 for r in csv.DictReader((tmp_path / "held" / "log.csv").open()))
+    framed = {**run, "data": {**base["data"], "flat_background_prob": 1.0}}
+    (tmp_path / "framed.json").write_text(json.dumps(framed))
+    _run([sys.executable, script, "--config", str(tmp_path / "framed.json"), "--out", str(tmp_path / "framed")], tmp_path)
+    moved = load_file(str(tmp_path / "framed" / "model" / "denoiser.safetensors"))
+    assert any(not np.array_equal(before[k], moved[k]) for k in before)
+    t = json.loads((tmp_path / "framed" / "model" / "model.json").read_text())["training"]
+    assert t["anchor"]["background_invariance"] is True and t["anchor"]["learn"] == []
+    card = (tmp_path / "framed" / "model" / "MODEL_CARD.md").read_text()
+    assert "no sample learnt from the data" in card and "anchor.background_invariance" in card
+    assert "intensity.outside_brain flat" in card  # its edits show it −1 outside the brain, as it learnt
+    assert json.loads((tmp_path / "framed" / "model" / "model.json").read_text())["intensity"]["outside_brain"] == "flat"
+    assert "outside_brain" not in json.loads((src / "model.json").read_text())["intensity"]
+    for bad, data, words in ((anchor, base["data"], "needs data.flat_background_prob"),
+                             ({**anchor, "background_invariance": "yes"}, framed["data"], "must be true or false"),
+                             ({**anchor, "background_invariance": False}, framed["data"], "anchor.learn")):
+        (tmp_path / "bad.json").write_text(json.dumps({**base, "data": data, "anchor": bad}))
+        p = subprocess.run([sys.executable, script, "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")],
+                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+        assert p.returncode != 0 and words in p.stderr, p.stderr[-500:]
+        assert not (tmp_path / "bad").exists()
+
+
 def test_flat_background_draws_set_the_outside_of_the_brain_to_minus_one(tmp_path):
     """data.flat_background_prob: the pool keeps each subject's brain mask, and that share of the draws has
     −1 outside the brain and the subject's own voxels inside; 0 draws the pool's images as they are; a cache
@@ -708,10 +751,12 @@ def test_flat_background_draws_set_the_outside_of_the_brain_to_minus_one(tmp_pat
         it = iter(td.Stream(cfg, grid, 3, pool))
         out = []
         for _ in range(n):
-            img = next(it)[0][0].numpy()
+            item = next(it)
+            img = item[0][0].numpy()
             j = next(k for k in range(4) if np.array_equal(img[brains[k]], pool["images"][k][brains[k]].astype(np.float32)))
             flat = bool((img[~brains[j]] == -1.0).all())
             assert flat or np.array_equal(img, pool["images"][j].astype(np.float32))
+            assert np.array_equal(item[6][0].numpy(), pool["images"][j].astype(np.float32))  # the draw as the data has it
             out.append(flat)
         return out
 

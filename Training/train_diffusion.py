@@ -128,6 +128,12 @@ DEFAULTS: dict[str, Any] = {
     # data (every prompt, dropped conditions too: the unconditional branch learns the new brains as
     # well), while the other brains' samples copy the anchor: a model learns further brains and keeps
     # what it does on the ones it knew. "learn" may then be empty; "guidance" is refused with it.
+    # With "background_invariance": true (needs data.flat_background_prob > 0; "learn" may then be empty)
+    # a draw framed flat (−1 outside the brain) copies the anchor's prediction on the same draw as the
+    # data has it (its own outside of the brain: the engine's noise), moved by the exact difference the
+    # framing makes (v = x0 − noise, so x0_flat − x0): inside the brain the model learns to predict what
+    # the anchor predicts whatever lies outside it, so an edit may show it a flat −1 there
+    # (Testing/Benchmarks/README.md, "The model sees the brain only?").
     "anchor": None,
 }
 
@@ -405,7 +411,8 @@ def lesion_class_draw_cdf(lesion: np.ndarray, weights: dict | None) -> np.ndarra
 class Stream(torch.utils.data.IterableDataset):
     """Endless (image (1, *grid) float32, prompt, names-lesion-load flag, lesion mask (1, *grid) uint8,
     lesion-load class index into LESION_LOAD_CLASSES (-1: the prompt names none), anatomy index into
-    ANATOMIES (-1: a manifest's scan))."""
+    ANATOMIES (-1: a manifest's scan), the image as the data has it (1, *grid): before
+    data.flat_background_prob framed it, else the image itself)."""
 
     def __init__(self, cfg: dict, grid: ModelGrid, seed: int, pool: dict[str, np.ndarray] | None = None,
                  manifest: Manifest | None = None, registered: dict[int, dict] | None = None,
@@ -430,22 +437,23 @@ class Stream(torch.utils.data.IterableDataset):
             cum = lesion_class_draw_cdf(self.pool["lesion"], self.cfg["data"].get("lesion_class_draw"))
             while True:
                 i = rng.randrange(n) if cum is None else min(int(np.searchsorted(cum, rng.random(), side="right")), n - 1)
-                img = self.pool["images"][i].astype(np.float32)
+                own = img = self.pool["images"][i].astype(np.float32)
                 if flat:  # synthetic_pool makes a cached pool again if it lacks the brain masks
-                    img = framed(img, self.pool["brain_masks"][i], rng)
+                    img = framed(own, self.pool["brain_masks"][i], rng)
                 prompt, names_lesions = pool_prompt(str(self.pool["lesion"][i]), str(self.pool["diagnosis"][i]),
                                                     rng, self.cfg)
                 yield (torch.from_numpy(img)[None], prompt, names_lesions,
                        torch.from_numpy(self.pool["lesion_masks"][i])[None], _class_index(str(self.pool["lesion"][i])),
-                       _anatomy_index(str(self.pool["anatomy"][i])))
+                       _anatomy_index(str(self.pool["anatomy"][i])), torch.from_numpy(own)[None])
         else:
             from CounterfactualGenLib.text.prompts import canonical_prompt, paraphrase
 
             rng = random.Random(seed + 1)
             both = self.cfg["data"].get("both_clauses_prob", 0.2)
-            for img, row, lesions, brain in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered,
+            for own, row, lesions, brain in manifest_stream(self.cfg, self.grid, seed, self.manifest, self.registered,
                                                             self.tpl_brain):
-                img = framed(img, brain, rng)
+                own = np.ascontiguousarray(own, dtype=np.float32)
+                img = framed(own, brain, rng)
                 prompt, names = row.prompt, row.lesion_load is not None
                 if row.lesion_load is not None and row.diagnosis is not None:
                     # as in the synthetic pool: the whole row's prompt with probability both_clauses_prob,
@@ -458,7 +466,8 @@ class Stream(torch.utils.data.IterableDataset):
                 if rng.random() < self.cfg["data"].get("paraphrase_prob", 0.0):
                     prompt = paraphrase(prompt, rng)
                 yield (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None], prompt, names,
-                       torch.from_numpy(lesions)[None], _class_index(row.lesion_load or "") if names else -1, -1)
+                       torch.from_numpy(lesions)[None], _class_index(row.lesion_load or "") if names else -1, -1,
+                       torch.from_numpy(own)[None])
 
 
 def _anatomy_index(anatomy: str) -> int:
@@ -537,6 +546,10 @@ def build_model(cfg: dict, text_dim: int) -> DiffusionModel:
                                    "max_tokens": cfg["text_encoder"].get("max_tokens")},
                      denoiser=den_cfg, schedule=dict(cfg["schedule"]), autoencoder=ae_cfg,
                      contrast=cfg["contrast"], name=cfg.get("name", ""), description=cfg.get("description", ""))
+    if float(cfg["data"].get("flat_background_prob") or 0.0) > 0:
+        # trained on draws framed flat outside the brain: its edits show it a flat −1 there too
+        # (pipeline.to_model_space), not a scan's skull or noise
+        spec.intensity = {**spec.intensity, "outside_brain": "flat"}
     return DiffusionModel(spec, build_denoiser(den_cfg), ae)
 
 
@@ -655,9 +668,12 @@ def _stage_row(t: dict) -> str:
     a = t.get("anchor")
     if a:
         rows += (f"| anchored to | model folder `{a['model']}` (`{a.get('id')}`, denoiser SHA-256 "
-                 f"{str(a.get('denoiser_sha256'))[:12]}…): only {_anchor_learners(a, ANATOMY_TITLES)} "
-                 f"learnt from the data{' through guidance ' + str(a['guidance']) if a.get('guidance') else ''}; "
-                 f"every other sample copied its prediction (weight {a['weight']}) |\n")
+                 f"{str(a.get('denoiser_sha256'))[:12]}…): {'only ' if a.get('learn') or a.get('learn_anatomies') else ''}"
+                 f"{_anchor_learners(a, ANATOMY_TITLES)} learnt from the data{' through guidance ' + str(a['guidance']) if a.get('guidance') else ''}; "
+                 f"every other sample copied its prediction (weight {a['weight']})"
+                 + ("; a draw framed flat outside the brain copied its prediction on the same draw as the data has it, "
+                    "moved by the framing's exact difference (anchor.background_invariance)"
+                    if a.get("background_invariance") else "") + " |\n")
     return rows
 
 
@@ -698,7 +714,7 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | text encoder | `{spec.text_encoder['id']}` (width {spec.text_encoder['dim']}, {spec.text_encoder.get('max_tokens')} tokens) |
 | denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
 | schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
-| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join(ANATOMY_TITLES[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}{'; in ' + format(float(cfg['data']['flat_background_prob']), '.0%') + ' of draws the outside of the brain set to -1 (data.flat_background_prob)' if cfg['data'].get('flat_background_prob') else ''}) |
+| data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join(ANATOMY_TITLES[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}{'; in ' + format(float(cfg['data']['flat_background_prob']), '.0%') + ' of draws the outside of the brain set to -1 (data.flat_background_prob), as its edits then show it (spec intensity.outside_brain flat)' if cfg['data'].get('flat_background_prob') else ''}) |
 | training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
@@ -721,9 +737,17 @@ def check_anchor(cfg: dict) -> dict | None:
         return None
     from CounterfactualGenLib.text.prompts import LESION_LOAD_CLASSES
 
-    if not isinstance(a, dict) or set(a) - {"model", "learn", "learn_anatomies", "weight", "guidance"} or "model" not in a:
+    keys = {"model", "learn", "learn_anatomies", "weight", "guidance", "background_invariance"}
+    if not isinstance(a, dict) or set(a) - keys or "model" not in a:
         raise InputError(f'anchor must be {{"model": FOLDER, "learn": [CLASSES], "learn_anatomies": [BRAINS], '
-                         f'"weight": W, "guidance": G}} ("learn_anatomies", "weight" and "guidance" optional); got {a!r}.')
+                         f'"weight": W, "guidance": G, "background_invariance": B}} (only "model" always needed); '
+                         f'got {a!r}.')
+    invariant = a.get("background_invariance", False)
+    if not isinstance(invariant, bool):
+        raise InputError(f"anchor.background_invariance must be true or false; got {invariant!r}.")
+    if invariant and not float(cfg["data"].get("flat_background_prob") or 0.0) > 0:
+        raise InputError("anchor.background_invariance needs data.flat_background_prob > 0: it is the flat-framed "
+                         "draws that copy the anchor's prediction on the draw as the data has it.")
     if cfg["data"]["kind"] != "synthetic":
         raise InputError("anchor applies to the synthetic pool only (data.kind = synthetic): it needs each "
                          "sample's lesion-load class.")
@@ -735,10 +759,10 @@ def check_anchor(cfg: dict) -> dict | None:
         raise InputError(f"anchor.learn_anatomies must list some, not all, of data.anatomies {pool_brains} (the others "
                          f"hold the anchor); got {brains!r}.")
     learn = a.get("learn") if a.get("learn") is not None else []
-    if (not isinstance(learn, list) or (not learn and not brains)
+    if (not isinstance(learn, list) or (not learn and not brains and not invariant)
             or any(c not in LESION_LOAD_CLASSES for c in learn)):
         raise InputError(f"anchor.learn must list lesion-load classes from {list(LESION_LOAD_CLASSES)} (it may be "
-                         f"empty with anchor.learn_anatomies); got {learn!r}.")
+                         f"empty with anchor.learn_anatomies or anchor.background_invariance); got {learn!r}.")
     w = a.get("weight", 1.0)
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
         raise InputError(f"anchor.weight must be a positive number; got {w!r}.")
@@ -750,7 +774,8 @@ def check_anchor(cfg: dict) -> dict | None:
                          "anchor.learn_anatomies (new brains learn from the data plainly).")
     return {"model": str(a["model"]), "learn": list(learn), "weight": float(w),
             **({"learn_anatomies": list(brains)} if brains else {}),
-            **({"guidance": float(g)} if g is not None else {})}
+            **({"guidance": float(g)} if g is not None else {}),
+            **({"background_invariance": True} if invariant else {})}
 
 
 def load_anchor(anchor: dict, net: torch.nn.Module, device) -> tuple[torch.nn.Module, dict]:
@@ -767,7 +792,7 @@ def _anchor_learners(anchor: dict, titles: dict | None = None) -> str:
     brains = [(titles or {}).get(b, b) for b in anchor.get("learn_anatomies") or []]
     return " and ".join(x for x in (
         f"prompts naming {', '.join(anchor['learn'])} lesion load" if anchor.get("learn") else "",
-        f"every sample of {', '.join(brains)}" if brains else "") if x)
+        f"every sample of {', '.join(brains)}" if brains else "") if x) or "no sample"
 
 
 def learning_masks(names_lesions: torch.Tensor, dropped: torch.Tensor, classes: torch.Tensor, brains: torch.Tensor,
@@ -1082,9 +1107,13 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
         learn_idx = torch.tensor([LESION_LOAD_CLASSES.index(c) for c in anchor["learn"]], dtype=torch.long)
         learn_brains = torch.tensor([_anatomy_index(b) for b in anchor.get("learn_anatomies", [])], dtype=torch.long)
         if is_main(rank):
-            print(f"Anchored to {anchor['model']}: {_anchor_learners(anchor)} learn from the data"
-                  f"{' through guidance ' + str(anchor['guidance']) if anchor.get('guidance') else ''}, the rest keep "
-                  f"its predictions (weight {anchor['weight']}).", file=sys.stderr)
+            learners = _anchor_learners(anchor)
+            held = (f"{learners} learn from the data"
+                    f"{' through guidance ' + str(anchor['guidance']) if anchor.get('guidance') else ''}, the rest keep "
+                    if learners != "no sample" else "every sample keeps ")
+            print(f"Anchored to {anchor['model']}: {held}its predictions (weight {anchor['weight']})"
+                  f"{'; a draw framed flat copies its prediction on the draw as the data has it' if anchor.get('background_invariance') else ''}.",
+                  file=sys.stderr)
 
     grid = spec.grid
     pool = None
@@ -1166,7 +1195,7 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(cfg["grad_accum"]):
-                img, prompts, names_lesions, lesions, classes, brains = next(data)
+                img, prompts, names_lesions, lesions, classes, brains, own = next(data)
                 img = img.to(device)
                 with torch.no_grad():
                     z0 = model.encode(img)
@@ -1190,8 +1219,18 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
                     if anchor.get("guidance"):
                         tctx = ctx.clone()
                         tctx[learnt] = null_tokens[0]
+                    x_a, shift_a = x_t, None
+                    if anchor.get("background_invariance"):
+                        # the anchor sees each draw as the data has it (noise or skull outside the brain), and its
+                        # prediction moves by the framing's exact difference: v = x0 − noise, so x0_flat − x0_own
+                        with torch.no_grad():
+                            z_own = model.encode(own.to(device))
+                        x_a, _ = rflow_training_target(z_own, noise, t)
+                        shift_a = z0 - z_own  # zero for draws not framed
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                        anchor_pred = teacher(x_t, t.float(), tctx)
+                        anchor_pred = teacher(x_a, t.float(), tctx)
+                    if shift_a is not None:
+                        anchor_pred = anchor_pred.float() + shift_a
                     v, w = anchored_targets(v, anchor_pred, learnt, anchor["weight"],
                                             None if w is None else w.to(device), anchor.get("guidance"))
                 loss = weighted_mse(pred.float(), v, None if w is None else w.to(device))
