@@ -727,6 +727,34 @@ def test_background_invariant_anchor_copies_the_anchor_on_the_draw_as_the_data_h
         assert not (tmp_path / "bad").exists()
 
 
+def test_train_only_keeps_every_other_parameter(tmp_path, config):
+    """train_only: the parameters under the named prefixes move, every other one keeps init_from's value bit for
+    bit (EMA off); the card says so; a prefix naming no parameter, or a bad value, is refused before any work."""
+    from safetensors.numpy import load_file
+
+    script = str(ROOT / "Training" / "train_diffusion.py")
+    _run([sys.executable, script, "--config", str(config), "--out", str(tmp_path / "a")], tmp_path)
+    src = tmp_path / "a" / "model"
+    base = json.loads(config.read_text())
+    only = ["unet.conv_in", "unet.down_blocks.0"]
+    run = {**base, "init_from": str(src), "iterations": 3, "ema_decay": 0.0, "train_only": only}
+    (tmp_path / "only.json").write_text(json.dumps(run))
+    _run([sys.executable, script, "--config", str(tmp_path / "only.json"), "--out", str(tmp_path / "b")], tmp_path)
+    before = load_file(str(src / "denoiser.safetensors"))
+    after = load_file(str(tmp_path / "b" / "model" / "denoiser.safetensors"))
+    trained = {k for k in before if any(k.startswith(p) for p in only)}
+    assert trained and len(trained) < len(before)
+    assert all(np.array_equal(before[k], after[k]) for k in before if k not in trained)
+    assert any(not np.array_equal(before[k], after[k]) for k in trained)
+    assert "only the parameters under unet.conv_in, unet.down_blocks.0 trained" in (tmp_path / "b" / "model" / "MODEL_CARD.md").read_text()
+    for bad, words in ((["unet.nowhere"], "name no parameter"), ([], "train_only must be"), ("unet", "train_only must be")):
+        (tmp_path / "bad.json").write_text(json.dumps({**run, "train_only": bad}))
+        p = subprocess.run([sys.executable, script, "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")],
+                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+        assert p.returncode != 0 and words in p.stderr, p.stderr[-500:]
+        assert not (tmp_path / "bad").exists()
+
+
 def test_flat_background_draws_set_the_outside_of_the_brain_to_minus_one(tmp_path):
     """data.flat_background_prob: the pool keeps each subject's brain mask, and that share of the draws has
     −1 outside the brain and the subject's own voxels inside; 0 draws the pool's images as they are; a cache

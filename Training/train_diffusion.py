@@ -109,6 +109,10 @@ DEFAULTS: dict[str, Any] = {
     # Start from another run's checkpoint (net, EMA, optimiser, step): fine-tuning with a
     # changed config, e.g. turning lesion_weight on after plain training.
     "init_from": None,
+    # Parameter-name prefixes of the denoiser that train, e.g. ["unet.conv_in", "unet.down_blocks.0"]; every
+    # other parameter keeps the value init_from gave it (a fine-tune that may change only the outer levels,
+    # where a scan's framing enters, and not the text's cross-attention). None = all train.
+    "train_only": None,
     # Anchored fine-tuning (synthetic pool only), e.g.
     # {"model": "Resources/Models/cfg-wdm-flair-5mm-cpu", "learn": ["minimal"], "weight": 1.0}:
     # samples whose prompt names a lesion-load class in "learn" (condition kept) learn from
@@ -715,7 +719,7 @@ def model_card(cfg: dict, spec: ModelSpec, summary: dict) -> str:
 | denoiser | MONAI DiffusionModelUNet, channels {spec.denoiser['channels']}, {t['parameters'] / 1e6:.2f} M parameters |
 | schedule | rectified flow, {spec.schedule.get('default_steps')} Euler steps by default, guidance {spec.schedule.get('default_guidance')} |
 | data | {cfg['data']['kind']} ({'synthetic subject engine: ' + ' and '.join(ANATOMY_TITLES[a] for a in (cfg['data'].get('anatomies') or DATA_KEYS['anatomies'])) + ' anatomy with random deformations, real MS lesion masks (Lesjak et al. 2018, CC-BY), atrophy' if cfg['data']['kind'] == 'synthetic' else (t.get('data') or cfg['data'].get('manifest')) + '; each scan registered affinely to the template this model ships'}{'; in ' + format(float(cfg['data']['flat_background_prob']), '.0%') + ' of draws the outside of the brain set to -1 (data.flat_background_prob), as its edits then show it (spec intensity.outside_brain flat)' if cfg['data'].get('flat_background_prob') else ''}) |
-| training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']} |
+| training | {t['iterations']} iterations × batch {t['batch_size']} × {t['world_size']} process(es), lr {cfg['lr']}, condition dropout {cfg['cond_dropout']}, EMA {cfg['ema_decay']}{'; only the parameters under ' + ', '.join(cfg['train_only']) + ' trained (train_only), the rest kept' if cfg.get('train_only') else ''} |
 | hardware | {t['hardware']} |
 | training time | {t.get('train_minutes_total', t['train_minutes']):.1f} min{' (this stage)' if t.get('init_from') else ''}{f", of which {t['train_minutes']:.1f} min in the last (resumed) run" if t.get('train_minutes_total', t['train_minutes']) - t['train_minutes'] > 0.05 else ''} |
 | final loss (EMA of batch MSE) | {t['final_loss']:.4f}{' (against the anchored targets: not comparable with a plain stage)' if t.get('anchor') else ''} |
@@ -896,6 +900,9 @@ def check_config(cfg: dict) -> tuple[dict | None, Manifest | None]:
     if float(cfg.get("lesion_prior_weight") or 0.0) > 0 and data["kind"] != "synthetic":
         raise InputError("lesion_prior_weight needs the synthetic pool (where its lesions lie comes from the pool's "
                          "masks); with a manifest, use lesion_weight and the rows' lesion masks.")
+    only = cfg.get("train_only")
+    if only is not None and not (isinstance(only, list) and only and all(isinstance(x, str) and x for x in only)):
+        raise InputError(f"train_only must be a non-empty list of parameter-name prefixes (or null); got {only!r}.")
     anchor = check_anchor(cfg)
     manifest = None
     if data["kind"] == "manifest":
@@ -1058,9 +1065,18 @@ def train(cfg: dict, out: Path, *, resume: bool = False, config_path: str = "") 
     spec = model.spec
     shift = resolution_shift_ratio(int(np.prod(model.diffusion_shape()[2:])), int(spec.schedule.get("base_numel", 32**3)))
     spec.schedule["shift"] = float(shift)
+    if cfg.get("train_only"):
+        names = [n for n, _ in net.named_parameters()]
+        unknown = [p for p in cfg["train_only"] if not any(n.startswith(p) for n in names)]
+        if unknown:
+            raise InputError(f"train_only: {unknown} name no parameter of this denoiser (its parameters begin "
+                             f"{sorted({'.'.join(n.split('.')[:2]) for n in names})}).")
+        for n, p in net.named_parameters():
+            p.requires_grad_(any(n.startswith(x) for x in cfg["train_only"]))
     ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else net
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
     ema = EMA(net, cfg["ema_decay"])
     out.mkdir(parents=True, exist_ok=True)
     if registered is not None and is_main(rank):

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if "summary" not in res:
             continue
         s = res["summary"]
-        for task, dice_key in (("add", "dice_added_vs_true"), ("fill_text_only", "dice_removed_vs_true")):
+        for task, dice_key in (("fill", "dice_removed_vs_true"), ("fill_text_only", "dice_removed_vs_true"),
+                               ("fill_with_mask", "dice_removed_vs_true"), ("add", "dice_added_vs_true")):
             if task not in s:
                 continue
             t = s[task]
