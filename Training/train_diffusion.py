@@ -109,9 +109,10 @@ DEFAULTS: dict[str, Any] = {
     # Start from another run's checkpoint (net, EMA, optimiser, step): fine-tuning with a
     # changed config, e.g. turning lesion_weight on after plain training.
     "init_from": None,
-    # Parameter-name prefixes of the denoiser that train, e.g. ["unet.conv_in", "unet.down_blocks.0"]; every
-    # other parameter keeps the value init_from gave it (a fine-tune that may change only the outer levels,
-    # where a scan's framing enters, and not the text's cross-attention). None = all train.
+    # Parameter-name prefixes of the denoiser that train, e.g. ["unet.conv_in", "unet.down_blocks.0"]; no
+    # other parameter is optimised (a fine-tune that may change only the outer levels, where a scan's framing
+    # enters, and not the text's cross-attention). From a model folder they stay bit for bit; from a run's
+    # checkpoint the written EMA still drifts them from that run's EMA towards its raw weights. None = all train.
     "train_only": None,
     # Anchored fine-tuning (synthetic pool only), e.g.
     # {"model": "Resources/Models/cfg-wdm-flair-5mm-cpu", "learn": ["minimal"], "weight": 1.0}:
