@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from _bench import parser
+from _bench import load, parser
 
 PAIRS = {"high − no lesions": ("Subject has high lesion load.", "Subject has no lesions."),
          "AD − CN": ("Subject has mild Alzheimer's dementia (AD).", "Subject is cognitively normal (CN)."),
@@ -33,14 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from CounterfactualGenLib.models import load_model, resolve_model
     from CounterfactualGenLib.pipeline import to_model_space
     from CounterfactualGenLib.sampling.samplers import rflow_training_target
-    from CounterfactualGenLib.text import load_text_encoder
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    anchor = load_model(resolve_model(args.model))
-    students = {s: load_model(resolve_model(s)) for s in args.students}
-    te = anchor.spec.text_encoder
-    enc = load_text_encoder(te["id"], max_tokens=te.get("max_tokens"))
+    anchor, enc, _ = load(args)
+    students = {s: load_model(resolve_model(s), text_encoder=enc) for s in args.students}
     prompts = sorted({p for ab in PAIRS.values() for p in ab if p})
     ctx = {p: enc.encode([p]).tokens for p in prompts}
     ctx[None] = enc.null(1).tokens
@@ -58,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 return m.encode(torch.from_numpy(ms.x_model)[None, None]), cell
 
             z_a, cell = inputs(anchor)
+            z_s = {s: inputs(m)[0] for s, m in students.items()}
             for t in args.times:
                 tt = torch.tensor([t])
                 noise = torch.randn(z_a.shape, generator=gen)
@@ -68,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 pa = predict(anchor, z_a)
                 for s, m in students.items():
-                    ps = predict(m, inputs(m)[0])
+                    ps = predict(m, z_s[s])
                     for k, (a, b) in PAIRS.items():
                         da, ds = pa[a] - pa[b], ps[a] - ps[b]
                         res[(s, k)].append((float(ds.norm() / da.norm()), float(torch.corrcoef(torch.stack([da, ds]))[0, 1])))
